@@ -1,0 +1,555 @@
+"""InstructCell: a seq2seq (or decoder-only) language model that reads cells and writes cells."""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.bart.modeling_bart import shift_tokens_right
+
+from .configuration_instructcell import InstructCellConfig
+from .modeling_cell_encoder import InstructCellCellEncoder
+from .modeling_cell_vae import InstructCellConditionalVAE
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InstructCellForConditionalGenerationModelOutput(ModelOutput):
+    """Outputs of [`InstructCellForConditionalGeneration.forward`].
+
+    Attributes
+    ----------
+    loss : torch.Tensor, optional
+        Scalar training loss: ``lm_loss + vae_loss_weight * vae_loss * n_target_cells / batch_size``.
+    logits : torch.Tensor, optional
+        Language-model logits, ``(batch_size, target_length, vocab_size)``.
+    lm_loss : torch.Tensor, optional
+        Token-mean text cross-entropy (scalar).
+    vae_loss : torch.Tensor, optional
+        Cell-mean negative ELBO of the target cells (scalar).
+    vae_reconstruction_loss : torch.Tensor, optional
+        Cell-mean ZINB negative log-likelihood summed over genes (scalar).
+    vae_kl_loss : torch.Tensor, optional
+        Cell-mean KL terms (latent, unweighted, plus library) (scalar).
+    cell_embeds : torch.Tensor, optional
+        Cell embeddings spliced into the text, ``(n_cells, num_query_tokens, hidden_size)``.
+    signal_hidden_states : torch.Tensor, optional
+        Last-layer hidden states at the ``<SIGNAL>`` inputs, ``(n_signals, hidden_size)``.
+    language_model_outputs : ModelOutput, optional
+        The backbone's own outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    vae_loss: torch.FloatTensor | None = None
+    vae_reconstruction_loss: torch.FloatTensor | None = None
+    vae_kl_loss: torch.FloatTensor | None = None
+    cell_embeds: torch.FloatTensor | None = None
+    signal_hidden_states: torch.FloatTensor | None = None
+    language_model_outputs: ModelOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        """Tuple of the set fields, the nested backbone output flattened to its own tuple."""
+        return tuple(
+            self[key].to_tuple() if key == "language_model_outputs" else self[key] for key in self.keys()
+        )
+
+
+@dataclass
+class InstructCellGenerateCellsOutput(ModelOutput):
+    """Outputs of [`InstructCellForConditionalGeneration.generate_cells`].
+
+    Attributes
+    ----------
+    sequences : torch.LongTensor
+        Generated token ids, ``(batch_size, generated_length)``.
+    has_signal : torch.BoolTensor
+        Whether each request produced ``<SIGNAL>``, ``(batch_size,)``.
+    cell_values : torch.LongTensor
+        Sampled integer counts, ``(n_signals * num_cells, n_genes)``, grouped by request.
+    request_index : torch.LongTensor
+        The request (row of ``sequences``) each sampled cell belongs to, ``(n_signals * num_cells,)``.
+    condition_states : torch.FloatTensor
+        The ``<SIGNAL>`` hidden states that conditioned the VAE, ``(n_signals, hidden_size)``.
+    """
+
+    sequences: torch.LongTensor | None = None
+    has_signal: torch.BoolTensor | None = None
+    cell_values: torch.LongTensor | None = None
+    request_index: torch.LongTensor | None = None
+    condition_states: torch.FloatTensor | None = None
+
+
+class InstructCellPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading behaviour shared by InstructCell models."""
+
+    config: InstructCellConfig
+    config_class = InstructCellConfig
+    base_model_prefix = "instructcell"
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _no_split_modules = ["T5Block", "Blip2QFormerLayer", "InstructCellCellEncoder", "InstructCellConditionalVAE"]
+    # The Q-Former and the ZINB likelihood stay in float32 under bf16 (fp16-only `_keep_in_fp32_modules`
+    # would not cover bf16 in transformers 5.x).
+    _keep_in_fp32_modules_strict = ["cell_encoder", "cell_vae"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InstructCellCellEncoder):
+            # Distinct random queries: zero queries (BLIP-2's choice for a pretrained Q-Former) stay identical
+            # to each other when trained from scratch.
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+
+
+class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, GenerationMixin):
+    """InstructCell (arXiv 2501.08187) in the shape of BLIP-2's T5 path.
+
+    ``cell_values`` (raw counts) go through the cell encoder; its ``num_query_tokens`` outputs per cell
+    replace the ``<cell_query>`` placeholders that the processor put between ``<CELL>`` and ``</CELL>``.
+    The language model reads the merged embeddings. When the answer contains ``<SIGNAL>``, the
+    last-layer hidden state at that token (fed back as input) conditions a ZINB conditional VAE that
+    samples integer gene counts.
+    """
+
+    def __init__(self, config: InstructCellConfig):
+        super().__init__(config)
+        text_hidden_size = config.text_config.hidden_size
+        self.cell_encoder = InstructCellCellEncoder(config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_hidden_size)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.cell_vae = InstructCellConditionalVAE(
+            n_genes=config.n_genes,
+            condition_dim=text_hidden_size,
+            n_latent=config.vae_n_latent,
+            n_hidden=config.vae_n_hidden,
+            n_layers=config.vae_n_layers,
+            n_condition=config.vae_n_condition,
+            dropout_rate=config.vae_dropout,
+            use_layer_norm=config.vae_use_layer_norm,
+            adaptive_library=config.vae_adaptive_library,
+            library_hidden=config.vae_library_hidden,
+        )
+        self.post_init()
+        if self.generation_config is not None:
+            self._stop_generation_at_signal()
+
+    def _stop_generation_at_signal(self) -> None:
+        """Make ``<SIGNAL>`` end generation like EOS: its hidden state is what the VAE needs."""
+        text_config = self.config.text_config
+        eos = text_config.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        self.generation_config.eos_token_id = eos_ids + [self.config.signal_token_index]
+        self.generation_config.pad_token_id = (
+            text_config.pad_token_id if text_config.pad_token_id is not None else eos_ids[0]
+        )
+        if self.config.is_encoder_decoder:
+            self.generation_config.decoder_start_token_id = text_config.decoder_start_token_id
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        if modality is None:
+            return self.language_model.get_encoder()
+        return super().get_encoder(modality=modality)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def get_cell_features(self, cell_values: torch.Tensor) -> torch.Tensor:
+        """Cell embeddings in the language model's space.
+
+        Parameters
+        ----------
+        cell_values : torch.Tensor
+            Raw counts, ``(n_cells, n_genes)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n_cells, num_query_tokens, hidden_size)`` in the language model's dtype.
+        """
+        query_output = self.cell_encoder(cell_values)
+        projection_dtype = self.language_projection.weight.dtype
+        return self.language_projection(query_output.to(projection_dtype))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the ``<cell_query>`` positions, ``(batch_size, seq_len, 1)``."""
+        if input_ids is None:
+            placeholder_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.cell_token_index, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == placeholder_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.cell_token_index
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def merge_cell_embeddings(
+        self,
+        input_ids: torch.LongTensor | None,
+        cell_values: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed the text and scatter the cell embeddings into its placeholders.
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor, optional
+            ``(batch_size, seq_len)``; each cell occupies ``num_query_tokens`` placeholder positions.
+        cell_values : torch.Tensor, optional
+            Raw counts of the cells in order of appearance, ``(n_cells, n_genes)``.
+        inputs_embeds : torch.Tensor, optional
+            Precomputed text embeddings ``(batch_size, seq_len, hidden_size)`` used instead of ``input_ids``.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            Merged embeddings ``(batch_size, seq_len, hidden_size)`` and the cell embeddings
+            ``(n_cells, num_query_tokens, hidden_size)`` (``None`` without cells).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` (from the processor) or `inputs_embeds`.")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        n_placeholders = int(mask.sum())
+        if cell_values is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"The text has {n_placeholders} cell placeholder tokens but no `cell_values` were given. "
+                    "Pass the cells to the processor together with the text."
+                )
+            return inputs_embeds, None
+        cell_embeds = self.get_cell_features(cell_values)
+        n_expected = cell_embeds.shape[0] * cell_embeds.shape[1]
+        if n_placeholders != n_expected:
+            raise ValueError(
+                f"The text has {n_placeholders} cell placeholder tokens but {cell_embeds.shape[0]} cells need "
+                f"{n_expected} ({self.config.num_query_tokens} each). Build inputs with the processor, which writes "
+                "one `{input}`/<CELL> slot per cell and expands it."
+            )
+        cell_embeds = cell_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), cell_embeds)
+        return inputs_embeds, cell_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        target_cell_values: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> InstructCellForConditionalGenerationModelOutput:
+        r"""Teacher-forced pass; returns text and cell losses when targets are given.
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor, optional
+            Prompt ids ``(batch_size, seq_len)`` with ``num_query_tokens`` placeholders per cell.
+        attention_mask : torch.LongTensor, optional
+            ``(batch_size, seq_len)``.
+        cell_values : torch.FloatTensor, optional
+            Raw counts of the input cells in order of appearance, ``(n_cells, n_genes)``.
+        decoder_input_ids, decoder_attention_mask : torch.LongTensor, optional
+            ``(batch_size, target_len)``; derived from ``labels`` when omitted (encoder-decoder backbones).
+        labels : torch.LongTensor, optional
+            Answer ids ``(batch_size, target_len)``, ``-100`` where no loss is wanted.
+        target_cell_values : torch.FloatTensor, optional
+            Raw counts ``(n_signals, n_genes)`` of the cells that the ``<SIGNAL>`` tokens in the answers
+            stand for, in order of appearance.
+        inputs_embeds : torch.FloatTensor, optional
+            ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
+        **kwargs
+            Passed on to the language model (e.g. ``output_attentions``).
+
+        Returns
+        -------
+        InstructCellForConditionalGenerationModelOutput
+        """
+        inputs_embeds, cell_embeds = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        needs_signal_states = target_cell_values is not None
+        if needs_signal_states:
+            kwargs["output_hidden_states"] = True
+        kwargs["return_dict"] = True
+        if self.config.use_decoder_only_language_model:
+            outputs, signal_states = self._decoder_only_forward(inputs_embeds, attention_mask, labels, kwargs)
+        else:
+            if decoder_input_ids is None and labels is not None:
+                text_config = self.config.text_config
+                decoder_input_ids = shift_tokens_right(
+                    labels, text_config.pad_token_id, text_config.decoder_start_token_id
+                )
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                **kwargs,
+            )
+            signal_states = None
+            if needs_signal_states:
+                signal_states = self._signal_states(decoder_input_ids, outputs.decoder_hidden_states[-1])
+
+        lm_loss = outputs.loss
+        loss = lm_loss
+        vae_output = None
+        if needs_signal_states:
+            if signal_states.shape[0] != target_cell_values.shape[0]:
+                raise ValueError(
+                    f"The answers hold {signal_states.shape[0]} <SIGNAL> tokens but {target_cell_values.shape[0]} "
+                    "target cells were given: pass exactly one target cell per <SIGNAL>."
+                )
+            vae_output = self.cell_vae(target_cell_values, signal_states, kl_weight=self.config.vae_kl_weight)
+            batch_size = inputs_embeds.shape[0]
+            vae_term = self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
+            loss = vae_term if loss is None else loss + vae_term.to(loss.dtype)
+
+        return InstructCellForConditionalGenerationModelOutput(
+            loss=loss,
+            logits=outputs.logits,
+            lm_loss=lm_loss,
+            vae_loss=None if vae_output is None else vae_output.loss,
+            vae_reconstruction_loss=None if vae_output is None else vae_output.reconstruction_loss,
+            vae_kl_loss=None if vae_output is None else vae_output.kl_z + vae_output.kl_library,
+            cell_embeds=cell_embeds,
+            signal_hidden_states=signal_states,
+            language_model_outputs=outputs,
+        )
+
+    def _signal_states(self, token_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(n_signals, hidden)`` at the positions where ``<SIGNAL>`` is the input token."""
+        return hidden_states[token_ids == self.config.signal_token_index].float()
+
+    def _decoder_only_forward(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        labels: torch.LongTensor | None,
+        kwargs: dict,
+    ) -> tuple[ModelOutput, torch.Tensor | None]:
+        """Run a causal LM on ``[prompt | answer]`` with the loss on the answer only.
+
+        The prompt must be left-padded and the labels right-padded, so that the real tokens are contiguous.
+        """
+        if bool((prompt_mask[:, -1] == 0).any()):
+            raise ValueError(
+                "Decoder-only backbones need left-padded prompts: set `processor.tokenizer.padding_side = 'left'`."
+            )
+        embeds, mask, full_labels, token_ids = prompt_embeds, prompt_mask, None, None
+        if labels is not None:
+            answer_mask = labels != IGNORE_INDEX
+            answer_ids = labels.masked_fill(~answer_mask, self.config.text_config.pad_token_id or 0)
+            answer_embeds = self.get_input_embeddings()(answer_ids).to(prompt_embeds.dtype)
+            embeds = torch.cat([prompt_embeds, answer_embeds], dim=1)
+            mask = torch.cat([prompt_mask, answer_mask.to(prompt_mask.dtype)], dim=1)
+            prompt_ignore = torch.full(prompt_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            full_labels = torch.cat([prompt_ignore, labels], dim=1)
+            token_ids = torch.cat([torch.full_like(prompt_ignore, -1), answer_ids.masked_fill(~answer_mask, -1)], 1)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        outputs = self.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=full_labels, **kwargs
+        )
+        signal_states = None
+        if kwargs.get("output_hidden_states") and token_ids is not None:
+            signal_states = self._signal_states(token_ids, outputs.hidden_states[-1])
+        return outputs, signal_states
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate answer ids, like ``Blip2ForConditionalGeneration.generate``.
+
+        Generation stops at EOS or at ``<SIGNAL>``. This model's ``generation_config`` is used, updated
+        with ``generate_kwargs``. Returns what the backbone's ``generate`` returns (ids, or a
+        ``GenerateOutput`` with ``return_dict_in_generate=True``), so Seq2SeqTrainer, pipelines and peft
+        work unchanged. Use :meth:`generate_cells` to also sample the requested cells.
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor, optional
+            ``(batch_size, seq_len)`` from the processor.
+        attention_mask : torch.LongTensor, optional
+            ``(batch_size, seq_len)``.
+        cell_values : torch.FloatTensor, optional
+            ``(n_cells, n_genes)`` raw counts.
+        inputs_embeds : torch.FloatTensor, optional
+            Text embeddings ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
+        **generate_kwargs
+            Generation settings (``max_new_tokens``, ``num_beams``, ...) and backbone kwargs.
+
+        Returns
+        -------
+        torch.LongTensor or transformers.generation.utils.GenerateOutput
+            For encoder-decoder backbones ``(batch_size, 1 + new_tokens)`` starting with the decoder start
+            token; for decoder-only backbones only the new tokens.
+        """
+        generate_kwargs.pop("target_cell_values", None)  # training-only column that Seq2SeqTrainer passes along
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        generation_config = copy.deepcopy(self.generation_config)
+        model_kwargs = generation_config.update(**generate_kwargs)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate_cells(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+        num_cells: int = 1,
+        library_size: float | torch.Tensor | None = None,
+        seed: int | None = None,
+        **generate_kwargs,
+    ) -> InstructCellGenerateCellsOutput:
+        """Answer the requests and sample ``num_cells`` cells for every answer that contains ``<SIGNAL>``.
+
+        The answer is generated with :meth:`generate`. For each answer with ``<SIGNAL>``, the backbone runs
+        once more with the answer fed back, and the last-layer hidden state at ``<SIGNAL>`` conditions the
+        VAE, which samples integer counts.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            As in :meth:`generate`.
+        num_cells : int
+            Cells sampled per request that produced ``<SIGNAL>``.
+        library_size : float or torch.Tensor, optional
+            Total counts per sampled cell (scalar, or ``(n_signals * num_cells,)``); drawn from the
+            learned library prior when omitted.
+        seed : int, optional
+            Seed of the cell sampler's ``torch.Generator`` (text decoding is unaffected unless sampling).
+        **generate_kwargs
+            Passed to :meth:`generate`.
+
+        Returns
+        -------
+        InstructCellGenerateCellsOutput
+        """
+        if num_cells < 1:
+            raise ValueError(f"num_cells must be at least 1, got {num_cells}.")
+        generate_kwargs.pop("return_dict_in_generate", None)
+        sequences = self.generate(
+            input_ids=input_ids, attention_mask=attention_mask, cell_values=cell_values, **generate_kwargs
+        )
+        condition_states, has_signal = self.signal_states_for_sequences(
+            input_ids, attention_mask, cell_values, sequences
+        )
+        request_index = torch.nonzero(has_signal).flatten().repeat_interleave(num_cells)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=sequences.device).manual_seed(seed)
+        if condition_states.shape[0] == 0:
+            cells = torch.zeros(0, self.config.n_genes, dtype=torch.long, device=sequences.device)
+        else:
+            cells = self.cell_vae.sample(
+                condition_states,
+                num_cells_per_condition=num_cells,
+                library_size=library_size,
+                generator=generator,
+            )
+        return InstructCellGenerateCellsOutput(
+            sequences=sequences,
+            has_signal=has_signal,
+            cell_values=cells,
+            request_index=request_index,
+            condition_states=condition_states,
+        )
+
+    @torch.no_grad()
+    def signal_states_for_sequences(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.LongTensor | None,
+        cell_values: torch.FloatTensor | None,
+        sequences: torch.LongTensor,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """Hidden state at the first ``<SIGNAL>`` of each generated answer, with the answer fed back.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            The prompts, as given to :meth:`generate`.
+        sequences : torch.LongTensor
+            Generated ids ``(batch_size, generated_length)``.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(n_signals, hidden_size)`` float32 states and the ``(batch_size,)`` mask of requests with one.
+        """
+        is_signal = sequences == self.config.signal_token_index
+        has_signal = is_signal.any(dim=-1)
+        first_signal = is_signal & (is_signal.long().cumsum(-1) == 1)
+        if not bool(has_signal.any()):
+            hidden_size = self.config.text_config.hidden_size
+            return torch.zeros(0, hidden_size, device=sequences.device), has_signal
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if self.config.use_decoder_only_language_model:
+            answer_embeds = self.get_input_embeddings()(sequences).to(inputs_embeds.dtype)
+            embeds = torch.cat([inputs_embeds, answer_embeds], dim=1)
+            mask = torch.cat([attention_mask, torch.ones_like(sequences, dtype=attention_mask.dtype)], dim=1)
+            position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            outputs = self.language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True
+            )
+            hidden = outputs.hidden_states[-1][:, inputs_embeds.shape[1] :]
+        else:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=sequences,
+                output_hidden_states=True,
+            )
+            hidden = outputs.decoder_hidden_states[-1]
+        return hidden[first_signal].float(), has_signal
+
+
+__all__ = [
+    "InstructCellForConditionalGeneration",
+    "InstructCellForConditionalGenerationModelOutput",
+    "InstructCellGenerateCellsOutput",
+    "InstructCellPreTrainedModel",
+]

@@ -1,0 +1,265 @@
+"""InstructCellProcessor: fills instruction templates, expands cell slots, tokenizes text and featurizes cells."""
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken
+from transformers import BatchFeature, ProcessorMixin
+
+IGNORE_INDEX = -100
+
+# The paper's template placeholders. `{input}` is the cell; `{output}` belongs to response templates.
+CELL_PLACEHOLDER = "input"
+METADATA_PLACEHOLDERS = ("species", "tissue", "sequencing_method", "drug", "cell_type", "choices")
+
+
+def template_fields(template: str) -> list[str]:
+    """Names of the ``{placeholders}`` in a template, in order (``"{{"`` escapes are skipped)."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+class InstructCellProcessor(ProcessorMixin):
+    r"""Tokenizer + gene-vector featurizer for [`InstructCellForConditionalGeneration`].
+
+    Instructions are written with the paper's placeholders: ``{input}`` for the cell, and ``{species}``,
+    ``{tissue}``, ``{sequencing_method}``, ``{drug}``, ``{cell_type}``, ``{choices}`` for metadata.
+    Each cell slot becomes ``<CELL>`` + ``num_query_tokens`` x ``<cell_query>`` + ``</CELL>``; the model
+    scatters the cell embeddings into the ``<cell_query>`` positions. Text that already contains
+    ``<CELL>`` (not expanded yet) is accepted as well.
+
+    Parameters
+    ----------
+    feature_extractor : InstructCellFeatureExtractor
+        Aligns cells to the gene vocabulary and returns raw counts ``cell_values``.
+    tokenizer : PreTrainedTokenizerBase
+        Any tokenizer; the four special tokens are added when missing (then resize the model's embeddings
+        to ``len(processor.tokenizer)``).
+    num_query_tokens : int
+        Placeholders per cell; must equal the model's ``config.num_query_tokens``.
+    prompt_format : str
+        Wraps every filled instruction; must contain ``{prompt}``. The paper's is the default.
+    cell_start_token, cell_end_token, cell_placeholder_token, signal_token : str
+        The special tokens. ``<SIGNAL>`` in an answer asks the model's VAE for a cell.
+    """
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        num_query_tokens: int = 8,
+        prompt_format: str = "User:\n{prompt}\n\nAssistant:\n",
+        cell_start_token: str = "<CELL>",
+        cell_end_token: str = "</CELL>",
+        cell_placeholder_token: str = "<cell_query>",
+        signal_token: str = "<SIGNAL>",
+        **kwargs,
+    ):
+        if "{prompt}" not in prompt_format:
+            raise ValueError(f"prompt_format must contain '{{prompt}}', got {prompt_format!r}.")
+        self.num_query_tokens = num_query_tokens
+        self.prompt_format = prompt_format
+        self.cell_start_token = cell_start_token
+        self.cell_end_token = cell_end_token
+        self.cell_placeholder_token = cell_placeholder_token
+        self.signal_token = signal_token
+        if tokenizer is not None:
+            self._add_special_tokens(tokenizer)
+        super().__init__(feature_extractor, tokenizer, **kwargs)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The four tokens this processor needs in the tokenizer."""
+        return [self.cell_start_token, self.cell_end_token, self.cell_placeholder_token, self.signal_token]
+
+    def _add_special_tokens(self, tokenizer) -> None:
+        vocab = tokenizer.get_vocab()
+        missing = [token for token in self.special_tokens if token not in vocab]
+        if missing:
+            tokenizer.add_tokens(
+                [AddedToken(token, special=True, normalized=False) for token in missing], special_tokens=True
+            )
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """The token-id fields of ``InstructCellConfig`` for this tokenizer."""
+        ids = self.tokenizer.convert_tokens_to_ids(self.special_tokens)
+        names = ("cell_start_token_index", "cell_end_token_index", "cell_token_index", "signal_token_index")
+        return dict(zip(names, ids, strict=True))
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.tokenizer.model_input_names) + list(self.feature_extractor.model_input_names)
+
+    def fill_template(self, template: str, metadata: Mapping[str, Any] | None = None) -> str:
+        """Fill every placeholder of an instruction template; ``{input}`` becomes ``<CELL>``.
+
+        Parameters
+        ----------
+        template : str
+            Instruction with the paper's placeholders, or plain text.
+        metadata : Mapping, optional
+            Values of the metadata placeholders; ``choices`` may be a list (joined with ", ").
+
+        Returns
+        -------
+        str
+        """
+        metadata = dict(metadata or {})
+        values: dict[str, str] = {}
+        missing = []
+        for name in template_fields(template):
+            if name == CELL_PLACEHOLDER:
+                values[name] = self.cell_start_token
+            elif name in metadata and metadata[name] is not None and str(metadata[name]) != "":
+                value = metadata[name]
+                is_list = isinstance(value, Sequence) and not isinstance(value, str)
+                values[name] = ", ".join(map(str, value)) if is_list else str(value)
+            elif name == "":
+                raise ValueError(f"Template {template!r} has an empty '{{}}' placeholder; name it, e.g. '{{tissue}}'.")
+            else:
+                missing.append(name)
+        if missing:
+            raise ValueError(
+                f"Template needs values for {sorted(set(missing))} but metadata has {sorted(metadata)}. "
+                "Pass them with `metadata=` or as AnnData obs columns of the same names."
+            )
+        return template.format(**values)
+
+    def _expand_cell_slots(self, text: str) -> str:
+        expansion = self.cell_start_token + self.cell_placeholder_token * self.num_query_tokens + self.cell_end_token
+        return text.replace(self.cell_start_token, expansion)
+
+    def _count_cell_slots(self, text: str) -> int:
+        return len(re.findall(re.escape(self.cell_start_token), text))
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        cells: Any = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        text_target: str | Sequence[str] | None = None,
+        target_cells: Any = None,
+        gene_names: Sequence[str] | None = None,
+        layer: str | None = None,
+        padding: bool | str = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Prepare model inputs from instructions, cells and (for training) answers.
+
+        One instruction with ``n`` cells is broadcast to ``n`` prompts (one cell each). Otherwise the
+        number of ``{input}``/``<CELL>`` slots over all instructions must equal the number of cells.
+
+        Parameters
+        ----------
+        text : str or list of str
+            Instruction templates or plain instructions.
+        cells : AnnData, array, sparse matrix or DataFrame, optional
+            ``n_cells`` cells of raw counts; AnnData ``obs`` columns named like placeholders fill them.
+        metadata : dict or list of dict, optional
+            Placeholder values, one dict for all prompts or one per prompt; override ``obs``.
+        text_target : str or list of str, optional
+            Answers; returned as ``labels`` with padding set to -100.
+        target_cells : optional
+            Cells the ``<SIGNAL>`` tokens of the answers stand for (same input types as ``cells``).
+        gene_names : list of str, optional
+            Gene names of array inputs without names.
+        layer : str, optional
+            AnnData layer holding raw counts (default ``X``).
+        padding, truncation, max_length, return_tensors
+            Passed to the tokenizer.
+
+        Returns
+        -------
+        BatchFeature
+            ``input_ids``, ``attention_mask`` ``(batch, seq_len)``; ``cell_values`` ``(n_cells, n_genes)``;
+            ``labels`` ``(batch, target_len)`` and ``target_cell_values`` ``(n_signals, n_genes)`` when given.
+        """
+        if text is None:
+            raise ValueError("Pass `text`: an instruction (template) per prompt.")
+        texts = [text] if isinstance(text, str) else list(text)
+        cell_features = None
+        n_cells = 0
+        if cells is not None:
+            cell_features = self.feature_extractor(cells, gene_names=gene_names, layer=layer, return_tensors="np")
+            n_cells = cell_features["cell_values"].shape[0]
+            if len(texts) == 1 and n_cells > 1:
+                texts = texts * n_cells
+        metadata_rows = self._metadata_rows(cells, metadata, len(texts))
+        prompts = [self.fill_template(t, m) for t, m in zip(texts, metadata_rows, strict=True)]
+        n_slots = sum(self._count_cell_slots(prompt) for prompt in prompts)
+        if n_slots != n_cells:
+            raise ValueError(
+                f"The instructions have {n_slots} cell slots ('{{input}}' or '{self.cell_start_token}') but "
+                f"{n_cells} cells were given. Write one slot per cell, or one instruction for all cells."
+            )
+        prompts = [self._expand_cell_slots(self.prompt_format.format(prompt=prompt)) for prompt in prompts]
+        encoding = self.tokenizer(
+            prompts, padding=padding, truncation=truncation, max_length=max_length, return_tensors=return_tensors
+        )
+        data = dict(encoding)
+        if cell_features is not None:
+            data["cell_values"] = cell_features["cell_values"]
+        if text_target is not None:
+            data["labels"] = self._encode_targets(text_target, len(prompts), return_tensors)
+        if target_cells is not None:
+            target = self.feature_extractor(target_cells, gene_names=gene_names, layer=layer, return_tensors="np")
+            data["target_cell_values"] = target["cell_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _encode_targets(self, text_target: str | Sequence[str], batch_size: int, return_tensors: str | None):
+        targets = [text_target] if isinstance(text_target, str) else list(text_target)
+        if len(targets) != batch_size:
+            raise ValueError(f"Got {len(targets)} answers for {batch_size} prompts; pass one answer per prompt.")
+        for target in targets:
+            if self._count_cell_slots(target):
+                raise ValueError(f"Answers cannot contain '{self.cell_start_token}'; use '{self.signal_token}'.")
+        encoding = self.tokenizer(targets, padding=True, return_tensors="np")
+        labels = np.where(encoding["attention_mask"] == 1, encoding["input_ids"], IGNORE_INDEX)
+        return labels if return_tensors is None else BatchFeature({"labels": labels}, tensor_type=return_tensors)["labels"]
+
+    def _metadata_rows(self, cells: Any, metadata: Any, n_prompts: int) -> list[dict[str, Any]]:
+        """One metadata dict per prompt: AnnData ``obs`` columns, overridden by ``metadata``."""
+        rows: list[dict[str, Any]] = [{} for _ in range(n_prompts)]
+        obs = getattr(cells, "obs", None)
+        if obs is not None and len(obs) == n_prompts:
+            columns = [name for name in METADATA_PLACEHOLDERS if name in obs.columns]
+            for row, record in zip(rows, obs[columns].astype(str).to_dict("records"), strict=True):
+                row.update(record)
+        if metadata is None:
+            return rows
+        if isinstance(metadata, Mapping):
+            return [{**row, **metadata} for row in rows]
+        metadata = list(metadata)
+        if len(metadata) != n_prompts:
+            raise ValueError(f"Got {len(metadata)} metadata dicts for {n_prompts} prompts; pass one per prompt.")
+        return [{**row, **extra} for row, extra in zip(rows, metadata, strict=True)]
+
+    def post_process_generation(self, sequences, skip_special_tokens: bool = True) -> list[dict[str, Any]]:
+        """Decode generated ids into answers.
+
+        Parameters
+        ----------
+        sequences : torch.LongTensor or list of list of int
+            ``(batch, length)`` ids from ``model.generate``.
+        skip_special_tokens : bool
+            Strip special tokens (``<SIGNAL>`` included) from the text.
+
+        Returns
+        -------
+        list of dict
+            Per answer: ``text`` (str) and ``has_signal`` (bool: the model asked for a cell).
+        """
+        signal_id = self.tokenizer.convert_tokens_to_ids(self.signal_token)
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else [list(row) for row in sequences]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+        return [
+            {"text": text.strip(), "has_signal": signal_id in row} for text, row in zip(texts, rows, strict=True)
+        ]
+
+
+__all__ = ["InstructCellProcessor", "template_fields"]
