@@ -1,19 +1,20 @@
 """Conditional VAE with a zero-inflated negative binomial (ZINB) likelihood: InstructCell's cell generator.
 
-The language model's hidden state at the ``<SIGNAL>`` token is mapped to continuous covariates, which condition an
-scVI-style variational autoencoder over raw gene counts. Training maximises the ELBO of the observed counts; at
-generation time ``z ~ N(0, I)`` and a log library size are decoded into ZINB parameters, from which counts are drawn.
+The language model's hidden state at the ``<SIGNAL>`` token is mapped to continuous covariates, which
+condition an scVI-style variational autoencoder over raw gene counts. Training maximises the ELBO of the
+observed counts; at generation time ``z ~ N(0, I)`` and a log library size are decoded into ZINB parameters,
+from which counts are drawn.
 
-The architecture reproduces the original InstructCell generator (zjunlp/InstructCell, ``scvi``-derived CVAE) so that
-original checkpoints load into it with a key map. The ZINB likelihood is always evaluated in float32, also when the
-module runs in bfloat16: every tensor that leaves a linear layer for the likelihood is cast at that boundary.
+The architecture reproduces the original InstructCell generator (zjunlp/InstructCell, ``scvi``-derived CVAE)
+so that original checkpoints load into it with a key map. The ZINB likelihood is always evaluated in float32,
+also when the module runs in bfloat16: every tensor that leaves a linear layer for the likelihood is cast at
+that boundary.
 
 This file is Hugging Face remote code: it imports only ``torch`` and the standard library.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,10 +30,12 @@ VAR_EPS = 1e-4
 """Added to ``exp(.)`` of the variance heads so that posterior variances stay positive."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Likelihoods
-# ----------------------------------------------------------------------------------------------------------------------
-def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------------------------
+def log_nb_positive(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
     """Log-likelihood of counts under a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
 
     ``log NB(x; mu, theta) = theta log(theta / (theta + mu)) + x log(mu / (theta + mu))
@@ -74,8 +77,8 @@ def log_zinb_positive(
     * ``x = 0``: ``log(pi + (1 - pi) NB(0)) = logaddexp(zi_logits, log NB(0)) - softplus(zi_logits)``;
     * ``x > 0``: ``log(1 - pi) + log NB(x) = log NB(x) - softplus(zi_logits)``.
 
-    No sigmoid is ever passed to a log, so large ``|zi_logits|`` stay exact; ``zi_logits = -inf`` gives the plain
-    negative binomial.
+    No sigmoid is ever passed to a log, so large ``|zi_logits|`` stay exact; ``zi_logits = -inf`` gives the
+    plain negative binomial.
 
     Parameters
     ----------
@@ -113,8 +116,8 @@ class ZeroInflatedNegativeBinomial(Distribution):
     zi_logits
         Logits of the zero-inflation probability, broadcastable with ``mu``.
     scale
-        Optional normalized expression (``mu`` divided by the size factor), e.g. ``(n_cells, n_genes)``. Stored for
-        the caller; it does not enter the likelihood.
+        Optional normalized expression (``mu`` divided by the size factor), e.g. ``(n_cells, n_genes)``.
+        Stored for the caller; it does not enter the likelihood.
     validate_args
         Check parameter constraints (and ``log_prob`` values) and raise ``ValueError`` on violations. ``None``
         uses torch's global default.
@@ -140,8 +143,8 @@ class ZeroInflatedNegativeBinomial(Distribution):
             self.mu, self.theta, self.zi_logits = torch.broadcast_tensors(mu, theta, zi_logits)
         except RuntimeError as error:
             raise ValueError(
-                f"mu {tuple(mu.shape)}, theta {tuple(theta.shape)} and zi_logits {tuple(zi_logits.shape)} must "
-                "broadcast to one shape, e.g. mu and zi_logits (n_cells, n_genes) with theta (n_genes,)."
+                f"mu {tuple(mu.shape)}, theta {tuple(theta.shape)} and zi_logits {tuple(zi_logits.shape)} "
+                "must broadcast to one shape, e.g. mu and zi_logits (n_cells, n_genes) with theta (n_genes,)."
             ) from error
         self.scale = scale
         super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
@@ -192,13 +195,13 @@ class ZeroInflatedNegativeBinomial(Distribution):
         return log_zinb_positive(value, self.mu, self.theta, self.zi_logits)
 
     def sample(
-        self, sample_shape: torch.Size | tuple[int, ...] = torch.Size(), generator: torch.Generator | None = None
+        self, sample_shape: torch.Size | tuple[int, ...] = (), generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Draw counts: ``Gamma(theta, theta / mu)`` -> ``Poisson`` -> zero where ``uniform <= pi``.
 
-        The random draws happen in this order, each over the full output shape: one standard-Gamma draw, one
-        Poisson draw (its rate clamped to ``[tiny, 1e8]``), one uniform draw. This is the order of the original
-        InstructCell generator, so a seeded generator reproduces its samples.
+        The random draws happen in this order, each over the full output shape: one standard-Gamma draw,
+        one Poisson draw (its rate clamped to ``[tiny, 1e8]``), one uniform draw. This is the order of the
+        original InstructCell generator, so a seeded generator reproduces its samples.
 
         Parameters
         ----------
@@ -215,16 +218,18 @@ class ZeroInflatedNegativeBinomial(Distribution):
         shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             gamma_rate = self.theta / self.mu
-            rate = torch._standard_gamma(self.theta.expand(shape), generator=generator) / gamma_rate.expand(shape)
+            rate = torch._standard_gamma(self.theta.expand(shape), generator=generator) / gamma_rate.expand(
+                shape
+            )
             rate.clamp_(min=torch.finfo(rate.dtype).tiny, max=POISSON_RATE_MAX)
             counts = torch.poisson(rate, generator=generator)
             uniform = torch.rand(shape, generator=generator, dtype=counts.dtype, device=counts.device)
             return counts.masked_fill(uniform <= self.zi_probs, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Building blocks
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class FullyConnectedLayer(nn.Module):
     """``Linear -> LayerNorm (no affine parameters, optional) -> GELU -> Dropout (optional)``.
 
@@ -253,7 +258,7 @@ class FullyConnectedLayer(nn.Module):
 
 
 class FullyConnectedLayers(nn.Sequential):
-    """A stack of :class:`FullyConnectedLayer`; covariates are concatenated to the input of the first layer only.
+    """Stack of :class:`FullyConnectedLayer`; covariates are concatenated to the first layer's input only.
 
     Parameters
     ----------
@@ -342,7 +347,9 @@ class Encoder(nn.Module):
         dropout_rate: float,
     ) -> None:
         super().__init__()
-        self.layers = FullyConnectedLayers(n_input, n_covariates, n_hidden, n_layers, use_layer_norm, dropout_rate)
+        self.layers = FullyConnectedLayers(
+            n_input, n_covariates, n_hidden, n_layers, use_layer_norm, dropout_rate
+        )
         self.mean_encoder = nn.Linear(n_hidden, n_output)
         self.var_encoder = nn.Linear(n_hidden, n_output)
 
@@ -393,7 +400,13 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self, n_latent: int, n_genes: int, n_covariates: int, n_hidden: int, n_layers: int, use_layer_norm: bool
+        self,
+        n_latent: int,
+        n_genes: int,
+        n_covariates: int,
+        n_hidden: int,
+        n_layers: int,
+        use_layer_norm: bool,
     ) -> None:
         super().__init__()
         self.layers = FullyConnectedLayers(n_latent, n_covariates, n_hidden, n_layers, use_layer_norm, 0.0)
@@ -429,9 +442,9 @@ class Decoder(nn.Module):
         return px_scale, px_rate, self.dropout_head(hidden).float()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Conditional VAE
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class _VAEKeys(NamedTuple):
     qz: str = "qz"
     ql: str = "ql"
@@ -494,10 +507,13 @@ def _check_matrix(name: str, tensor: torch.Tensor, n_rows: int | None, n_cols: i
         raise ValueError(f"{name} must be a 2-D tensor (n_cells, {columns}), got {shape}.")
     if tensor.shape[1] != n_cols:
         raise ValueError(
-            f"{name} has {tensor.shape[1]} columns but the VAE expects {n_cols} ({columns}), shape {tuple(tensor.shape)}."
+            f"{name} has {tensor.shape[1]} columns but the VAE expects {n_cols} ({columns}), "
+            f"shape {tuple(tensor.shape)}."
         )
     if n_rows is not None and tensor.shape[0] != n_rows:
-        raise ValueError(f"{name} has {tensor.shape[0]} rows but the counts have {n_rows} cells: pass one row per cell.")
+        raise ValueError(
+            f"{name} has {tensor.shape[0]} rows but the counts have {n_rows} cells: pass one row per cell."
+        )
 
 
 def _check_counts(counts: torch.Tensor, n_genes: int) -> torch.Tensor:
@@ -510,8 +526,8 @@ def _check_counts(counts: torch.Tensor, n_genes: int) -> torch.Tensor:
         raise ValueError("counts contain negative values; pass raw counts, not scaled or centred data.")
     if (counts != counts.round()).any():
         raise ValueError(
-            "counts contain non-integer values; pass raw counts (e.g. adata.layers['counts']), not normalized or "
-            "log-transformed data: the ZINB likelihood is defined on integers."
+            "counts contain non-integer values; pass raw counts (e.g. adata.layers['counts']), not "
+            "normalized or log-transformed data: the ZINB likelihood is defined on integers."
         )
     return counts
 
@@ -520,8 +536,8 @@ class InstructCellConditionalVAE(nn.Module):
     """scVI-style conditional VAE with a ZINB likelihood, conditioned on a language-model hidden state.
 
     ``condition_mapping`` turns the ``<SIGNAL>`` hidden state ``(n_cells, condition_dim)`` into continuous
-    covariates ``c`` of size ``n_condition``. Covariates are concatenated to the input of the first layer of every
-    network (``z_encoder``, ``l_encoder``, ``decoder``, ``library_head``).
+    covariates ``c`` of size ``n_condition``. Covariates are concatenated to the input of the first layer of
+    every network (``z_encoder``, ``l_encoder``, ``decoder``, ``library_head``).
 
     Parameters
     ----------
@@ -550,8 +566,9 @@ class InstructCellConditionalVAE(nn.Module):
 
     Notes
     -----
-    The log-library prior ``Normal(library_log_mean, sqrt(library_log_var))`` lives in buffers; set it from the
-    training counts with :meth:`set_library_prior`. The original InstructCell training used ``kl_weight=3.0``.
+    The log-library prior ``Normal(library_log_mean, sqrt(library_log_var))`` lives in buffers; set it from
+    the training counts with :meth:`set_library_prior`. The original InstructCell training used
+    ``kl_weight=3.0``.
     """
 
     def __init__(
@@ -589,7 +606,9 @@ class InstructCellConditionalVAE(nn.Module):
         self.log_variational = log_variational
 
         self.condition_mapping = nn.Linear(condition_dim, n_condition)
-        self.z_encoder = Encoder(n_genes, n_latent, n_condition, n_hidden, n_layers, use_layer_norm, dropout_rate)
+        self.z_encoder = Encoder(
+            n_genes, n_latent, n_condition, n_hidden, n_layers, use_layer_norm, dropout_rate
+        )
         self.l_encoder = Encoder(n_genes, 1, n_condition, n_hidden, 1, use_layer_norm, dropout_rate)
         self.decoder = Decoder(n_latent, n_genes, n_condition, n_hidden, n_layers, use_layer_norm)
         self.px_r = nn.Parameter(torch.randn(n_genes))
@@ -608,7 +627,7 @@ class InstructCellConditionalVAE(nn.Module):
 
     @torch.no_grad()
     def set_library_prior(self, counts: torch.Tensor) -> None:
-        """Set the log-library prior from training counts: mean and (population) variance of ``log(total counts)``.
+        """Set the log-library prior: mean and population variance of ``log(total counts)`` of training cells.
 
         Parameters
         ----------
@@ -625,7 +644,9 @@ class InstructCellConditionalVAE(nn.Module):
         log_totals = torch.log(totals)
         variance = log_totals.var(unbiased=False)
         if variance <= 0:
-            raise ValueError("the prior needs cells with different total counts (the log-total variance is 0).")
+            raise ValueError(
+                "the prior needs cells with different total counts (the log-total variance is 0)."
+            )
         self.library_log_mean.fill_(log_totals.mean().item())
         self.library_log_var.fill_(variance.item())
 
@@ -659,8 +680,8 @@ class InstructCellConditionalVAE(nn.Module):
         -------
         dict
             ``VAE_KEYS.qz``: ``Normal`` over ``z``, ``(n_cells, n_latent)``; ``VAE_KEYS.z``: its rsample;
-            ``VAE_KEYS.ql``: ``Normal`` over the log library, ``(n_cells, 1)``; ``VAE_KEYS.library``: its rsample.
-            All float32.
+            ``VAE_KEYS.ql``: ``Normal`` over the log library, ``(n_cells, 1)``; ``VAE_KEYS.library``: its
+            rsample. All float32.
         """
         counts = _check_counts(counts, self.n_genes)
         _check_matrix("condition", condition, counts.shape[0], self.n_condition, "n_condition")
@@ -692,9 +713,9 @@ class InstructCellConditionalVAE(nn.Module):
         -------
         dict
             ``VAE_KEYS.px``: :class:`ZeroInflatedNegativeBinomial` with ``mu``, ``theta``, ``zi_logits`` and
-            ``scale`` of shape ``(n_cells, n_genes)``; ``VAE_KEYS.pz``: ``Normal(0, 1)``, ``(n_cells, n_latent)``;
-            ``VAE_KEYS.pl``: log-library prior, ``(n_cells, 1)``; ``VAE_KEYS.size_factor_log``: the log size factor
-            the decoder used, ``(n_cells, 1)``. All float32.
+            ``scale`` of shape ``(n_cells, n_genes)``; ``VAE_KEYS.pz``: ``Normal(0, 1)``,
+            ``(n_cells, n_latent)``; ``VAE_KEYS.pl``: log-library prior, ``(n_cells, 1)``;
+            ``VAE_KEYS.size_factor_log``: the log size factor the decoder used, ``(n_cells, 1)``. All float32.
         """
         _check_matrix("z", z, None, self.n_latent, "n_latent")
         _check_matrix("library_log", library_log, z.shape[0], 1, "1: natural-log total counts")
@@ -707,9 +728,12 @@ class InstructCellConditionalVAE(nn.Module):
             VAE_KEYS.px: ZeroInflatedNegativeBinomial(
                 mu=px_rate, theta=torch.exp(self.px_r.float()), zi_logits=px_dropout, scale=px_scale
             ),
-            VAE_KEYS.pz: Normal(torch.zeros_like(z, dtype=torch.float32), torch.ones_like(z, dtype=torch.float32)),
+            VAE_KEYS.pz: Normal(
+                torch.zeros_like(z, dtype=torch.float32), torch.ones_like(z, dtype=torch.float32)
+            ),
             VAE_KEYS.pl: Normal(
-                self.library_log_mean.float().expand(prior_shape), self.library_log_var.float().sqrt().expand(prior_shape)
+                self.library_log_mean.float().expand(prior_shape),
+                self.library_log_var.float().sqrt().expand(prior_shape),
             ),
             VAE_KEYS.size_factor_log: size_factor_log,
         }
@@ -749,11 +773,15 @@ class InstructCellConditionalVAE(nn.Module):
         counts = _check_counts(counts, self.n_genes)
         reconstruction_loss = -generative_outputs[VAE_KEYS.px].log_prob(counts).sum(dim=-1)
         kl_z = kl_divergence(inference_outputs[VAE_KEYS.qz], generative_outputs[VAE_KEYS.pz]).sum(dim=-1)
-        kl_library = kl_divergence(inference_outputs[VAE_KEYS.ql], generative_outputs[VAE_KEYS.pl]).sum(dim=-1)
+        kl_library = kl_divergence(inference_outputs[VAE_KEYS.ql], generative_outputs[VAE_KEYS.pl]).sum(
+            dim=-1
+        )
         loss = torch.mean(reconstruction_loss + kl_weight * kl_z + kl_library)
         return VAELossOutput(loss, reconstruction_loss, kl_z, kl_library, kl_weight)
 
-    def forward(self, counts: torch.Tensor, condition_states: torch.Tensor, kl_weight: float = 1.0) -> VAELossOutput:
+    def forward(
+        self, counts: torch.Tensor, condition_states: torch.Tensor, kl_weight: float = 1.0
+    ) -> VAELossOutput:
         """Map the condition, then run ``inference``, ``generative`` and ``loss``.
 
         Parameters
@@ -771,7 +799,9 @@ class InstructCellConditionalVAE(nn.Module):
             Scalar loss plus per-cell terms of shape ``(n_cells,)``.
         """
         counts = _check_counts(counts, self.n_genes)
-        _check_matrix("condition_states", condition_states, counts.shape[0], self.condition_dim, "condition_dim")
+        _check_matrix(
+            "condition_states", condition_states, counts.shape[0], self.condition_dim, "condition_dim"
+        )
         condition = self.map_condition(condition_states)
         inference_outputs = self.inference(counts, condition)
         generative_outputs = self.generative(
@@ -789,11 +819,11 @@ class InstructCellConditionalVAE(nn.Module):
     ) -> torch.Tensor:
         """Generate counts for each condition.
 
-        Random draws, in this order (the original InstructCell order, so a generator seeded like the original's
-        global seed reproduces its cells): ``z ~ N(0, I)`` of shape ``(n, n_latent)``; then, only when
-        ``library_size`` is None, the log library from the prior, shape ``(n, 1)``; then the ZINB draws (Gamma,
-        Poisson, uniform, each ``(n, n_genes)``). Dropout in ``library_head`` follows the module's train/eval mode:
-        call ``.eval()`` first (as ``from_pretrained`` does) for deterministic decoding.
+        Random draws, in this order (the original InstructCell order, so a generator seeded like the
+        original's global seed reproduces its cells): ``z ~ N(0, I)`` of shape ``(n, n_latent)``; then, only
+        when ``library_size`` is None, the log library from the prior, shape ``(n, 1)``; then the ZINB draws
+        (Gamma, Poisson, uniform, each ``(n, n_genes)``). Dropout in ``library_head`` follows the module's
+        train/eval mode: call ``.eval()`` first (as ``from_pretrained`` does) for deterministic decoding.
 
         Parameters
         ----------
@@ -802,8 +832,8 @@ class InstructCellConditionalVAE(nn.Module):
         num_cells_per_condition
             Cells per condition; rows of the output are grouped by condition (``repeat_interleave`` order).
         library_size
-            Total counts (not log): a number, or a tensor with ``n_conditions`` or ``n`` elements. ``None`` draws
-            the log library from the prior.
+            Total counts (not log): a number, or a tensor with ``n_conditions`` or ``n`` elements. ``None``
+            draws the log library from the prior.
         generator
             Optional random generator on the module's device; ``None`` uses torch's global generator.
 
@@ -821,7 +851,9 @@ class InstructCellConditionalVAE(nn.Module):
             noise = torch.randn(n_cells, 1, generator=generator, device=device)
             library_log = noise * self.library_log_var.float().sqrt() + self.library_log_mean.float()
         else:
-            library_log = self._library_log_from_sizes(library_size, condition_states.shape[0], n_cells, device)
+            library_log = self._library_log_from_sizes(
+                library_size, condition_states.shape[0], n_cells, device
+            )
         px = self.generative(z, library_log, condition)[VAE_KEYS.px]
         return px.sample(generator=generator)
 
@@ -829,7 +861,7 @@ class InstructCellConditionalVAE(nn.Module):
     def _library_log_from_sizes(
         library_size: torch.Tensor | float, n_conditions: int, n_cells: int, device: torch.device
     ) -> torch.Tensor:
-        """Natural-log library ``(n_cells, 1)`` from total counts given per call, per condition or per cell."""
+        """Natural-log library ``(n_cells, 1)`` from totals given once, per condition or per cell."""
         sizes = torch.as_tensor(library_size, dtype=torch.float32, device=device).reshape(-1)
         if sizes.numel() == 1:
             sizes = sizes.expand(n_cells)
