@@ -302,6 +302,14 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 f"make gene_names unique{hint}."
             )
         self._symbol_lookup = lookup
+        if self.gene_ids is None and _looks_like_ensembl(self.gene_names):
+            # A vocabulary of Ensembl ids: match inputs by id (version suffixes ignored).
+            self._id_lookup = {_normalize_id(g): j for j, g in enumerate(self.gene_names)}
+            if len(self._id_lookup) != len(self.gene_names):
+                raise ValueError(
+                    "The vocabulary holds Ensembl ids that repeat once version suffixes are dropped "
+                    "(e.g. ENSG00000141510.16 and .17); keep one version per gene."
+                )
         if self.gene_ids is not None:
             if len(self.gene_ids) != len(self.gene_names):
                 raise ValueError(
@@ -452,9 +460,9 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         names_for_style = gene_names if gene_names is not None else []
         if gene_names is None and self._id_lookup is None:
             hints.append(
-                "the input genes look like Ensembl ids but this vocabulary only has symbols: set var_names "
-                "to "
-                "gene symbols (e.g. adata.var_names = adata.var['gene_symbols']) or pass gene_names=<symbols>"
+                "the input genes look like Ensembl ids but this vocabulary only has symbols: set "
+                "var_names to gene symbols (e.g. adata.var_names = adata.var['gene_symbols']) or pass "
+                "gene_names=<symbols>"
             )
         if self._id_lookup is not None and gene_ids is None:
             hints.append(
@@ -564,8 +572,7 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
             except (TypeError, ValueError) as err:
                 raise ValueError(
                     f"Cannot read cells of type {type(cells).__name__}; pass an AnnData, scipy sparse "
-                    "matrix, "
-                    "numpy array, pandas DataFrame or a 1-d count vector."
+                    "matrix, numpy array, pandas DataFrame or a 1-d count vector."
                 ) from err
             if matrix.dtype == object:
                 raise ValueError(
@@ -587,12 +594,12 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 matrix = matrix.tocsr()
             is_sparse = True
         elif _is_backed_dataset(matrix):
-            is_sparse = not hasattr(matrix, "dtype") or getattr(matrix, "format", None) in ("csr", "csc")
-            if getattr(matrix, "format", None) == "csc":
-                raise ValueError(
-                    "Backed CSC matrices cannot be read row by row efficiently; load them with "
-                    "adata.to_memory() or store X as CSR."
-                )
+            backed_format = getattr(matrix, "format", None)
+            is_sparse = backed_format in ("csr", "csc")
+            if backed_format == "csc" and hasattr(matrix, "to_memory"):
+                # Row slices of a backed CSC matrix touch every column: load it (still sparse) once instead.
+                logger.info("Backed CSC matrix: loading it into memory as CSR to read cells by rows.")
+                matrix = matrix.to_memory().tocsr()
         else:
             matrix = np.asarray(matrix)
             is_sparse = False
@@ -603,8 +610,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         if names is not None and len(names) != n_genes:
             raise ValueError(
                 f"gene_names has {len(names)} entries but the count matrix has {n_genes} columns; "
-                "pass one name per column (genes are columns, cells are rows; transpose a genes x cells "
-                "matrix)."
+                "pass one name per column (genes are columns, cells are rows: transpose a genes x "
+                "cells matrix)."
             )
         if ids is not None and len(ids) != n_genes:
             raise ValueError(

@@ -69,6 +69,13 @@ def _backed(tmp_path, view):
     return backed[1:4] if view else backed
 
 
+def _backed_csc(tmp_path):
+    adata = make_adata()
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    return anndata.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+
+
 INPUTS = {
     "numpy": lambda tmp: (COUNTS, INPUT_GENES),
     "numpy_float": lambda tmp: (COUNTS.astype(np.float64), INPUT_GENES),
@@ -89,6 +96,7 @@ INPUTS = {
     "anndata_raw": lambda tmp: (_with_raw(), None),
     "anndata_backed": lambda tmp: (_backed(tmp, view=False), None),
     "anndata_backed_view": lambda tmp: (_backed(tmp, view=True), None),
+    "anndata_backed_csc": lambda tmp: (_backed_csc(tmp), None),
 }
 
 
@@ -205,6 +213,13 @@ def test_ensembl_id_column_beats_renamed_symbol():
 def test_ensembl_ids_as_gene_names_for_arrays():
     fe = InstructCellFeatureExtractor(gene_names=VOCAB, gene_ids=VOCAB_IDS)
     np.testing.assert_array_equal(fe(np.eye(5)[[0]], gene_names=VOCAB_IDS)["cell_values"], np.eye(5)[[0]])
+
+
+def test_vocabulary_of_ensembl_ids_matches_versioned_ids():
+    fe = InstructCellFeatureExtractor(gene_names=VOCAB_IDS)
+    counts = np.arange(1, 6)[None, :]
+    versioned = [f"{g}.3" for g in VOCAB_IDS[::-1]]
+    np.testing.assert_array_equal(fe(counts, gene_names=versioned)["cell_values"], counts[:, ::-1])
 
 
 def test_composite_symbol_id_names(fe):
