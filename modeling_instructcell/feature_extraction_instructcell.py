@@ -6,9 +6,10 @@ single cell vector) into ``cell_values``: a dense float32 matrix of **raw counts
 ``log1p``) happens inside the model, so the same tensor serves as encoder input, ZINB target and
 library size.
 
-This file is Hub remote code: only stdlib, numpy, torch and transformers are imported at module
-level. scipy, pandas and anndata are only touched when the input is one of their objects, and
-they are looked up in ``sys.modules`` rather than imported here.
+This file is Hub remote code. transformers' ``check_imports`` walks the whole AST (function bodies
+included) and only skips ``try:`` blocks, so the only imports are stdlib, numpy and transformers.
+scipy, pandas and anndata are only touched when the input is one of their objects, and they are
+looked up in ``sys.modules`` rather than imported (the one scipy import sits in a ``try:`` block).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 from transformers.utils import logging
-
 
 logger = logging.get_logger(__name__)
 
@@ -61,7 +61,7 @@ _CHUNK_VALUES = 1 << 24
 
 
 def _looks_like_ensembl(names: list[str] | None) -> bool:
-    """Return True when most of ``names`` are Ensembl gene ids (ENSG..., ENSMUSG..., with or without version)."""
+    """Return True when most of ``names`` are Ensembl gene ids (ENSG..., ENSMUSG..., versioned or not)."""
     if not names:
         return False
     sample = names[:: max(1, len(names) // 1000)]
@@ -70,7 +70,7 @@ def _looks_like_ensembl(names: list[str] | None) -> bool:
 
 
 def _normalize_id(gene_id: Any) -> str | None:
-    """Upper-case an Ensembl id and drop its version suffix (``ENSG00000141510.17`` -> ``ENSG00000141510``)."""
+    """Upper-case an Ensembl id and drop its version (``ENSG00000141510.17`` -> ``ENSG00000141510``)."""
     if gene_id is None:
         return None
     text = str(gene_id).strip()
@@ -281,7 +281,9 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         self._id_lookup: dict[str, int] | None = None
         if self.gene_names is None:
             if self.gene_ids is not None:
-                raise ValueError("gene_ids was given without gene_names; pass the gene symbols too (same order).")
+                raise ValueError(
+                    "gene_ids was given without gene_names; pass the gene symbols too (same order)."
+                )
             return
         if len(self.gene_names) == 0:
             raise ValueError("gene_names is empty; pass the ordered list of vocabulary gene symbols.")
@@ -300,6 +302,14 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 f"make gene_names unique{hint}."
             )
         self._symbol_lookup = lookup
+        if self.gene_ids is None and _looks_like_ensembl(self.gene_names):
+            # A vocabulary of Ensembl ids: match inputs by id (version suffixes ignored).
+            self._id_lookup = {_normalize_id(g): j for j, g in enumerate(self.gene_names)}
+            if len(self._id_lookup) != len(self.gene_names):
+                raise ValueError(
+                    "The vocabulary holds Ensembl ids that repeat once version suffixes are dropped "
+                    "(e.g. ENSG00000141510.16 and .17); keep one version per gene."
+                )
         if self.gene_ids is not None:
             if len(self.gene_ids) != len(self.gene_names):
                 raise ValueError(
@@ -450,17 +460,21 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         names_for_style = gene_names if gene_names is not None else []
         if gene_names is None and self._id_lookup is None:
             hints.append(
-                "the input genes look like Ensembl ids but this vocabulary only has symbols: set var_names to "
-                "gene symbols (e.g. adata.var_names = adata.var['gene_symbols']) or pass gene_names=<symbols>"
+                "the input genes look like Ensembl ids but this vocabulary only has symbols: set "
+                "var_names to gene symbols (e.g. adata.var_names = adata.var['gene_symbols']) or pass "
+                "gene_names=<symbols>"
             )
         if self._id_lookup is not None and gene_ids is None:
-            hints.append("pass gene_ids=<Ensembl ids> (or add a 'gene_ids' column to adata.var) to match by id")
+            hints.append(
+                "pass gene_ids=<Ensembl ids> (or add a 'gene_ids' column to adata.var) to match by id"
+            )
         if gene_ids is not None and self._id_lookup:
             vocab_prefix = _id_prefix(list(self._id_lookup))
             input_prefix = _id_prefix([_normalize_id(g) or "" for g in gene_ids])
             if vocab_prefix and input_prefix and vocab_prefix != input_prefix:
                 hints.append(
-                    f"input ids look like {input_prefix}* but the vocabulary uses {vocab_prefix}*: map the genes "
+                    f"input ids look like {input_prefix}* but the vocabulary uses {vocab_prefix}*: map the "
+                    "genes "
                     "to the vocabulary's species (orthologs) first"
                 )
         if self.case_sensitive and gene_names is not None:
@@ -471,7 +485,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         input_style, vocab_style = _species_style(names_for_style), _species_style(self.gene_names)
         if input_style and vocab_style and input_style != vocab_style:
             hints.append(
-                f"the input symbols look {input_style} (e.g. {_examples(names_for_style, 3)}) and the vocabulary "
+                f"the input symbols look {input_style} (e.g. {_examples(names_for_style, 3)}) and the "
+                "vocabulary "
                 f"looks {vocab_style} (e.g. {_examples(self.gene_names, 3)}): map {input_style} genes to "
                 f"{vocab_style} orthologs (e.g. with an Ensembl BioMart / MGI homology table) before calling"
             )
@@ -483,10 +498,13 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         hints.append(
             "check that the gene names are symbols (not row numbers or probe ids) of the vocabulary's species"
         )
-        hints.append(f"or lower min_gene_overlap (now {self.min_gene_overlap}) if a partial overlap is expected")
+        hints.append(
+            f"or lower min_gene_overlap (now {self.min_gene_overlap}) if a partial overlap is expected"
+        )
         return (
             f"Only {alignment.n_matched} of the {alignment.n_vocab} vocabulary genes "
-            f"({alignment.fraction_vocab_matched:.1%}) were found among the {alignment.n_input_genes} input genes, "
+            f"({alignment.fraction_vocab_matched:.1%}) were found among the {alignment.n_input_genes} input "
+            "genes, "
             f"below min_gene_overlap={self.min_gene_overlap}. Input genes e.g. "
             f"{alignment.unmatched_input_examples[:5]}, vocabulary e.g. {_examples(self.gene_names, 5)}. "
             "To fix: " + "; ".join(hints) + "."
@@ -509,7 +527,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 if layers is None or layer not in layers:
                     available = [] if layers is None else list(layers.keys())
                     raise ValueError(
-                        f"Unknown layer {layer!r}; available layers: {available}. Pass layer=None to use adata.X."
+                        f"Unknown layer {layer!r}; available layers: {available}. Pass layer=None to use "
+                        "adata.X."
                     )
                 matrix = layers[layer]
             var_names = [str(g) for g in cells.var_names]
@@ -552,8 +571,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 matrix = np.asarray(cells)
             except (TypeError, ValueError) as err:
                 raise ValueError(
-                    f"Cannot read cells of type {type(cells).__name__}; pass an AnnData, scipy sparse matrix, "
-                    "numpy array, pandas DataFrame or a 1-d count vector."
+                    f"Cannot read cells of type {type(cells).__name__}; pass an AnnData, scipy sparse "
+                    "matrix, numpy array, pandas DataFrame or a 1-d count vector."
                 ) from err
             if matrix.dtype == object:
                 raise ValueError(
@@ -575,12 +594,12 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 matrix = matrix.tocsr()
             is_sparse = True
         elif _is_backed_dataset(matrix):
-            is_sparse = not hasattr(matrix, "dtype") or getattr(matrix, "format", None) in ("csr", "csc")
-            if getattr(matrix, "format", None) == "csc":
-                raise ValueError(
-                    "Backed CSC matrices cannot be read row by row efficiently; load them with "
-                    "adata.to_memory() or store X as CSR."
-                )
+            backed_format = getattr(matrix, "format", None)
+            is_sparse = backed_format in ("csr", "csc")
+            if backed_format == "csc" and hasattr(matrix, "to_memory"):
+                # Row slices of a backed CSC matrix touch every column: load it (still sparse) once instead.
+                logger.info("Backed CSC matrix: loading it into memory as CSR to read cells by rows.")
+                matrix = matrix.to_memory().tocsr()
         else:
             matrix = np.asarray(matrix)
             is_sparse = False
@@ -591,7 +610,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         if names is not None and len(names) != n_genes:
             raise ValueError(
                 f"gene_names has {len(names)} entries but the count matrix has {n_genes} columns; "
-                "pass one name per column (genes are columns, cells are rows; transpose a genes x cells matrix)."
+                "pass one name per column (genes are columns, cells are rows: transpose a genes x "
+                "cells matrix)."
             )
         if ids is not None and len(ids) != n_genes:
             raise ValueError(
@@ -616,9 +636,10 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
 
         Parameters
         ----------
-        cells : AnnData, anndata.Raw, scipy.sparse matrix, numpy.ndarray, pandas.DataFrame, pandas.Series, torch.Tensor or list
+        cells : AnnData, scipy.sparse matrix, numpy.ndarray, pandas.DataFrame, torch.Tensor or list
             Raw counts of shape ``(n_cells, n_input_genes)`` (cells are rows), or one cell of shape
-            ``(n_input_genes,)``. AnnData may be a view or backed (``read_h5ad(..., backed="r")``): rows are
+            ``(n_input_genes,)``; also ``adata.raw`` and a ``pandas.Series`` (one cell, index = genes).
+            AnnData may be a view or backed (``read_h5ad(..., backed="r")``): rows are
             read in chunks. Gene names come from ``var_names`` (AnnData), ``columns`` (DataFrame) or
             ``index`` (Series); Ensembl ids from a ``var`` column such as ``gene_ids`` or from Ensembl-like
             ``var_names``.
@@ -642,8 +663,9 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         -------
         BatchFeature or tuple of (BatchFeature, GeneAlignment)
             ``cell_values`` of shape ``(n_cells, vocab_size)``, float32 raw counts in vocabulary order, with
-            missing vocabulary genes set to 0 and duplicated input genes summed. With ``return_alignment=True``
-            the alignment report (``fraction_counts_kept`` filled in) is returned as a second element.
+            missing vocabulary genes set to 0 and duplicated input genes summed. With
+            ``return_alignment=True`` the alignment report (``fraction_counts_kept`` filled in) is returned
+            as a second element.
 
         Raises
         ------
@@ -662,7 +684,8 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         if alignment is not None:
             if alignment.n_input_genes != parsed.n_genes or alignment.n_vocab != self.vocab_size:
                 raise ValueError(
-                    f"The given alignment was computed for {alignment.n_input_genes} input genes and a vocabulary "
+                    f"The given alignment was computed for {alignment.n_input_genes} input genes and a "
+                    "vocabulary "
                     f"of {alignment.n_vocab}, but the input has {parsed.n_genes} genes and the vocabulary "
                     f"{self.vocab_size}; recompute it with align_genes(<this input's gene names>)."
                 )
@@ -670,8 +693,10 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         elif parsed.gene_names is None and parsed.gene_ids is None:
             if parsed.n_genes != self.vocab_size:
                 raise ValueError(
-                    f"The input has {parsed.n_genes} unnamed gene columns but the vocabulary has {self.vocab_size} "
-                    "genes; pass gene_names=<one gene symbol per column> (or an AnnData / DataFrame with gene "
+                    f"The input has {parsed.n_genes} unnamed gene columns but the vocabulary has "
+                    f"{self.vocab_size} "
+                    "genes; pass gene_names=<one gene symbol per column> (or an AnnData / DataFrame with "
+                    "gene "
                     "names) so the columns can be aligned."
                 )
             logger.info("Input columns are unnamed and match the vocabulary size: assuming vocabulary order.")
@@ -696,12 +721,14 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
             raise ValueError(
                 f"{zero_rows.size} of {parsed.n_cells} cells have no counts in the vocabulary genes after "
                 f"alignment, e.g. cells {_row_labels(parsed.obs_names, zero_rows)}. Remove them first (e.g. "
-                "sc.pp.filter_cells(adata, min_counts=1) on the vocabulary genes) or check the gene alignment "
+                "sc.pp.filter_cells(adata, min_counts=1) on the vocabulary genes) or check the gene "
+                "alignment "
                 f"({alignment.n_matched}/{alignment.n_vocab} vocabulary genes matched)."
             )
         if alignment.n_duplicate_genes:
             logger.warning(
-                f"{alignment.n_duplicate_genes} vocabulary genes matched several input columns; their counts were "
+                f"{alignment.n_duplicate_genes} vocabulary genes matched several input columns; their counts "
+                "were "
                 f"summed (e.g. {alignment.duplicate_examples[:5]})."
             )
         logger.info(alignment.summary())
@@ -713,7 +740,7 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
 
     # ------------------------------------------------------------------ extraction
     def _extract(self, parsed: _Input, alignment: GeneAlignment) -> tuple[np.ndarray, float, float]:
-        """Validate and scatter the input into a dense ``(n_cells, vocab_size)`` float32 array, chunk by chunk."""
+        """Validate the input and scatter it into a dense ``(n_cells, vocab_size)`` float32 array by rows."""
         out = np.zeros((parsed.n_cells, self.vocab_size), dtype=np.float32)
         in_idx, voc_idx = alignment.input_index, alignment.vocab_index
         # First input column per vocabulary gene is assigned; later duplicates are added.
@@ -724,7 +751,10 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
         if parsed.is_sparse:
             sparse = sys.modules.get("scipy.sparse")
             if sparse is None:  # backed sparse dataset: anndata depends on scipy
-                import scipy.sparse as sparse
+                try:  # a try block keeps transformers' check_imports from requiring scipy
+                    import scipy.sparse as sparse
+                except ImportError as err:  # pragma: no cover - anndata always brings scipy
+                    raise ImportError("Sparse input needs scipy: pip install scipy") from err
             mapping = sparse.csr_matrix(
                 (np.ones(in_idx.size, dtype=np.float32), (in_idx, voc_idx)),
                 shape=(parsed.n_genes, self.vocab_size),
@@ -742,7 +772,7 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                 data = np.asarray(chunk.data)
                 _validate_values(data, parsed.obs_names, start, indptr=chunk.indptr)
                 total_in += float(data.sum(dtype=np.float64))
-                block = (chunk.astype(np.float32) @ mapping).toarray()
+                block = (chunk.astype(np.float32, copy=False) @ mapping).toarray()
                 out[start:stop] = block
             else:
                 chunk = np.asarray(chunk)
@@ -772,14 +802,18 @@ def _is_sparse(obj) -> bool:
 
 
 def _is_backed_dataset(obj) -> bool:
-    """True for an h5py dataset or an anndata backed sparse dataset (sliced row-wise, loaded lazily)."""
+    """Tell whether ``obj`` is an h5py dataset or an anndata backed sparse dataset (read lazily by rows)."""
     module = type(obj).__module__ or ""
-    return (module.startswith("h5py") or module.startswith("anndata")) and hasattr(obj, "shape") and not isinstance(
-        obj, np.ndarray
+    return (
+        (module.startswith("h5py") or module.startswith("anndata"))
+        and hasattr(obj, "shape")
+        and not isinstance(obj, np.ndarray)
     )
 
 
-def _validate_values(values: np.ndarray, obs_names, row_offset: int, indptr: np.ndarray | None = None) -> None:
+def _validate_values(
+    values: np.ndarray, obs_names, row_offset: int, indptr: np.ndarray | None = None
+) -> None:
     """Raise ValueError unless ``values`` are finite, non-negative integers.
 
     Parameters
@@ -813,7 +847,8 @@ def _validate_values(values: np.ndarray, obs_names, row_offset: int, indptr: np.
         bad = values < 0
         if bad.any():
             raise ValueError(
-                f"Counts must be non-negative, found {int(bad.sum())} negative values (min {values.min()}) in cells "
+                f"Counts must be non-negative, found {int(bad.sum())} negative values (min {values.min()}) "
+                "in cells "
                 f"{_row_labels(obs_names, rows_of(bad))}; the data look scaled or centered: {raw_hint}."
             )
         return
@@ -826,7 +861,8 @@ def _validate_values(values: np.ndarray, obs_names, row_offset: int, indptr: np.
     bad = values < 0
     if bad.any():
         raise ValueError(
-            f"Counts must be non-negative, found {int(bad.sum())} negative values (min {values.min():.4g}) in cells "
+            f"Counts must be non-negative, found {int(bad.sum())} negative values (min {values.min():.4g}) "
+            "in cells "
             f"{_row_labels(obs_names, rows_of(bad))}; the data look scaled or centered (e.g. sc.pp.scale): "
             f"{raw_hint}."
         )
@@ -835,7 +871,8 @@ def _validate_values(values: np.ndarray, obs_names, row_offset: int, indptr: np.
         example = float(values[bad].flat[0])
         looks = "log-normalized" if float(values.max()) < 30 else "normalized (e.g. CPM / normalize_total)"
         raise ValueError(
-            f"Counts must be integers, found {int(bad.sum())} non-integer values (e.g. {example:.4g}) in cells "
+            f"Counts must be integers, found {int(bad.sum())} non-integer values (e.g. {example:.4g}) in "
+            "cells "
             f"{_row_labels(obs_names, rows_of(bad))}; the data look {looks}: {raw_hint}. If these are "
             "estimated counts (e.g. salmon/kallisto), round them first (np.rint)."
         )
