@@ -73,7 +73,7 @@ class InstructCellConfig(PreTrainedConfig):
     vae_library_hidden : int
         Hidden width of that head.
     vae_kl_weight : float
-        alpha: weight of KL(q(z|x) || p(z)) in the ELBO.
+        alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0, the value the original InstructCell trained with).
     vae_loss_weight : float
         Weight of the ELBO relative to the text cross-entropy.
     cell_start_token_index, cell_end_token_index, cell_token_index, signal_token_index : int
@@ -119,7 +119,7 @@ class InstructCellConfig(PreTrainedConfig):
     vae_use_layer_norm: bool = True
     vae_adaptive_library: bool = True
     vae_library_hidden: int = 128
-    vae_kl_weight: float = 1.0
+    vae_kl_weight: float = 3.0
     vae_loss_weight: float = 1.0
     cell_start_token_index: int = 32100
     cell_end_token_index: int = 32101

@@ -487,7 +487,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                 num_cells_per_condition=num_cells,
                 library_size=library_size,
                 generator=generator,
-            )
+            ).long()
         return InstructCellGenerateCellsOutput(
             sequences=sequences,
             has_signal=has_signal,

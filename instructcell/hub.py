@@ -1,0 +1,52 @@
+"""Write a model folder in the Hub layout: safetensors weights, processor files and remote code."""
+
+from pathlib import Path
+
+from modeling_instructcell import (
+    InstructCellConfig,
+    InstructCellFeatureExtractor,
+    InstructCellForConditionalGeneration,
+    InstructCellProcessor,
+)
+
+_MODEL_REFERENCE = "modeling_instructcell.InstructCellForConditionalGeneration"
+
+
+def register_remote_code() -> None:
+    """Mark the classes so that ``save_pretrained`` writes ``auto_map`` and copies their source files."""
+    InstructCellConfig.register_for_auto_class("AutoConfig")
+    InstructCellForConditionalGeneration.register_for_auto_class("AutoModel")
+    InstructCellFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+    InstructCellProcessor.register_for_auto_class("AutoProcessor")
+
+
+def save_for_hub(
+    model: InstructCellForConditionalGeneration, processor: InstructCellProcessor, directory: str | Path
+) -> Path:
+    """Save ``model`` and ``processor`` into one folder loadable with ``trust_remote_code=True``.
+
+    ``AutoConfig``, ``AutoModel``, ``AutoModelForSeq2SeqLM`` and ``AutoProcessor`` then load it in a
+    process that cannot import this package. Push the folder with
+    ``huggingface_hub.upload_folder`` or ``model.push_to_hub`` + ``processor.push_to_hub``.
+
+    Parameters
+    ----------
+    model : InstructCellForConditionalGeneration
+    processor : InstructCellProcessor
+    directory : str or Path
+        Created if missing.
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    register_remote_code()
+    directory = Path(directory)
+    # register_for_auto_class records one auto class per class; the seq2seq entry is added by hand.
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    auto_map["AutoModelForSeq2SeqLM"] = _MODEL_REFERENCE
+    model.config.auto_map = auto_map
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
