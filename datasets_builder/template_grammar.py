@@ -142,18 +142,19 @@ DSP_CORES: dict[str, list[str]] = {
 }
 CPCG_CORES: dict[str, list[str]] = {
     "high": [
-        "Generate a {cell_type} cell.", "Simulate the expression profile of a {cell_type}.",
-        "Create a synthetic single-cell transcriptome for a {cell_type}.", "Sample a pseudo-cell of type {cell_type}.",
-        "Produce a realistic count profile for a {cell_type}.", "Synthesize one {cell_type} expression vector.",
-        "Draw a single {cell_type} from your generative model.", "Give me an in-silico {cell_type} profile.",
-        "Output a simulated gene expression vector of a {cell_type}.", "Generate UMI counts for a {cell_type}.",
-        "Emit a plausible transcriptome of a {cell_type}.", "Construct a pseudo-cell labelled {cell_type}.",
+        "Generate a cell of type {cell_type}.", "Simulate the expression profile of one cell typed as {cell_type}.",
+        "Create a synthetic single-cell transcriptome of the {cell_type} type.", "Sample a pseudo-cell of type {cell_type}.",
+        "Produce a realistic count profile for the cell type {cell_type}.", "Synthesize one expression vector labelled {cell_type}.",
+        "Draw a single cell annotated as {cell_type} from your generative model.", "Give me an in-silico profile of type {cell_type}.",
+        "Output a simulated gene expression vector for {cell_type}.", "Generate UMI counts for a cell labelled {cell_type}.",
+        "Emit a plausible transcriptome belonging to {cell_type}.", "Construct a pseudo-cell with the identity {cell_type}.",
     ],
     "low": [
-        "Can you make me a {cell_type} cell?", "Please create a fake {cell_type} cell.", "Make up a {cell_type} for me.",
-        "Could you build a pretend {cell_type} cell?", "I need an example {cell_type} cell.", "Show me a made-up {cell_type}.",
-        "Can you invent the data of a {cell_type}?", "Produce an example of a {cell_type} cell, please.",
-        "Give me a sample {cell_type} cell.", "Create what a {cell_type} would look like.",
+        "Can you make me a cell of the {cell_type} kind?", "Please create a fake cell that is {cell_type}.",
+        "Make up one cell of type {cell_type} for me.", "Could you build a pretend cell of the type {cell_type}?",
+        "I need an example cell labelled {cell_type}.", "Show me a made-up cell from the {cell_type} group.",
+        "Can you invent the data of a cell that counts as {cell_type}?", "Produce an example cell of type {cell_type}, please.",
+        "Give me a sample cell belonging to {cell_type}.", "Create what a cell of type {cell_type} would look like.",
     ],
 }
 CORES = {"cta": CTA_CORES, "dsp": DSP_CORES, "cpcg": CPCG_CORES}
@@ -228,10 +229,10 @@ RESPONSE_ANSWERS: dict[str, list[str]] = {
     ],
     "cpcg": [
         "Here is a generated {cell_type} profile: {output}", "Done, this is the simulated cell: {output}",
-        "Below is a synthetic {cell_type}: {output}", "Here's the pseudo-cell you asked for: {output}",
-        "This {cell_type} was generated for you: {output}", "Your {cell_type} cell: {output}",
-        "Generated cell: {output}", "Here it is: {output}", "One {cell_type} coming up: {output}",
-        "This is a plausible {cell_type} from {species} {tissue}: {output}",
+        "Below is a synthetic cell of type {cell_type}: {output}", "Here's the pseudo-cell you asked for: {output}",
+        "This cell of type {cell_type} was generated for you: {output}", "Your cell ({cell_type}): {output}",
+        "Generated cell: {output}", "Here it is: {output}", "One cell labelled {cell_type} coming up: {output}",
+        "This is a plausible {cell_type} profile from {species} {tissue}: {output}",
     ],
 }
 RESPONSE_NOTES: dict[str, dict[str, list[str]]] = {
