@@ -232,7 +232,9 @@ class AnnDataReader:
 
     def __iter__(self) -> Iterator[CellRecord]:
         where = f"{self.source.name} ({self.source.path})"
-        bar = tqdm(total=self.n_obs, desc=f"reading {self.source.name}", unit="cell", disable=not self.progress)
+        bar = tqdm(
+            total=self.n_obs, desc=f"reading {self.source.name}", unit="cell", disable=not self.progress
+        )
         for start, chunk in self._chunks():
             check_raw_counts(chunk.data, f"X of {where} (rows {start}-{start + chunk.shape[0]})")
             aligned = chunk[:, self._columns].tocsr()

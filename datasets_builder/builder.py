@@ -30,27 +30,29 @@ from .gene_vocab import GENE_VOCAB_FILENAME, check_gene_vocab, read_gene_vocab, 
 from .splits import SPLITS, split_of
 from .templates import CELL_TOKEN, DEFAULT_BANK_DIR, SIGNAL_TOKEN, VARIANTS, Template, TemplateBank, render
 
-FEATURES = datasets.Features({
-    "task": datasets.Value("string"),
-    "variant": datasets.Value("string"),
-    "dataset": datasets.Value("string"),
-    "cell_id": datasets.Value("string"),
-    "split": datasets.Value("string"),
-    "template_id": datasets.Value("string"),
-    "instruction": datasets.Value("string"),
-    "response": datasets.Value("string"),
-    "label": datasets.Value("string"),
-    "choices": datasets.List(datasets.Value("string")),
-    "options_in_prompt": datasets.Value("bool"),
-    "species": datasets.Value("string"),
-    "tissue": datasets.Value("string"),
-    "sequencing_method": datasets.Value("string"),
-    "drug": datasets.Value("string"),
-    "input_gene_indices": datasets.List(datasets.Value("int32")),
-    "input_gene_counts": datasets.List(datasets.Value("float32")),
-    "target_gene_indices": datasets.List(datasets.Value("int32")),
-    "target_gene_counts": datasets.List(datasets.Value("float32")),
-})
+FEATURES = datasets.Features(
+    {
+        "task": datasets.Value("string"),
+        "variant": datasets.Value("string"),
+        "dataset": datasets.Value("string"),
+        "cell_id": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "template_id": datasets.Value("string"),
+        "instruction": datasets.Value("string"),
+        "response": datasets.Value("string"),
+        "label": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")),
+        "options_in_prompt": datasets.Value("bool"),
+        "species": datasets.Value("string"),
+        "tissue": datasets.Value("string"),
+        "sequencing_method": datasets.Value("string"),
+        "drug": datasets.Value("string"),
+        "input_gene_indices": datasets.List(datasets.Value("int32")),
+        "input_gene_counts": datasets.List(datasets.Value("float32")),
+        "target_gene_indices": datasets.List(datasets.Value("int32")),
+        "target_gene_counts": datasets.List(datasets.Value("float32")),
+    }
+)
 
 
 @dataclass
@@ -91,10 +93,14 @@ def _configs() -> list[InstructCellBuilderConfig]:
     configs = []
     for tasks, prefix in [*(((t,), t) for t in TASKS), (TASKS, "all")]:
         for variant in VARIANTS:
-            configs.append(InstructCellBuilderConfig(
-                name=f"{prefix}-{variant}", tasks=tasks, variant=variant,
-                description=f"InstructCell {variant} data for {', '.join(tasks)}.",
-            ))
+            configs.append(
+                InstructCellBuilderConfig(
+                    name=f"{prefix}-{variant}",
+                    tasks=tasks,
+                    variant=variant,
+                    description=f"InstructCell {variant} data for {', '.join(tasks)}.",
+                )
+            )
     return configs
 
 
@@ -106,12 +112,20 @@ def _fingerprint(paths: Sequence[str | os.PathLike]) -> str:
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         for file in files:
             stat = file.stat() if file.exists() else None
-            entries.append([str(file.resolve()), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1])
+            entries.append(
+                [str(file.resolve()), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1]
+            )
     return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def make_example(
-    source: AnnDataSource, variant: str, cell: CellRecord, split: str, template: Template, choices: Sequence[str], key: str
+    source: AnnDataSource,
+    variant: str,
+    cell: CellRecord,
+    split: str,
+    template: Template,
+    choices: Sequence[str],
+    key: str,
 ) -> dict:
     """One dataset row from a cell and its template.
 
@@ -123,22 +137,42 @@ def make_example(
     empty_indices, empty_counts = np.zeros(0, np.int32), np.zeros(0, np.float32)
     if source.task == "cpcg":
         metadata["cell_type"] = cell.label
-        output, inputs, target = SIGNAL_TOKEN, (empty_indices, empty_counts), (cell.gene_indices, cell.gene_counts)
+        output, inputs, target = (
+            SIGNAL_TOKEN,
+            (empty_indices, empty_counts),
+            (cell.gene_indices, cell.gene_counts),
+        )
     else:
-        output, inputs, target = cell.label, (cell.gene_indices, cell.gene_counts), (empty_indices, empty_counts)
+        output, inputs, target = (
+            cell.label,
+            (cell.gene_indices, cell.gene_counts),
+            (empty_indices, empty_counts),
+        )
     options: list[str] = []
     if template.has_choices:
         rng = np.random.default_rng(int(hashlib.sha1(f"{key}/choices".encode()).hexdigest(), 16) % 2**63)
         options = [choices[i] for i in rng.permutation(len(choices))]
     instruction, response = render(template, metadata, output, options)
     return {
-        "task": source.task, "variant": variant, "dataset": source.name, "cell_id": cell.obs_name, "split": split,
-        "template_id": template.id, "instruction": instruction, "response": response, "label": cell.label,
-        "choices": list(choices), "options_in_prompt": bool(options),
-        "species": metadata["species"], "tissue": metadata["tissue"],
-        "sequencing_method": metadata["sequencing_method"], "drug": metadata["drug"],
-        "input_gene_indices": inputs[0], "input_gene_counts": inputs[1],
-        "target_gene_indices": target[0], "target_gene_counts": target[1],
+        "task": source.task,
+        "variant": variant,
+        "dataset": source.name,
+        "cell_id": cell.obs_name,
+        "split": split,
+        "template_id": template.id,
+        "instruction": instruction,
+        "response": response,
+        "label": cell.label,
+        "choices": list(choices),
+        "options_in_prompt": bool(options),
+        "species": metadata["species"],
+        "tissue": metadata["tissue"],
+        "sequencing_method": metadata["sequencing_method"],
+        "drug": metadata["drug"],
+        "input_gene_indices": inputs[0],
+        "input_gene_counts": inputs[1],
+        "target_gene_indices": target[0],
+        "target_gene_counts": target[1],
     }
 
 
@@ -179,7 +213,9 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
     def _gene_vocab(self) -> list[str]:
         vocab = self.config.gene_vocab
         if not vocab:
-            raise ValueError("No gene vocabulary: pass gene_vocab='path/to/gene_vocab.txt' (or a list of symbols).")
+            raise ValueError(
+                "No gene vocabulary: pass gene_vocab='path/to/gene_vocab.txt' (or a list of symbols)."
+            )
         return read_gene_vocab(vocab) if isinstance(vocab, (str, os.PathLike)) else check_gene_vocab(vocab)
 
     def _sources(self) -> list[AnnDataSource]:

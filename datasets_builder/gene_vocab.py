@@ -27,7 +27,9 @@ def check_gene_vocab(genes: Sequence[str]) -> list[str]:
     """
     genes = [str(g) for g in genes]
     if not genes:
-        raise ValueError("The gene vocabulary is empty: build it with `build_gene_vocab` from at least one dataset.")
+        raise ValueError(
+            "The gene vocabulary is empty: build it with `build_gene_vocab` from at least one dataset."
+        )
     blank = [i for i, g in enumerate(genes) if not g.strip() or g != g.strip()]
     if blank:
         raise ValueError(

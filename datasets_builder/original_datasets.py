@@ -88,72 +88,151 @@ def geo_suppl(acc: str, file: str) -> str:
     return GEO_SUPPL.format(stub=acc[:-3], acc=acc, file=file)
 
 
-REGISTRY: dict[str, OriginalDataset] = {d.name: d for d in [
-    OriginalDataset(
-        "Segerstolpe-2016", "cta", "human", "pancreas", "Smart-seq2",
-        urls={"E-MTAB-5061.processed.1.zip": "https://www.ebi.ac.uk/biostudies/files/E-MTAB-5061/E-MTAB-5061.processed.1.zip",
-              "E-MTAB-5061.sdrf.txt": "https://www.ebi.ac.uk/biostudies/files/E-MTAB-5061/E-MTAB-5061.sdrf.txt"},
-        matrix="pancreas_refseq_rpkms_counts_3514sc.txt",
-        labels=("E-MTAB-5061.sdrf.txt", "Source Name", "Characteristics[cell type]"),
-        notes="UNVERIFIED layout: the text file holds RPKMs and counts side by side; check read_matrix's output.",
-    ),
-    OriginalDataset(
-        "Xin-2016", "cta", "human", "pancreas", "10x Genomics Chromium",
-        urls={"GSE114297_RAW.tar": GEO.format(acc="GSE114297")}, matrix="GSE114297_RAW.tar",
-        label_column="cell_type", notes="Per-sample 10x files; labels from the authors' metadata.",
-    ),
-    OriginalDataset(
-        "He-2020-Liver", "cta", "human", "liver", "HiSeq X Ten System",
-        urls={"GSE159929_RAW.tar": GEO.format(acc="GSE159929"),
-              "Annotation_AHCA_alltissues_meta.data_84363_cell.txt": "https://raw.githubusercontent.com/bei-lab/scRNA-AHCA/"
-              "master/Cell_barcode_and_corresponding_cell_types_of_AHCA/Annotation_AHCA_alltissues_meta.data_84363_cell.txt"},
-        matrix="*Liver_Counts.csv.gz",
-        labels=("Annotation_AHCA_alltissues_meta.data_84363_cell.txt", "Cell_barcode", "Cell_type_in_each_tissue"),
-    ),
-    OriginalDataset(
-        "PBMC68K", "cpcg", "human", "peripheral blood", "10x Genomics GemCode",
-        urls={"fresh_68k_pbmc_donor_a_filtered_gene_bc_matrices.tar.gz": "https://cf.10xgenomics.com/samples/cell-exp/"
-              "1.1.0/fresh_68k_pbmc_donor_a/fresh_68k_pbmc_donor_a_filtered_gene_bc_matrices.tar.gz",
-              "68k_pbmc_barcodes_annotation.tsv": "https://raw.githubusercontent.com/10XGenomics/single-cell-3prime-paper/"
-              "master/pbmc68k_analysis/68k_pbmc_barcodes_annotation.tsv"},
-        matrix="filtered_matrices_mex/hg19", labels=("68k_pbmc_barcodes_annotation.tsv", "barcodes", "celltype"),
-        notes="The paper's copy is on Figshare (https://figshare.com/s/49b29cb24b27ec8b6d72); this is its 10x origin.",
-    ),
-    OriginalDataset(
-        "GSE117872", "dsp", "human", "oral squamous cell carcinoma cell line", "Fluidigm C1", drug="Cisplatin",
-        urls={"GSE117872_good_Data_TPM.txt.gz": geo_suppl("GSE117872", "GSE117872_good_Data_TPM.txt.gz"),
-              "GSE117872_good_Data_cellinfo.txt.gz": geo_suppl("GSE117872", "GSE117872_good_Data_cellinfo.txt.gz")},
-        matrix="GSE117872_good_Data_TPM.txt.gz", labels=("GSE117872_good_Data_cellinfo.txt.gz", "geo_accession", "cell_color"),
-        notes="GEO has TPMs only; raw counts must be requested from the authors or taken from scDEAL's copy.",
-    ),
-    OriginalDataset(
-        "GSE149383", "dsp", "human", "lung adenocarcinoma cell line PC9", "Drop-seq", drug="Erlotinib",
-        urls={"erl_total_data_2K.csv": "https://raw.githubusercontent.com/OSU-BMBL/scDEAL/master/data/GSE149383/erl_total_data_2K.csv",
-              "erl_total_2K_meta.csv": "https://raw.githubusercontent.com/OSU-BMBL/scDEAL/master/data/GSE149383/erl_total_2K_meta.csv"},
-        matrix="erl_total_data_2K.csv", labels=("erl_total_2K_meta.csv", "", "response"),
-    ),
-    OriginalDataset(
-        "Ma-2020", "cta", "mouse", "skin", "SHARE-seq",
-        urls={"GSE140203_RAW.tar": GEO.format(acc="GSE140203")}, matrix="GSE140203_RAW.tar", label_column="celltype",
-    ),
-    OriginalDataset(
-        "Bastidas-Ponce-2019", "cta", "mouse", "pancreas", "10x Genomics Chromium",
-        urls={"endocrinogenesis_day15.h5ad": "https://github.com/theislab/scvelo_notebooks/raw/master/data/Pancreas/"
-              "endocrinogenesis_day15.h5ad"},
-        matrix="endocrinogenesis_day15.h5ad", label_column="clusters",
-        notes="scVelo's copy of GSE132188 (E15.5); X holds spliced counts.",
-    ),
-    OriginalDataset(
-        "GSE110894", "dsp", "mouse", "bone marrow (MLL-AF9 leukaemia cells)", "CEL-seq2", drug="I-BET-762",
-        urls={"GSE110894_GeneExpressions.txt.gz": geo_suppl("GSE110894", "GSE110894_GeneExpressions.txt.gz"),
-              "GSE110894_CellInfo.xlsx": geo_suppl("GSE110894", "GSE110894_CellInfo.xlsx")},
-        matrix="GSE110894_GeneExpressions.txt.gz", labels=("GSE110894_CellInfo.xlsx", "Sample name", "Drug response"),
-    ),
-    OriginalDataset(
-        "Mouse-Atlas", "cpcg", "mouse", "multiple organs", "Microwell-seq",
-        urls={"GSM4505404.tar": GEO.format(acc="GSM4505404")}, matrix="GSM4505404.tar", label_column="cell_type",
-    ),
-]}
+REGISTRY: dict[str, OriginalDataset] = {
+    d.name: d
+    for d in [
+        OriginalDataset(
+            "Segerstolpe-2016",
+            "cta",
+            "human",
+            "pancreas",
+            "Smart-seq2",
+            urls={
+                "E-MTAB-5061.processed.1.zip": "https://www.ebi.ac.uk/biostudies/files/E-MTAB-5061/E-MTAB-5061.processed.1.zip",
+                "E-MTAB-5061.sdrf.txt": "https://www.ebi.ac.uk/biostudies/files/E-MTAB-5061/E-MTAB-5061.sdrf.txt",
+            },
+            matrix="pancreas_refseq_rpkms_counts_3514sc.txt",
+            labels=("E-MTAB-5061.sdrf.txt", "Source Name", "Characteristics[cell type]"),
+            notes="UNVERIFIED layout: the text file holds RPKMs and counts side by side; check read_matrix's output.",
+        ),
+        OriginalDataset(
+            "Xin-2016",
+            "cta",
+            "human",
+            "pancreas",
+            "10x Genomics Chromium",
+            urls={"GSE114297_RAW.tar": GEO.format(acc="GSE114297")},
+            matrix="GSE114297_RAW.tar",
+            label_column="cell_type",
+            notes="Per-sample 10x files; labels from the authors' metadata.",
+        ),
+        OriginalDataset(
+            "He-2020-Liver",
+            "cta",
+            "human",
+            "liver",
+            "HiSeq X Ten System",
+            urls={
+                "GSE159929_RAW.tar": GEO.format(acc="GSE159929"),
+                "Annotation_AHCA_alltissues_meta.data_84363_cell.txt": "https://raw.githubusercontent.com/bei-lab/scRNA-AHCA/"
+                "master/Cell_barcode_and_corresponding_cell_types_of_AHCA/Annotation_AHCA_alltissues_meta.data_84363_cell.txt",
+            },
+            matrix="*Liver_Counts.csv.gz",
+            labels=(
+                "Annotation_AHCA_alltissues_meta.data_84363_cell.txt",
+                "Cell_barcode",
+                "Cell_type_in_each_tissue",
+            ),
+        ),
+        OriginalDataset(
+            "PBMC68K",
+            "cpcg",
+            "human",
+            "peripheral blood",
+            "10x Genomics GemCode",
+            urls={
+                "fresh_68k_pbmc_donor_a_filtered_gene_bc_matrices.tar.gz": "https://cf.10xgenomics.com/samples/cell-exp/"
+                "1.1.0/fresh_68k_pbmc_donor_a/fresh_68k_pbmc_donor_a_filtered_gene_bc_matrices.tar.gz",
+                "68k_pbmc_barcodes_annotation.tsv": "https://raw.githubusercontent.com/10XGenomics/single-cell-3prime-paper/"
+                "master/pbmc68k_analysis/68k_pbmc_barcodes_annotation.tsv",
+            },
+            matrix="filtered_matrices_mex/hg19",
+            labels=("68k_pbmc_barcodes_annotation.tsv", "barcodes", "celltype"),
+            notes="The paper's copy is on Figshare (https://figshare.com/s/49b29cb24b27ec8b6d72); this is its 10x origin.",
+        ),
+        OriginalDataset(
+            "GSE117872",
+            "dsp",
+            "human",
+            "oral squamous cell carcinoma cell line",
+            "Fluidigm C1",
+            drug="Cisplatin",
+            urls={
+                "GSE117872_good_Data_TPM.txt.gz": geo_suppl("GSE117872", "GSE117872_good_Data_TPM.txt.gz"),
+                "GSE117872_good_Data_cellinfo.txt.gz": geo_suppl(
+                    "GSE117872", "GSE117872_good_Data_cellinfo.txt.gz"
+                ),
+            },
+            matrix="GSE117872_good_Data_TPM.txt.gz",
+            labels=("GSE117872_good_Data_cellinfo.txt.gz", "geo_accession", "cell_color"),
+            notes="GEO has TPMs only; raw counts must be requested from the authors or taken from scDEAL's copy.",
+        ),
+        OriginalDataset(
+            "GSE149383",
+            "dsp",
+            "human",
+            "lung adenocarcinoma cell line PC9",
+            "Drop-seq",
+            drug="Erlotinib",
+            urls={
+                "erl_total_data_2K.csv": "https://raw.githubusercontent.com/OSU-BMBL/scDEAL/master/data/GSE149383/erl_total_data_2K.csv",
+                "erl_total_2K_meta.csv": "https://raw.githubusercontent.com/OSU-BMBL/scDEAL/master/data/GSE149383/erl_total_2K_meta.csv",
+            },
+            matrix="erl_total_data_2K.csv",
+            labels=("erl_total_2K_meta.csv", "", "response"),
+        ),
+        OriginalDataset(
+            "Ma-2020",
+            "cta",
+            "mouse",
+            "skin",
+            "SHARE-seq",
+            urls={"GSE140203_RAW.tar": GEO.format(acc="GSE140203")},
+            matrix="GSE140203_RAW.tar",
+            label_column="celltype",
+        ),
+        OriginalDataset(
+            "Bastidas-Ponce-2019",
+            "cta",
+            "mouse",
+            "pancreas",
+            "10x Genomics Chromium",
+            urls={
+                "endocrinogenesis_day15.h5ad": "https://github.com/theislab/scvelo_notebooks/raw/master/data/Pancreas/"
+                "endocrinogenesis_day15.h5ad"
+            },
+            matrix="endocrinogenesis_day15.h5ad",
+            label_column="clusters",
+            notes="scVelo's copy of GSE132188 (E15.5); X holds spliced counts.",
+        ),
+        OriginalDataset(
+            "GSE110894",
+            "dsp",
+            "mouse",
+            "bone marrow (MLL-AF9 leukaemia cells)",
+            "CEL-seq2",
+            drug="I-BET-762",
+            urls={
+                "GSE110894_GeneExpressions.txt.gz": geo_suppl(
+                    "GSE110894", "GSE110894_GeneExpressions.txt.gz"
+                ),
+                "GSE110894_CellInfo.xlsx": geo_suppl("GSE110894", "GSE110894_CellInfo.xlsx"),
+            },
+            matrix="GSE110894_GeneExpressions.txt.gz",
+            labels=("GSE110894_CellInfo.xlsx", "Sample name", "Drug response"),
+        ),
+        OriginalDataset(
+            "Mouse-Atlas",
+            "cpcg",
+            "mouse",
+            "multiple organs",
+            "Microwell-seq",
+            urls={"GSM4505404.tar": GEO.format(acc="GSM4505404")},
+            matrix="GSM4505404.tar",
+            label_column="cell_type",
+        ),
+    ]
+}
 
 
 def download(url: str, path: Path) -> Path:
@@ -186,7 +265,7 @@ def extract(path: Path) -> Path:
 
 
 def find_file(folder: Path, name: str) -> Path:
-    """The file or folder called ``name`` (a glob pattern is allowed) under ``folder``, searched recursively."""
+    """Find the file or folder ``name`` (a glob pattern is allowed) under ``folder``, recursively."""
     direct = folder / name
     if direct.exists():
         return direct
@@ -206,7 +285,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def read_matrix(path: Path, genes_in_rows: bool) -> anndata.AnnData:
-    """Counts from an ``.h5ad``, a 10x ``.mtx`` folder, or a delimited matrix (first column = row names)."""
+    """Read counts from an ``.h5ad``, a 10x ``.mtx`` folder or a delimited matrix (first column = names)."""
     if path.suffix == ".h5ad":
         return anndata.read_h5ad(path)
     if path.is_dir():
@@ -219,7 +298,9 @@ def read_matrix(path: Path, genes_in_rows: bool) -> anndata.AnnData:
     return adata
 
 
-def attach_labels(adata: anndata.AnnData, spec: OriginalDataset, table: pd.DataFrame | None) -> anndata.AnnData:
+def attach_labels(
+    adata: anndata.AnnData, spec: OriginalDataset, table: pd.DataFrame | None
+) -> anndata.AnnData:
     """Put the label in ``obs[spec.label_key]`` and the metadata columns; drop cells without a label."""
     if table is not None:
         _, barcode_column, label_column = spec.labels
@@ -228,7 +309,9 @@ def attach_labels(adata: anndata.AnnData, spec: OriginalDataset, table: pd.DataF
         labels = labels[~labels.index.duplicated()]
     else:
         if spec.label_column not in adata.obs:
-            raise ValueError(f"{spec.name}: no obs column {spec.label_column!r}; update REGISTRY[{spec.name!r}].")
+            raise ValueError(
+                f"{spec.name}: no obs column {spec.label_column!r}; update REGISTRY[{spec.name!r}]."
+            )
         labels = adata.obs[spec.label_column]
     adata = adata.copy()
     adata.obs[spec.label_key] = labels.reindex(adata.obs_names.astype(str)).to_numpy()
@@ -252,7 +335,9 @@ def prepare(name: str, root: str | os.PathLike, orthologs: dict[str, str] | None
     adata = read_matrix(find_file(raw, spec.matrix), spec.genes_in_rows)
     table = read_table(find_file(raw, spec.labels[0])) if spec.labels else None
     adata = attach_labels(adata, spec, table)
-    adata = preprocess_dataset(adata, spec.species, spec.label_key, drop_rare_labels=spec.task != "dsp", orthologs=orthologs)
+    adata = preprocess_dataset(
+        adata, spec.species, spec.label_key, drop_rare_labels=spec.task != "dsp", orthologs=orthologs
+    )
     out = root / f"{name}.h5ad"
     adata.write_h5ad(out, compression="gzip")
     return out
@@ -266,7 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--orthologs", default=MGI_ORTHOLOGS_URL, help="MGI/BioMart table, file or URL.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    orthologs = load_ortholog_table(args.orthologs) if any(REGISTRY[n].species == "mouse" for n in args.names) else None
+    orthologs = (
+        load_ortholog_table(args.orthologs)
+        if any(REGISTRY[n].species == "mouse" for n in args.names)
+        else None
+    )
     for name in args.names:
         logger.info("%s -> %s", name, prepare(name, args.root, orthologs))
 

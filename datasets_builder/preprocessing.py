@@ -94,7 +94,11 @@ def quality_control(
     keep = ~(counts_outlier | mito_outlier)
     logger.info(
         "QC kept %d/%d cells (%d count outliers, %d mito outliers), %d genes",
-        keep.sum(), keep.size, counts_outlier.sum(), mito_outlier.sum(), adata.n_vars,
+        keep.sum(),
+        keep.size,
+        counts_outlier.sum(),
+        mito_outlier.sum(),
+        adata.n_vars,
     )
     adata = adata[keep].copy()
     adata.var = adata.var.drop(columns=["mt"])
@@ -119,7 +123,9 @@ def filter_rare_labels(adata: anndata.AnnData, label_key: str, min_cells: int = 
         A copy without the rare labels (unused categories removed).
     """
     if label_key not in adata.obs.columns:
-        raise ValueError(f"No obs column {label_key!r} (columns: {list(adata.obs.columns)}): pass the label column.")
+        raise ValueError(
+            f"No obs column {label_key!r} (columns: {list(adata.obs.columns)}): pass the label column."
+        )
     counts = adata.obs[label_key].astype(str).value_counts()
     rare = counts.index[counts < min_cells]
     if len(rare):
@@ -210,7 +216,9 @@ def load_ortholog_table(path_or_url: str | os.PathLike = MGI_ORTHOLOGS_URL) -> d
     for m, h in zip(mouse_col.astype(str), human_col.astype(str), strict=True):
         mapping.setdefault(m, h)
     if not mapping:
-        raise ValueError(f"The ortholog table {text_source} maps no mouse gene: check that it is mouse -> human.")
+        raise ValueError(
+            f"The ortholog table {text_source} maps no mouse gene: check that it is mouse -> human."
+        )
     return mapping
 
 
@@ -250,13 +258,15 @@ def map_mouse_genes(
         logger.warning(
             "No ortholog table: matched %d/%d mouse genes to human symbols case-insensitively. Pass an MGI or "
             "BioMart table (load_ortholog_table) for real orthology.",
-            sum(g.upper() in upper for g in names), len(names),
+            sum(g.upper() in upper for g in names),
+            len(names),
         )
     else:
         new = [g.upper() for g in names]
         logger.warning(
             "No ortholog table and no human symbols: upper-cased all %d mouse symbols. Pass an MGI or BioMart "
-            "table (load_ortholog_table) for real orthology.", len(names),
+            "table (load_ortholog_table) for real orthology.",
+            len(names),
         )
     new_index = pd.Index(new)
     if not new_index.has_duplicates:
@@ -266,12 +276,15 @@ def map_mouse_genes(
         return mapped
     codes, uniques = pd.factorize(new_index)
     aggregation = sp.csr_matrix(
-        (np.ones(len(codes), dtype=adata.X.dtype), (np.arange(len(codes)), codes)), shape=(len(codes), len(uniques))
+        (np.ones(len(codes), dtype=adata.X.dtype), (np.arange(len(codes)), codes)),
+        shape=(len(codes), len(uniques)),
     )
     X = sp.csr_matrix(adata.X) @ aggregation
     first = pd.Series(names.to_numpy()).groupby(codes).first().to_numpy()
     logger.info("%d mouse genes merged into %d human symbols", len(codes), len(uniques))
-    return anndata.AnnData(X=sp.csr_matrix(X), obs=adata.obs.copy(), var=pd.DataFrame({"mouse_symbol": first}, index=uniques))
+    return anndata.AnnData(
+        X=sp.csr_matrix(X), obs=adata.obs.copy(), var=pd.DataFrame({"mouse_symbol": first}, index=uniques)
+    )
 
 
 def preprocess_dataset(

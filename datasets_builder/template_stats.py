@@ -20,8 +20,12 @@ def unigram_ratio(texts: Iterable[str]) -> float:
 def _length_summary(texts: list[str]) -> dict[str, float]:
     lengths = np.array([n_words(t) for t in texts])
     return {
-        "min": int(lengths.min()), "p25": float(np.percentile(lengths, 25)), "median": float(np.median(lengths)),
-        "p75": float(np.percentile(lengths, 75)), "max": int(lengths.max()), "mean": float(lengths.mean()),
+        "min": int(lengths.min()),
+        "p25": float(np.percentile(lengths, 25)),
+        "median": float(np.median(lengths)),
+        "p75": float(np.percentile(lengths, 75)),
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
     }
 
 
@@ -44,7 +48,9 @@ def bank_statistics(records: list[dict]) -> dict[str, dict]:
             "count": {variant: len(task_records) for variant in VARIANTS},
             "splits": dict(Counter(template_split_of(r["id"]) for r in task_records)),
             "with_choices": sum("choices" in placeholders(t) for t in instructions),
-            "trait_counts": dict(sorted(Counter(len(r.get("traits", {})) for r in task_records).items(), reverse=True)),
+            "trait_counts": dict(
+                sorted(Counter(len(r.get("traits", {})) for r in task_records).items(), reverse=True)
+            ),
             "rewritten": sum(r.get("rewrites", 0) > 0 for r in task_records),
             "instruction_words": _length_summary(instructions),
             "response_words": _length_summary(responses),
@@ -78,12 +84,20 @@ def statistics_markdown(stats: dict[str, dict], generator_name: str = "GrammarGe
             f"{s['rewritten']} | {traits} | {s['mean_pairwise_rouge_l']:.3f} | {s['max_pairwise_rouge_l']:.3f} | "
             f"{s['unigram_ratio']:.4f} | {s['response_unigram_ratio']:.4f} |"
         )
-    lines += ["", "Length in words (min / p25 / median / p75 / max, mean):", "", "| task | instruction | chat response |", "|---|---|---|"]
+    lines += [
+        "",
+        "Length in words (min / p25 / median / p75 / max, mean):",
+        "",
+        "| task | instruction | chat response |",
+        "|---|---|---|",
+    ]
     for task, s in stats.items():
         cells = []
         for key in ("instruction_words", "response_words"):
             w = s[key]
-            cells.append(f"{w['min']} / {w['p25']:g} / {w['median']:g} / {w['p75']:g} / {w['max']} ({w['mean']:.1f})")
+            cells.append(
+                f"{w['min']} / {w['p25']:g} / {w['median']:g} / {w['p75']:g} / {w['max']} ({w['mean']:.1f})"
+            )
         lines.append(f"| {task} | {cells[0]} | {cells[1]} |")
     lines += [
         "",

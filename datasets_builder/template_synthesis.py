@@ -1,4 +1,4 @@
-"""Template synthesis pipeline (paper's method) with an offline or an OpenAI-compatible generator.
+r"""Template synthesis pipeline (paper's method) with an offline or an OpenAI-compatible generator.
 
 For each task, repeatedly:
 
@@ -60,14 +60,18 @@ TASK_DESCRIPTIONS: dict[str, str] = {
 class TemplateGenerator(Protocol):
     """What the pipeline needs from a generator; methods return ``None`` when generation failed."""
 
-    def instruction(self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator) -> str | None:
-        """A new instruction template."""
+    def instruction(
+        self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator
+    ) -> str | None:
+        """Return a new instruction template."""
 
     def rewrite(self, text: str, task: str, questioner: Questioner, rng: np.random.Generator) -> str | None:
-        """A rewrite of ``text`` with the same meaning and placeholders but a different expression."""
+        """Rewrite ``text``: same meaning and placeholders, different expression."""
 
-    def response(self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator) -> str | None:
-        """A chat response template for ``instruction``."""
+    def response(
+        self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator
+    ) -> str | None:
+        """Return a chat response template for ``instruction``."""
 
 
 class ChatEndpointGenerator:
@@ -88,7 +92,12 @@ class ChatEndpointGenerator:
     """
 
     def __init__(
-        self, base_url: str, model: str, api_key: str = "", temperature: float = 0.8, top_p: float = 0.95,
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        temperature: float = 0.8,
+        top_p: float = 0.95,
         timeout: float = 60.0,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -100,8 +109,11 @@ class ChatEndpointGenerator:
 
     def _complete(self, prompt: str, seed: int) -> str:
         body = {
-            "model": self.model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature, "top_p": self.top_p, "seed": seed,
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": seed,
         }
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -124,7 +136,9 @@ class ChatEndpointGenerator:
         found = re.search(r"<result>(.*?)</result>", text, flags=re.S)
         return " ".join(found.group(1).split()) if found else None
 
-    def instruction(self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator) -> str | None:
+    def instruction(
+        self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator
+    ) -> str | None:
         """Ask for the questioner's utterance, listing the placeholders it must contain."""
         required = sorted(REQUIRED_INSTRUCTION_PLACEHOLDERS[task] | ({"choices"} if with_choices else set()))
         optional = sorted(OPTIONAL_INSTRUCTION_PLACEHOLDERS[task] - {"choices"})
@@ -152,7 +166,9 @@ class ChatEndpointGenerator:
         )
         return self._ask(prompt, rng)
 
-    def response(self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator) -> str | None:
+    def response(
+        self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator
+    ) -> str | None:
         """Ask for the assistant's reply to ``instruction``, with ``{output}`` standing for the answer."""
         where = "at the very end of your reply" if task == "cpcg" else "once in your reply"
         prompt = (
@@ -235,15 +251,23 @@ def synthesize_task(
             rejected["response"] += 1
             continue
         index.add(text)
-        records.append({
-            "id": f"{task}-{len(records):05d}", "task": task, "instruction": text, "response": response,
-            "traits": {k: v for k, v in vars(questioner).items() if v is not None}, "rewrites": rewrites,
-        })
+        records.append(
+            {
+                "id": f"{task}-{len(records):05d}",
+                "task": task,
+                "instruction": text,
+                "response": response,
+                "traits": {k: v for k, v in vars(questioner).items() if v is not None},
+                "rewrites": rewrites,
+            }
+        )
         bar.update(1)
     bar.close()
     logger.info("%s: kept %d templates, rejected %s", task, len(records), rejected)
     if len(records) < n_templates:
-        logger.warning("%s: only %d of %d templates after %d attempts", task, len(records), n_templates, max_attempts)
+        logger.warning(
+            "%s: only %d of %d templates after %d attempts", task, len(records), n_templates, max_attempts
+        )
     return records
 
 
@@ -270,7 +294,7 @@ def write_bank(records: list[dict], output_dir: str | os.PathLike) -> None:
 
 
 def iter_records(bank_dir: str | os.PathLike = DEFAULT_BANK_DIR) -> Iterator[dict]:
-    """Records of every ``.jsonl`` file of a bank folder."""
+    """Yield the records of every ``.jsonl`` file of a bank folder."""
     for file in sorted(Path(bank_dir).glob("*.jsonl")):
         with open(file, encoding="utf-8") as f:
             yield from (json.loads(line) for line in f if line.strip())
@@ -284,13 +308,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["cta", "dsp", "cpcg"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stats", default="", help="Also write statistics as markdown to this file.")
-    parser.add_argument("--base-url", default="", help="OpenAI-compatible endpoint; offline grammar when empty.")
+    parser.add_argument(
+        "--base-url", default="", help="OpenAI-compatible endpoint; offline grammar when empty."
+    )
     parser.add_argument("--model", default="gpt-4o")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.base_url:
-        generator: TemplateGenerator = ChatEndpointGenerator(args.base_url, args.model, os.environ.get(args.api_key_env, ""))
+        generator: TemplateGenerator = ChatEndpointGenerator(
+            args.base_url, args.model, os.environ.get(args.api_key_env, "")
+        )
     else:
         generator = GrammarGenerator()
     records = [r for task in args.tasks for r in synthesize_task(task, args.n_per_task, generator, args.seed)]
@@ -299,7 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         from .template_stats import bank_statistics, statistics_markdown
 
         stats = bank_statistics(records)
-        Path(args.stats).write_text(statistics_markdown(stats, generator_name=type(generator).__name__), encoding="utf-8")
+        Path(args.stats).write_text(
+            statistics_markdown(stats, generator_name=type(generator).__name__), encoding="utf-8"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ RESPONSE_METADATA_PLACEHOLDERS: dict[str, frozenset[str]] = {
 
 
 def placeholders(text: str) -> list[str]:
-    """Placeholder names of a template, in order (``"{a} {b}"`` -> ``["a", "b"]``).
+    """Return the placeholder names of a template, in order (``"{a} {b}"`` -> ``["a", "b"]``).
 
     Raises
     ------
@@ -60,9 +60,13 @@ def placeholders(text: str) -> list[str]:
         On unbalanced braces, positional ``{}``, or format specs/attributes such as ``{a:>3}`` or ``{a.b}``.
     """
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+        fields = [
+            (name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None
+        ]
     except ValueError as err:
-        raise ValueError(f"Malformed braces in template {text!r} ({err}): write literal braces as '{{{{' and '}}}}'.") from err
+        raise ValueError(
+            f"Malformed braces in template {text!r} ({err}): write literal braces as '{{{{' and '}}}}'."
+        ) from err
     names = []
     for name, spec, conv in fields:
         if not name or spec or conv or not name.isidentifier():
@@ -72,7 +76,7 @@ def placeholders(text: str) -> list[str]:
 
 
 def n_words(text: str) -> int:
-    """Number of whitespace-separated words."""
+    """Count whitespace-separated words."""
     return len(text.split())
 
 
@@ -130,7 +134,9 @@ def validate_instruction(text: str, task: str, max_words: int = MAX_WORDS) -> No
     if repeated:
         raise ValueError(f"{task} instruction {text!r} repeats placeholder(s) {repeated}: use each once.")
     if n_words(text) > max_words:
-        raise ValueError(f"{task} instruction has {n_words(text)} words (> {max_words}): shorten it. {text!r}")
+        raise ValueError(
+            f"{task} instruction has {n_words(text)} words (> {max_words}): shorten it. {text!r}"
+        )
 
 
 def validate_response(text: str, task: str, variant: str, max_words: int = MAX_WORDS) -> None:
@@ -147,7 +153,9 @@ def validate_response(text: str, task: str, variant: str, max_words: int = MAX_W
     allowed = RESPONSE_METADATA_PLACEHOLDERS[task] | {"output"}
     unknown = sorted(set(names) - allowed)
     if unknown:
-        raise ValueError(f"{task} response {text!r} has unknown placeholder(s) {unknown}: allowed are {sorted(allowed)}.")
+        raise ValueError(
+            f"{task} response {text!r} has unknown placeholder(s) {unknown}: allowed are {sorted(allowed)}."
+        )
     if task == "cpcg" and not text.endswith("{output}"):
         raise ValueError(f"A cpcg chat response must end with {{output}} (the generated cell): {text!r}.")
     if n_words(text) > max_words:
@@ -211,7 +219,9 @@ class RougeLIndex:
 
     def pairwise(self, workers: int = -1) -> np.ndarray:
         """ROUGE-L F1 of all distinct pairs (upper triangle, flattened)."""
-        lcs = process.cdist(self._encoded, self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
+        lcs = process.cdist(
+            self._encoded, self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=workers
+        )
         lengths = np.asarray(self._lengths)
         total = lengths[:, None] + lengths[None, :]
         f1 = np.divide(2.0 * lcs, total, out=np.zeros(lcs.shape), where=total > 0)
@@ -256,7 +266,9 @@ class TemplateBank:
         seen: set[tuple[str, str]] = set()
         for template in self.templates:
             if (template.id, template.variant) in seen:
-                raise ValueError(f"Template id {template.id!r} ({template.variant}) appears twice: ids must be unique.")
+                raise ValueError(
+                    f"Template id {template.id!r} ({template.variant}) appears twice: ids must be unique."
+                )
             seen.add((template.id, template.variant))
             validate_template(template, max_words)
         self._by_key: dict[tuple[str, str, str], list[Template]] = {}
@@ -270,7 +282,9 @@ class TemplateBank:
         for record in records:
             for variant in VARIANTS:
                 response = "{output}" if variant == "instruct" else record["response"]
-                templates.append(Template(record["id"], record["task"], variant, record["instruction"], response))
+                templates.append(
+                    Template(record["id"], record["task"], variant, record["instruction"], response)
+                )
         return cls(templates, max_words)
 
     @classmethod
@@ -301,7 +315,9 @@ class TemplateBank:
         return candidates[int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % len(candidates)]
 
 
-def render(template: Template, metadata: Mapping[str, str], output: str, choices: Sequence[str] = ()) -> tuple[str, str]:
+def render(
+    template: Template, metadata: Mapping[str, str], output: str, choices: Sequence[str] = ()
+) -> tuple[str, str]:
     """Fill a template.
 
     Parameters

@@ -56,7 +56,9 @@ logger = logging.getLogger("build_dataset")
 def _species(adata: anndata.AnnData, name: str) -> str:
     values = adata.obs["species"].astype(str).unique() if "species" in adata.obs else []
     if len(values) != 1:
-        raise ValueError(f"{name}: expected one value in obs['species'], got {list(values)}; set it before building.")
+        raise ValueError(
+            f"{name}: expected one value in obs['species'], got {list(values)}; set it before building."
+        )
     return values[0]
 
 
@@ -66,7 +68,9 @@ def preprocess_all(data_dir: Path, work_dir: Path, n_top_genes: int, orthologs_p
     paths = {name: data_dir / name / f"{name}.h5ad" for name in DATASETS}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise ValueError(f"Missing input files {missing}: pass --data-dir pointing to the shared datasets folder.")
+        raise ValueError(
+            f"Missing input files {missing}: pass --data-dir pointing to the shared datasets folder."
+        )
     orthologs = load_ortholog_table(orthologs_path) if orthologs_path else None
     human_symbols: set[str] = set()
     for path in paths.values():
@@ -75,14 +79,18 @@ def preprocess_all(data_dir: Path, work_dir: Path, n_top_genes: int, orthologs_p
             human_symbols.update(backed.var_names.astype(str))
         backed.file.close()
     hvg_lists = []
-    for name, (tasks, label_key) in DATASETS.items():
+    for name, (_, label_key) in DATASETS.items():
         out, hvg_file = work_dir / f"{name}.h5ad", work_dir / f"{name}.hvg.txt"
         if not (out.exists() and hvg_file.exists()):
             adata = anndata.read_h5ad(paths[name])
             species = _species(adata, name)
             n_before = adata.shape
             adata = preprocess_dataset(
-                adata, species, label_key, drop_rare_labels=label_key == "cell_type", orthologs=orthologs,
+                adata,
+                species,
+                label_key,
+                drop_rare_labels=label_key == "cell_type",
+                orthologs=orthologs,
                 human_symbols=human_symbols,
             )
             logger.info("%s: %s -> %s after preprocessing", name, n_before, adata.shape)
@@ -97,16 +105,26 @@ def preprocess_all(data_dir: Path, work_dir: Path, n_top_genes: int, orthologs_p
 
 def verify(table: pd.DataFrame, bank: TemplateBank) -> None:
     """Check every row's split against the hash rule and its template against the same split."""
-    wrong = [(d, c, s) for d, c, s in zip(table["dataset"], table["cell_id"], table["split"], strict=True) if split_of(d, c) != s]
+    wrong = [
+        (d, c, s)
+        for d, c, s in zip(table["dataset"], table["cell_id"], table["split"], strict=True)
+        if split_of(d, c) != s
+    ]
     if wrong:
         raise RuntimeError(f"{len(wrong)} rows break the split rule, e.g. {wrong[:3]}")
     allowed = {(t.task, t.variant, t.split, t.id) for t in bank.templates}
-    bad = table[[
-        (t, v, s, i) not in allowed
-        for t, v, s, i in zip(table["task"], table["variant"], table["split"], table["template_id"], strict=True)
-    ]]
+    bad = table[
+        [
+            (t, v, s, i) not in allowed
+            for t, v, s, i in zip(
+                table["task"], table["variant"], table["split"], table["template_id"], strict=True
+            )
+        ]
+    ]
     if len(bad):
-        raise RuntimeError(f"{len(bad)} rows use a template of another split, e.g. {bad.head(3).to_dict('records')}")
+        raise RuntimeError(
+            f"{len(bad)} rows use a template of another split, e.g. {bad.head(3).to_dict('records')}"
+        )
     if table.duplicated(["task", "variant", "dataset", "cell_id"]).any():
         raise RuntimeError("Duplicated (task, variant, dataset, cell_id) rows.")
 
@@ -129,8 +147,14 @@ def main() -> None:
     if output.exists() and not args.overwrite:
         raise SystemExit(f"{output} exists: pass --overwrite or choose another --output.")
     cache = (args.cache_dir or output.with_name(output.name + ".cache")).resolve()
-    settings = {"n_top_genes": args.n_top_genes, "orthologs": args.orthologs, "data_dir": str(args.data_dir.resolve())}
-    work_dir = cache / ("preprocessed-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
+    settings = {
+        "n_top_genes": args.n_top_genes,
+        "orthologs": args.orthologs,
+        "data_dir": str(args.data_dir.resolve()),
+    }
+    work_dir = cache / (
+        "preprocessed-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    )
 
     vocab = preprocess_all(args.data_dir, work_dir, args.n_top_genes, args.orthologs)
     vocab_path = work_dir / GENE_VOCAB_FILENAME
@@ -145,7 +169,10 @@ def main() -> None:
     per_split: dict[str, list[datasets.Dataset]] = {}
     for variant in variants:
         builder = InstructCellDatasetBuilder(
-            config_name=f"all-{variant}", cache_dir=str(cache / "hf"), sources=sources, gene_vocab=str(vocab_path),
+            config_name=f"all-{variant}",
+            cache_dir=str(cache / "hf"),
+            sources=sources,
+            gene_vocab=str(vocab_path),
             template_bank=args.template_bank,
         )
         builder.download_and_prepare()
@@ -169,7 +196,10 @@ def main() -> None:
         counts = counts[["train", "validation", "test"]]
         write_gene_vocab(vocab, tmp / GENE_VOCAB_FILENAME)
         info = {
-            "settings": settings, "variants": variants, "n_genes": len(vocab), "n_rows": len(table),
+            "settings": settings,
+            "variants": variants,
+            "n_genes": len(vocab),
+            "n_rows": len(table),
             "rows_per_split": table["split"].value_counts().to_dict(),
             "rows_per_task_dataset_split": {f"{t}/{d}": row.to_dict() for (t, d), row in counts.iterrows()},
             "features": {k: str(v) for k, v in per_split["train"][0].features.items()},
@@ -183,9 +213,13 @@ def main() -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    print(f"\nRows per task / dataset / split (variants: {', '.join(variants)}; counts include every variant):")
+    print(
+        f"\nRows per task / dataset / split (variants: {', '.join(variants)}; counts include every variant):"
+    )
     print(counts.to_string())
-    print(f"\ntotal: {len(table)} rows, {len(vocab)} genes; every split matches the hash rule; wrote {output}")
+    print(
+        f"\ntotal: {len(table)} rows, {len(vocab)} genes; every split matches the hash rule; wrote {output}"
+    )
     print(f"wall time: {time.time() - start:.1f} s")
 
 

@@ -26,7 +26,9 @@ def make_counts(
         means[label_of == label, markers] *= 12.0
     X = rng.poisson(means).astype(np.int32)
     mt = "mt-" if species == "mouse" else "MT-"
-    genes = [f"{mt}G{i}" if i < 10 else (f"Gene{i}" if species == "mouse" else f"GENE{i}") for i in range(n_genes)]
+    genes = [
+        f"{mt}G{i}" if i < 10 else (f"Gene{i}" if species == "mouse" else f"GENE{i}") for i in range(n_genes)
+    ]
     obs = pd.DataFrame(
         {
             "cell_type": pd.Categorical(label_of),

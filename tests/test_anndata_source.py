@@ -38,7 +38,9 @@ def test_reader_reads_a_counts_layer(tmp_path):
     with pytest.raises(ValueError, match="non-integer"):
         list(AnnDataReader(AnnDataSource(path, task="cta"), vocab, progress=False))
     cells = list(AnnDataReader(AnnDataSource(path, task="cta", layer="counts"), vocab, progress=False))
-    np.testing.assert_array_equal(densify(cells[3].gene_indices, cells[3].gene_counts, 30), adata.layers["counts"][3].toarray()[0])
+    np.testing.assert_array_equal(
+        densify(cells[3].gene_indices, cells[3].gene_counts, 30), adata.layers["counts"][3].toarray()[0]
+    )
 
 
 def test_missing_label_column_is_a_clear_error(tmp_path):
@@ -51,11 +53,15 @@ def test_missing_label_column_is_a_clear_error(tmp_path):
 def test_non_integer_and_negative_counts_are_clear_errors(tmp_path):
     adata = make_counts(n_cells=10, n_genes=20)
     adata.X = sp.csr_matrix(adata.X.toarray() * 0.5)
-    reader = AnnDataReader(AnnDataSource(_write(adata, tmp_path), task="cta"), adata.var_names.tolist(), progress=False)
+    reader = AnnDataReader(
+        AnnDataSource(_write(adata, tmp_path), task="cta"), adata.var_names.tolist(), progress=False
+    )
     with pytest.raises(ValueError, match="non-integer values.*raw integer counts"):
         list(reader)
     adata.X = sp.csr_matrix(-np.ones((10, 20)))
-    reader = AnnDataReader(AnnDataSource(_write(adata, tmp_path, "n.h5ad"), task="cta"), adata.var_names.tolist())
+    reader = AnnDataReader(
+        AnnDataSource(_write(adata, tmp_path, "n.h5ad"), task="cta"), adata.var_names.tolist()
+    )
     with pytest.raises(ValueError, match="negative values"):
         list(reader)
 
@@ -76,7 +82,12 @@ def test_no_shared_gene_and_missing_metadata_are_clear_errors(tmp_path):
     path = _write(adata, tmp_path, "m.h5ad")
     with pytest.raises(ValueError, match="no 'tissue'.*tissue=..."):
         AnnDataReader(AnnDataSource(path, task="cta"), adata.var_names.tolist())
-    assert AnnDataReader(AnnDataSource(path, task="cta", tissue="liver"), adata.var_names.tolist()).n_shared_genes == 20
+    assert (
+        AnnDataReader(
+            AnnDataSource(path, task="cta", tissue="liver"), adata.var_names.tolist()
+        ).n_shared_genes
+        == 20
+    )
     with pytest.raises(ValueError, match="Unknown task"):
         AnnDataSource(path, task="annotation")
 
@@ -85,6 +96,8 @@ def test_dense_x_is_read_too(tmp_path):
     adata = make_counts(n_cells=12, n_genes=15)
     adata.X = adata.X.toarray()
     path = _write(adata, tmp_path)
-    cells = list(AnnDataReader(AnnDataSource(path, task="cta"), adata.var_names.tolist(), chunk_size=5, progress=False))
+    cells = list(
+        AnnDataReader(AnnDataSource(path, task="cta"), adata.var_names.tolist(), chunk_size=5, progress=False)
+    )
     np.testing.assert_array_equal(densify(cells[11].gene_indices, cells[11].gene_counts, 15), adata.X[11])
     assert isinstance(anndata.read_h5ad(path).X, np.ndarray)

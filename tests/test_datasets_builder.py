@@ -1,6 +1,5 @@
 from collections import Counter
 
-import anndata
 import numpy as np
 import pytest
 from synthetic_anndata import make_counts
@@ -20,9 +19,17 @@ from datasets_builder import (
 RECORDS = [
     {"id": f"{task}-{i}", "task": task, "instruction": instruction.format(i=i), "response": response.format()}
     for task, instruction, response in [
-        ("cta", "Variant {i}: which cell type is {{input}} from {{species}}? Options: {{choices}}.", "It is {{output}}."),
+        (
+            "cta",
+            "Variant {i}: which cell type is {{input}} from {{species}}? Options: {{choices}}.",
+            "It is {{output}}.",
+        ),
         ("dsp", "Variant {i}: is {{input}} sensitive to {{drug}}?", "The cell is {{output}} to {{drug}}."),
-        ("cpcg", "Variant {i}: make a {{cell_type}} ({{species}}, {{tissue}}, {{sequencing_method}}).", "Here: {{output}}"),
+        (
+            "cpcg",
+            "Variant {i}: make a {{cell_type}} ({{species}}, {{tissue}}, {{sequencing_method}}).",
+            "Here: {{output}}",
+        ),
     ]
     for i in range(40)
 ]
@@ -50,8 +57,13 @@ def inputs(tmp_path_factory):
 
 def _build(inputs, config_name, tmp_path):
     builder = InstructCellDatasetBuilder(
-        config_name=config_name, cache_dir=str(tmp_path), sources=inputs["sources"],
-        gene_vocab=str(inputs["root"] / "gene_vocab.txt"), template_bank=inputs["bank"], chunk_size=64, progress=False,
+        config_name=config_name,
+        cache_dir=str(tmp_path),
+        sources=inputs["sources"],
+        gene_vocab=str(inputs["root"] / "gene_vocab.txt"),
+        template_bank=inputs["bank"],
+        chunk_size=64,
+        progress=False,
     )
     builder.download_and_prepare()
     return builder
@@ -67,7 +79,7 @@ def test_builder_yields_expected_examples_per_split_and_task(inputs, tmp_path):
         expected_dsp = sum(split_of("lung", n) == split for n in inputs["dsp"].obs_names)
         assert counts == Counter({"cta": expected_cta, "cpcg": expected_cta, "dsp": expected_dsp})
         assert set(ds["split"]) == {split}
-        assert all(split_of(d, c) == split for d, c in zip(ds["dataset"], ds["cell_id"]))
+        assert all(split_of(d, c) == split for d, c in zip(ds["dataset"], ds["cell_id"], strict=True))
         allowed = {t.id for task in ("cta", "dsp", "cpcg") for t in bank.select(task, "chat", split)}
         assert set(ds["template_id"]) <= allowed
     with open(f"{builder.cache_dir}/gene_vocab.txt") as f:
@@ -85,11 +97,15 @@ def test_rows_follow_the_schema_and_sparse_rows_densify_to_the_input(inputs, tmp
         if row["task"] == "cta":
             assert row["instruction"].count(CELL_TOKEN) == 1 and row["response"] == row["label"]
             assert row["choices"] == ["B cell", "T cell", "monocyte"] and row["options_in_prompt"]
-            assert ", ".join(sorted(row["choices"])) != "" and all(c in row["instruction"] for c in row["choices"])
+            assert ", ".join(sorted(row["choices"])) != "" and all(
+                c in row["instruction"] for c in row["choices"]
+            )
             assert row["target_gene_indices"] == [] and row["drug"] == ""
             cell = dense_input[inputs["cta"].obs_names.get_loc(row["cell_id"])]
             expected = np.array([cell[c] if c is not None else 0 for c in columns], dtype=np.float32)
-            np.testing.assert_array_equal(densify(row["input_gene_indices"], row["input_gene_counts"], len(vocab)), expected)
+            np.testing.assert_array_equal(
+                densify(row["input_gene_indices"], row["input_gene_counts"], len(vocab)), expected
+            )
         elif row["task"] == "dsp":
             assert row["drug"] == "Erlotinib" and "Erlotinib" in row["instruction"]
             assert row["label"] in ("sensitive", "resistant") and not row["options_in_prompt"]
@@ -113,11 +129,16 @@ def test_builder_is_deterministic(inputs, tmp_path):
 def test_builder_errors_are_clear(inputs, tmp_path):
     with pytest.raises(ValueError, match="No source for tasks"):
         InstructCellDatasetBuilder(
-            config_name="cta-instruct", cache_dir=str(tmp_path), sources=inputs["sources"][1:2],
-            gene_vocab=inputs["vocab"], template_bank=inputs["bank"],
+            config_name="cta-instruct",
+            cache_dir=str(tmp_path),
+            sources=inputs["sources"][1:2],
+            gene_vocab=inputs["vocab"],
+            template_bank=inputs["bank"],
         ).download_and_prepare()
     with pytest.raises(ValueError, match="gene vocabulary"):
         InstructCellDatasetBuilder(
-            config_name="cta-instruct", cache_dir=str(tmp_path / "v"), sources=inputs["sources"][:1],
+            config_name="cta-instruct",
+            cache_dir=str(tmp_path / "v"),
+            sources=inputs["sources"][:1],
             template_bank=inputs["bank"],
         ).download_and_prepare()

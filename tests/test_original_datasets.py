@@ -13,13 +13,18 @@ def test_registry_covers_the_readme_datasets_with_consistent_entries():
         assert bool(spec.labels) != bool(spec.label_column)
         assert (spec.task == "dsp") == bool(spec.drug)
         assert all(url.startswith("https://") for url in spec.urls.values())
-    assert geo_suppl("GSE110894", "x.txt") == "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE110nnn/GSE110894/suppl/x.txt"
+    assert (
+        geo_suppl("GSE110894", "x.txt")
+        == "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE110nnn/GSE110894/suppl/x.txt"
+    )
 
 
 def test_attach_labels_from_a_table_and_metadata():
     adata = make_counts(n_cells=6, n_genes=12)
     spec = REGISTRY["GSE110894"]
-    table = pd.DataFrame({"Sample name": ["cell_0", "cell_2", "nope"], "Drug response": ["sensitive", "resistant", "x"]})
+    table = pd.DataFrame(
+        {"Sample name": ["cell_0", "cell_2", "nope"], "Drug response": ["sensitive", "resistant", "x"]}
+    )
     out = attach_labels(adata, spec, table)
     assert out.obs_names.tolist() == ["cell_0", "cell_2"]
     assert out.obs["drug_response"].tolist() == ["sensitive", "resistant"]

@@ -28,7 +28,9 @@ def test_qc_drops_low_quality_cells_rare_genes_and_mito_outliers():
     assert "cell_0" not in filtered.obs_names and "cell_1" not in filtered.obs_names
     assert "GENE399" not in filtered.var_names
     assert filtered.n_obs >= 190
-    np.testing.assert_array_equal(filtered.X.toarray(), adata[filtered.obs_names, filtered.var_names].X.toarray())
+    np.testing.assert_array_equal(
+        filtered.X.toarray(), adata[filtered.obs_names, filtered.var_names].X.toarray()
+    )
 
 
 def test_qc_rejects_normalized_data():
@@ -97,6 +99,8 @@ def test_case_insensitive_fallback_logs_a_warning(caplog):
 
 def test_preprocess_dataset_end_to_end():
     adata = make_counts(n_cells=200, n_genes=300, species="mouse")
-    out = preprocess_dataset(adata, "mouse", "cell_type", human_symbols=[f"GENE{i}" for i in range(300)], min_genes=50)
+    out = preprocess_dataset(
+        adata, "mouse", "cell_type", human_symbols=[f"GENE{i}" for i in range(300)], min_genes=50
+    )
     assert out.X.dtype == np.int32 and sp.isspmatrix_csr(out.X) or sp.issparse(out.X)
     assert out.var_names[-1].startswith("GENE")

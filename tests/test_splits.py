@@ -20,7 +20,7 @@ def test_split_is_deterministic_disjoint_and_close_to_8_1_1():
     assert abs(counts["train"] / len(names) - 0.8) < 0.015
     assert abs(counts["validation"] / len(names) - 0.1) < 0.01
     assert abs(counts["test"] / len(names) - 0.1) < 0.01
-    by_split = {s: {n for n, t in zip(names, first) if t == s} for s in SPLITS}
+    by_split = {s: {n for n, t in zip(names, first, strict=True) if t == s} for s in SPLITS}
     assert not (by_split["train"] & by_split["validation"]) and not (by_split["train"] & by_split["test"])
 
 
@@ -32,4 +32,6 @@ def test_split_depends_on_dataset_name_too():
 def test_template_split_uses_the_same_rule():
     counts = Counter(template_split_of(f"cta-{i:05d}") for i in range(5000))
     assert abs(counts["train"] / 5000 - 0.8) < 0.03
-    assert template_split_of("cta-00001") == bucket_to_split(int(hashlib.sha1(b"cta-00001").hexdigest(), 16) % 10)
+    assert template_split_of("cta-00001") == bucket_to_split(
+        int(hashlib.sha1(b"cta-00001").hexdigest(), 16) % 10
+    )

@@ -87,20 +87,36 @@ def test_bank_rejects_duplicate_ids_and_selects_deterministically():
     bank = TemplateBank.from_records([record])
     split = bank.templates[0].split
     chosen = bank.choose("cta", "chat", split, "any-key")
-    assert chosen.response == "It is {output}." and bank.choose("cta", "instruct", split, "k").response == "{output}"
+    assert (
+        chosen.response == "It is {output}."
+        and bank.choose("cta", "instruct", split, "k").response == "{output}"
+    )
     with pytest.raises(ValueError, match="no cpcg/chat template"):
         bank.choose("cpcg", "chat", split, "k")
 
 
 def test_render_fills_every_placeholder():
-    template = Template("t", "cta", "chat", "A {species} cell from {tissue}: {input}. Options: {choices}.", "It is {output}.")
+    template = Template(
+        "t", "cta", "chat", "A {species} cell from {tissue}: {input}. Options: {choices}.", "It is {output}."
+    )
     instruction, response = render(
-        template, {"species": "human", "tissue": "blood", "sequencing_method": "10x"}, "B cell", ["B cell", "T cell"]
+        template,
+        {"species": "human", "tissue": "blood", "sequencing_method": "10x"},
+        "B cell",
+        ["B cell", "T cell"],
     )
     assert instruction == f"A human cell from blood: {CELL_TOKEN}. Options: B cell, T cell."
     assert response == "It is B cell."
-    cpcg = Template("g", "cpcg", "chat", "Make a {cell_type} ({species}, {tissue}, {sequencing_method}).", "Here: {output}")
-    _, response = render(cpcg, {"species": "h", "tissue": "t", "sequencing_method": "m", "cell_type": "NK"}, SIGNAL_TOKEN)
+    cpcg = Template(
+        "g",
+        "cpcg",
+        "chat",
+        "Make a {cell_type} ({species}, {tissue}, {sequencing_method}).",
+        "Here: {output}",
+    )
+    _, response = render(
+        cpcg, {"species": "h", "tissue": "t", "sequencing_method": "m", "cell_type": "NK"}, SIGNAL_TOKEN
+    )
     assert response.endswith(SIGNAL_TOKEN)
 
 
