@@ -10,10 +10,10 @@ Usage::
     python examples/measure_answer_extraction.py --templates response_templates.json \
         --labels ../shared/reference/original_vocab/choices.json [--output report.json]
 
-``--templates``: a JSON file holding strings or objects with a ``response`` field, nested in lists/dicts in any
-way (the original InstructCell ``templates.json`` format works), a ``.jsonl`` file of such objects, or a text
-file with one template per line. ``--labels``: a JSON list of labels, or an object mapping a label-set name to
-its list (like ``choices.json``); may be given several times.
+``--templates``: a JSON file holding strings or objects with a ``response`` field, nested in lists/dicts
+in any way (the original InstructCell ``templates.json`` format works), a ``.jsonl`` file of such objects,
+or a text file with one template per line. ``--labels``: a JSON list of labels, or an object mapping a
+label-set name to its list (like ``choices.json``); may be given several times.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    from modeling_instructcell.answer_extraction import extract_label
-except ImportError:  # run from a clone without installing: put the repository root on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_instructcell.answer_extraction import extract_label
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "modeling_instructcell" / "answer_extraction.py").is_file():  # prefer this clone's copy
+    sys.path.insert(0, str(_ROOT))
+from modeling_instructcell.answer_extraction import extract_label  # noqa: E402
 
 DEFAULT_FILL = {
     "species": "human",
@@ -77,12 +76,16 @@ def load_templates(path: str | Path, placeholder: str = "output", field: str = "
     if path.suffix == ".json":
         candidates = list(_collect(json.loads(text), field))
     elif path.suffix == ".jsonl":
-        candidates = [t for line in text.splitlines() if line.strip() for t in _collect(json.loads(line), field)]
+        candidates = [
+            t for line in text.splitlines() if line.strip() for t in _collect(json.loads(line), field)
+        ]
     else:
         candidates = [line for line in text.splitlines() if line.strip()]
     templates = [t for t in dict.fromkeys(candidates) if "{" + placeholder + "}" in t]
     if not templates:
-        raise ValueError(f"No template in {path} contains '{{{placeholder}}}'; pass --placeholder or --field.")
+        raise ValueError(
+            f"No template in {path} contains '{{{placeholder}}}'; pass --placeholder or --field."
+        )
     return templates
 
 
@@ -100,7 +103,9 @@ def load_label_sets(paths: Sequence[str | Path]) -> dict[str, list[str]]:
     return label_sets
 
 
-def fill(template: str, answer: str, placeholder: str = "output", values: dict[str, str] | None = None) -> str:
+def fill(
+    template: str, answer: str, placeholder: str = "output", values: dict[str, str] | None = None
+) -> str:
     """Substitute ``{placeholder}`` by ``answer`` and every other ``{field}`` by ``values`` (or a default)."""
     values = {**DEFAULT_FILL, **(values or {})}
     out = []
@@ -168,9 +173,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"templates: {report['n_templates']}  filled responses: {report['n']}")
     for name, accuracy in report["per_label_set"].items():
         print(f"  {name:<32} {accuracy:.4%}")
-    print(f"accuracy: {report['accuracy']:.4%}  (failures: {len(report['failures'])}, unanswered: {report['unanswered']})")
+    print(
+        f"accuracy: {report['accuracy']:.4%}  "
+        f"(failures: {len(report['failures'])}, unanswered: {report['unanswered']})"
+    )
     for failure in report["failures"][: args.show]:
-        print(f"  [{failure['label_set']}] {failure['label']!r} -> {failure['extracted']!r}: {failure['text']}")
+        print(
+            f"  [{failure['label_set']}] {failure['label']!r} -> {failure['extracted']!r}: {failure['text']}"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report

@@ -19,7 +19,9 @@ def _is_answered(prediction: str | None, label_set: set[str] | None) -> bool:
     if prediction is None:
         return False
     if not isinstance(prediction, str):
-        raise ValueError(f"Predictions must be strings or None, got {type(prediction).__name__}: {prediction!r}.")
+        raise ValueError(
+            f"Predictions must be strings or None, got {type(prediction).__name__}: {prediction!r}."
+        )
     if label_set is not None:
         return prediction.strip() in label_set
     return prediction.strip() != ""
@@ -74,7 +76,8 @@ def cell_classification_metrics(
         if unknown:
             raise ValueError(f"References {unknown} are not in `labels`; add them to the label set.")
     answered = np.array([_is_answered(p, label_set) for p in predictions], dtype=bool)
-    preds = np.array([p.strip() if a else "" for p, a in zip(predictions, answered)], dtype=object)
+    stripped = [p.strip() if a else "" for p, a in zip(predictions, answered, strict=True)]
+    preds = np.array(stripped, dtype=object)
 
     correct = answered & (preds == refs)
     out = {

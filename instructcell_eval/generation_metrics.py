@@ -164,8 +164,8 @@ class ReferenceEmbedding:
         ReferenceEmbedding
             ``self``, with ``real_embedding_`` set.
         """
-        import umap  # noqa: PLC0415  (heavy import: numba JIT)
-        from sklearn.decomposition import PCA, TruncatedSVD  # noqa: PLC0415
+        import umap  # imported here: numba JIT start-up is slow
+        from sklearn.decomposition import PCA, TruncatedSVD
 
         x = normalize_log1p(real_counts, self.target_sum, self.log_base)
         n_cells, n_genes = x.shape
@@ -175,7 +175,9 @@ class ReferenceEmbedding:
         if self.center:
             self.pca_ = PCA(n_components=n_components, svd_solver="arpack", random_state=self.random_state)
         else:
-            self.pca_ = TruncatedSVD(n_components=n_components, algorithm="arpack", random_state=self.random_state)
+            self.pca_ = TruncatedSVD(
+                n_components=n_components, algorithm="arpack", random_state=self.random_state
+            )
         self.n_genes_ = n_genes
         pcs = self.pca_.fit_transform(x)
         self.umap_ = umap.UMAP(
@@ -272,7 +274,9 @@ def gaussian_mmd(generated: np.ndarray, real: np.ndarray, width: float) -> float
     d_gg, d_rr, d_gr = (cdist(a, b, "sqeuclidean") for a, b in ((gen, gen), (ref, ref), (gen, ref)))
     total = 0.0
     for gamma in mmd_gammas(width):
-        total += np.exp(-gamma * d_gg).mean() + np.exp(-gamma * d_rr).mean() - 2 * np.exp(-gamma * d_gr).mean()
+        total += (
+            np.exp(-gamma * d_gg).mean() + np.exp(-gamma * d_rr).mean() - 2 * np.exp(-gamma * d_gr).mean()
+        )
     return float(total)
 
 
@@ -403,7 +407,7 @@ def cell_generation_metrics(
     bandwidth_neighbors: int = 25,
     random_state: int = 0,
 ) -> dict[str, float]:
-    """The full protocol: normalize + log1p, PCA-50 and UMAP-2 fitted on real cells, then the metrics.
+    """Run the full protocol: normalize + log1p, PCA-50 and UMAP-2 fitted on real cells, then the metrics.
 
     Parameters
     ----------

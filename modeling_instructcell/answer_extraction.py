@@ -7,9 +7,10 @@ Rules
 -----
 1. An answer equal to a label (ignoring surrounding whitespace and case) is that label.
 2. Text and labels are tokenized the same way: Unicode NFKC, every dash variant read as ``-``, tokens are
-   runs of letters/digits (an apostrophe inside a word is dropped: ``cell's`` = ``cells``); ``+`` stays attached to its token (``CD14+``), and so does a token-final ``-``
-   (``CD25-``, a negative marker); any other punctuation, an inner hyphen, ``/``, ``_`` or whitespace
-   separates tokens, so ``Pre-endocrine`` = ``pre endocrine`` and ``NK/T Cell`` = ``NK T cell``.
+   runs of letters/digits (an apostrophe inside a word is dropped: ``cell's`` = ``cells``); ``+`` stays
+   attached to its token (``CD14+``), and so does a token-final ``-`` (``CD25-``, a negative marker);
+   any other punctuation, an inner hyphen, ``/``, ``_`` or whitespace separates tokens, so
+   ``Pre-endocrine`` = ``pre endocrine`` and ``NK/T Cell`` = ``NK T cell``.
 3. Tokens are lower-cased and singularized: ``EPs`` -> ``ep`` (an upper-case acronym plus a lower-case
    ``s``), ``-ies`` -> ``-y``, and a final ``s`` is dropped from words longer than 3 letters that do not end
    in ``ss``, ``us`` or ``is`` (``Monocytes`` -> ``monocyte``, ``cells`` -> ``cell``; ``ORS`` and ``Isthmus``
@@ -101,7 +102,9 @@ class AnswerExtractor:
 
     def __init__(self, labels: Sequence[str]) -> None:
         if isinstance(labels, str):
-            raise ValueError("`labels` must be a sequence of label strings, not one string; wrap it in a list.")
+            raise ValueError(
+                "`labels` must be a sequence of label strings, not one string; wrap it in a list."
+            )
         self.labels = list(dict.fromkeys(labels))
         if not self.labels:
             raise ValueError("`labels` is empty; pass the dataset's label set (e.g. its cell types).")
@@ -136,7 +139,7 @@ class AnswerExtractor:
             seen[key] = label
 
     def tokens(self, text: str) -> list[str]:
-        """Normalized tokens of ``text`` as used for matching (rules 2-4)."""
+        """Return the normalized tokens of ``text`` used for matching (rules 2-4)."""
         strict = _strict_tokens(text)
         return _relaxed_tokens(strict) if self.relaxed else strict
 

@@ -10,30 +10,103 @@ from modeling_instructcell.answer_extraction import AnswerExtractor, extract_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Label sets copied here so the tests need no ../shared: original choices.json and the shared datasets' labels.
+# Label sets copied here so the tests need no ../shared:
+# the original choices.json and the labels of the shared datasets.
 LABEL_SETS = {
-    "Bastidas-Ponce-2019": ["Acinar", "Alpha", "Beta", "Delta", "Ductal", "Epsilon", "Fev+", "Multipotent",
-                            "Ngn3 high EP", "Ngn3 low EP", "Tip", "Trunk"],
-    "He-2020-Liver": ["B Cell", "Cholangiocyte", "Endothelial Cell", "Macrophage", "Monocyte", "NK/T Cell",
-                      "Smooth Muscle Cell", "T Cell"],
-    "Ma-2020": ["Basal", "Dermal Fibroblast", "Dermal Papilla", "Dermal Sheath", "Endothelial", "Granular",
-                "Hair Shaft-cuticle.cortex", "IRS", "Infundibulum", "Isthmus", "K6+ Bulge Companion Layer",
-                "Macrophage DC", "Medulla", "Melanocyte", "Mix", "ORS", "Schwann Cell", "Sebaceous Gland",
-                "Spinous", "TAC-1", "TAC-2", "ahighCD34+ bulge", "alowCD34+ bulge"],
+    "Bastidas-Ponce-2019": [
+        "Acinar",
+        "Alpha",
+        "Beta",
+        "Delta",
+        "Ductal",
+        "Epsilon",
+        "Fev+",
+        "Multipotent",
+        "Ngn3 high EP",
+        "Ngn3 low EP",
+        "Tip",
+        "Trunk",
+    ],
+    "He-2020-Liver": [
+        "B Cell",
+        "Cholangiocyte",
+        "Endothelial Cell",
+        "Macrophage",
+        "Monocyte",
+        "NK/T Cell",
+        "Smooth Muscle Cell",
+        "T Cell",
+    ],
+    "Ma-2020": [
+        "Basal",
+        "Dermal Fibroblast",
+        "Dermal Papilla",
+        "Dermal Sheath",
+        "Endothelial",
+        "Granular",
+        "Hair Shaft-cuticle.cortex",
+        "IRS",
+        "Infundibulum",
+        "Isthmus",
+        "K6+ Bulge Companion Layer",
+        "Macrophage DC",
+        "Medulla",
+        "Melanocyte",
+        "Mix",
+        "ORS",
+        "Schwann Cell",
+        "Sebaceous Gland",
+        "Spinous",
+        "TAC-1",
+        "TAC-2",
+        "ahighCD34+ bulge",
+        "alowCD34+ bulge",
+    ],
     "Segerstolpe-2016": ["Acinar", "Alpha", "Beta", "Delta", "Ductal", "Gamma", "PSC"],
     "Xin-2016": ["Acinar", "Alpha", "Beta", "Delta", "Ductal", "Endothelial", "Mesenchyme", "PP"],
     "GSE110894": ["Resistant", "Sensitive"],
     "GSE117872": ["Holiday", "Resistant", "Sensitive"],
     "GSE149383": ["Resistant", "Sensitive"],
-    "bastidas_ponce_2019_pancreas": ["Ductal", "Ngn3 low EP", "Ngn3 high EP", "Pre-endocrine", "Beta", "Alpha",
-                                     "Delta", "Epsilon"],
-    "kang2018_pbmc_ifnb_muscat": ["CD14+ Monocytes", "CD4 T cells", "B cells", "FCGR3A+ Monocytes", "CD8 T cells"],
-    "zheng2017_sorted_pbmc": ["CD14+ monocyte", "CD19+ B cell", "CD4+ helper T cell", "CD4+/CD25+ regulatory T cell",
-                              "CD4+/CD45RA+/CD25- naive T cell", "CD4+/CD45RO+ memory T cell", "CD56+ NK cell",
-                              "CD8+ cytotoxic T cell", "CD8+/CD45RA+ naive cytotoxic T cell"],
-    "pbmc68k_reduced_counts": ["CD14+ Monocyte", "CD19+ B", "CD34+", "CD4+/CD25 T Reg", "CD4+/CD45RA+/CD25- Naive T",
-                               "CD4+/CD45RO+ Memory", "CD56+ NK", "CD8+ Cytotoxic T", "CD8+/CD45RA+ Naive Cytotoxic",
-                               "Dendritic"],
+    "bastidas_ponce_2019_pancreas": [
+        "Ductal",
+        "Ngn3 low EP",
+        "Ngn3 high EP",
+        "Pre-endocrine",
+        "Beta",
+        "Alpha",
+        "Delta",
+        "Epsilon",
+    ],
+    "kang2018_pbmc_ifnb_muscat": [
+        "CD14+ Monocytes",
+        "CD4 T cells",
+        "B cells",
+        "FCGR3A+ Monocytes",
+        "CD8 T cells",
+    ],
+    "zheng2017_sorted_pbmc": [
+        "CD14+ monocyte",
+        "CD19+ B cell",
+        "CD4+ helper T cell",
+        "CD4+/CD25+ regulatory T cell",
+        "CD4+/CD45RA+/CD25- naive T cell",
+        "CD4+/CD45RO+ memory T cell",
+        "CD56+ NK cell",
+        "CD8+ cytotoxic T cell",
+        "CD8+/CD45RA+ naive cytotoxic T cell",
+    ],
+    "pbmc68k_reduced_counts": [
+        "CD14+ Monocyte",
+        "CD19+ B",
+        "CD34+",
+        "CD4+/CD25 T Reg",
+        "CD4+/CD45RA+/CD25- Naive T",
+        "CD4+/CD45RO+ Memory",
+        "CD56+ NK",
+        "CD8+ Cytotoxic T",
+        "CD8+/CD45RA+ Naive Cytotoxic",
+        "Dendritic",
+    ],
     "baron2016_pancreas_human_mini_cider": ["activated_stellate", "alpha", "beta", "delta", "macrophage"],
     "pc9_erlotinib_day11_dsp": ["resistant", "sensitive"],
 }
@@ -44,15 +117,16 @@ RESPONSE_TEMPLATES = [
     "{output}.",
     "The cell type is {output}.",
     "Based on the expression profile, this cell is most likely a {output}.",
-    "After looking at the {tissue} sample from {species} sequenced with {sequencing_method}, I would annotate "
-    "this single cell as {output}.",
+    "After looking at the {tissue} sample from {species} sequenced with {sequencing_method}, "
+    "I would annotate this single cell as {output}.",
     "Answer: {output}",
     "This cell can be classified as **{output}** given its marker genes.",
-    "I'm fairly confident the label you are looking for is \"{output}\". Let me know if you need more details!",
+    'I\'m fairly confident the label you are looking for is "{output}". '
+    "Let me know if you need more details!",
     "Sure! The single cell you provided is identified as {output}, which is consistent with the highly "
     "expressed genes in its profile.",
-    "Considering the options and the data from {tissue}, the most probable annotation is {output}; this agrees "
-    "with the known expression signature of that population.",
+    "Considering the options and the data from {tissue}, the most probable annotation is {output}; "
+    "this agrees with the known expression signature of that population.",
     "{output} is the most likely identity of this cell.",
     "Great question. Having compared the profile with the reference, my answer is: {output}.",
     "Cell type annotation result -> {output}",
@@ -63,13 +137,15 @@ RESPONSE_TEMPLATES = [
     "The profile strongly suggests {output}. Further validation with marker staining could confirm it.",
     "It appears to be {output}, based on the provided data.",
     "Output: '{output}'",
-    "Hi! After careful analysis, I've determined that the cell's label is {output}. Good luck with your research!",
+    "Hi! After careful analysis, I've determined that the cell's label is {output}. "
+    "Good luck with your research!",
 ]
 
 
 def _measure_module():
-    spec = importlib.util.spec_from_file_location("measure_answer_extraction",
-                                                  ROOT / "examples" / "measure_answer_extraction.py")
+    spec = importlib.util.spec_from_file_location(
+        "measure_answer_extraction", ROOT / "examples" / "measure_answer_extraction.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -99,13 +175,20 @@ def _measure_module():
         ("TAC-2", LABEL_SETS["Ma-2020"], "TAC-2"),
         ("The answer is TAC 1.", LABEL_SETS["Ma-2020"], "TAC-1"),
         ("This is an ORS cell.", LABEL_SETS["Ma-2020"], "ORS"),
-        ("The cell is CD4+/CD45RA+/CD25- naive T.", LABEL_SETS["pbmc68k_reduced_counts"], "CD4+/CD45RA+/CD25- Naive T"),
+        (
+            "The cell is CD4+/CD45RA+/CD25- naive T.",
+            LABEL_SETS["pbmc68k_reduced_counts"],
+            "CD4+/CD45RA+/CD25- Naive T",
+        ),
         ("CD4+ / CD25 T-reg", LABEL_SETS["pbmc68k_reduced_counts"], "CD4+/CD25 T Reg"),
         ("a CD8+ cytotoxic T cell", LABEL_SETS["zheng2017_sorted_pbmc"], "CD8+ cytotoxic T cell"),
         ("  Beta  ", LABEL_SETS["Xin-2016"], "Beta"),
         # a conversational sentence with one mention; the label mentioned twice is still one label
-        ("Sure! Based on insulin expression this is a beta cell; beta cells make insulin.",
-         LABEL_SETS["Xin-2016"], "Beta"),
+        (
+            "Sure! Based on insulin expression this is a beta cell; beta cells make insulin.",
+            LABEL_SETS["Xin-2016"],
+            "Beta",
+        ),
         ("The cell is sensitive to erlotinib.", LABEL_SETS["pc9_erlotinib_day11_dsp"], "sensitive"),
         # unanswered: none or several labels
         ("Either alpha or beta.", LABEL_SETS["Xin-2016"], None),
@@ -147,11 +230,14 @@ def test_every_template_with_every_label(name):
 
 def test_measurement_script_end_to_end(tmp_path, capsys):
     templates = tmp_path / "templates.json"
-    templates.write_text(json.dumps([{"instruction": "Which type? {input}", "response": t} for t in RESPONSE_TEMPLATES]))
+    templates.write_text(
+        json.dumps([{"instruction": "Which type? {input}", "response": t} for t in RESPONSE_TEMPLATES])
+    )
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(LABEL_SETS))
-    report = _measure_module().main(["--templates", str(templates), "--labels", str(labels),
-                                     "--output", str(tmp_path / "report.json")])
+    report = _measure_module().main(
+        ["--templates", str(templates), "--labels", str(labels), "--output", str(tmp_path / "report.json")]
+    )
     n_labels = sum(len(v) for v in LABEL_SETS.values())
     assert report["n"] == len(RESPONSE_TEMPLATES) * n_labels
     assert report["accuracy"] == 1.0

@@ -54,7 +54,11 @@ def test_classification_blank_and_out_of_label_set():
 
 def test_classification_nothing_answered_and_errors():
     assert cell_classification_metrics([None, ""], ["A", "B"]) == {
-        "accuracy": 0.0, "macro_f1": 0.0, "weighted_f1": 0.0, "answered_rate": 0.0}
+        "accuracy": 0.0,
+        "macro_f1": 0.0,
+        "weighted_f1": 0.0,
+        "answered_rate": 0.0,
+    }
     with pytest.raises(ValueError, match="one prediction per"):
         cell_classification_metrics(["A"], ["A", "B"])
     with pytest.raises(ValueError, match="not in `labels`"):
@@ -68,7 +72,9 @@ def test_mmd_gammas():
 
 def test_mmd_two_points_by_hand():
     # k(x,x) = 3 for every kernel sum; k(0,1) = S1 -> MMD = 3 + 3 - 2 S1
-    assert gaussian_mmd(np.array([[0.0, 0.0]]), np.array([[1.0, 0.0]]), width=1.0) == pytest.approx(6 - 2 * S1)
+    assert gaussian_mmd(np.array([[0.0, 0.0]]), np.array([[1.0, 0.0]]), width=1.0) == pytest.approx(
+        6 - 2 * S1
+    )
 
 
 def test_mmd_unequal_sets_by_hand():
@@ -136,8 +142,10 @@ def test_embedding_metrics_averages_per_k_and_detects_swapped_labels():
     gen, gen_labels = _two_clusters(seed=1)
     swapped = np.where(gen_labels == "a", "b", "a")
     out = embedding_metrics(gen, swapped, x, labels, ks=(5, 50), bandwidth=1.0)
-    assert out["pknn_k5"] == 0.0 and out["pknn"] == 0.0   # every generated cell lands in the other cluster
-    assert out["sknn_generated"] == pytest.approx(np.mean([out["sknn_generated_k5"], out["sknn_generated_k50"]]))
+    assert out["pknn_k5"] == 0.0 and out["pknn"] == 0.0  # every generated cell lands in the other cluster
+    assert out["sknn_generated"] == pytest.approx(
+        np.mean([out["sknn_generated_k5"], out["sknn_generated_k50"]])
+    )
     assert out["delta_sknn"] == pytest.approx(np.mean([out["delta_sknn_k5"], out["delta_sknn_k50"]]))
     # k=50 > cluster size 30: 29 own-cluster neighbours out of 50 for every cell, in both sets
     assert out["sknn_real_k50"] == pytest.approx(29 / 50)
@@ -183,7 +191,9 @@ def test_protocol_good_generator(protocol):
 
 def test_protocol_deterministic_sparse_and_wrong_labels(protocol):
     real, real_labels, gen, gen_labels, kwargs, good = protocol
-    again = cell_generation_metrics(sp.csr_matrix(gen), gen_labels, sp.csr_matrix(real), real_labels, **kwargs)
+    again = cell_generation_metrics(
+        sp.csr_matrix(gen), gen_labels, sp.csr_matrix(real), real_labels, **kwargs
+    )
     assert again == good  # same seed, sparse input: identical numbers
     wrong = cell_generation_metrics(gen, gen_labels[::-1], real, real_labels, **kwargs)
     assert wrong["pknn"] == 0.0
@@ -198,7 +208,9 @@ def test_reference_embedding_shares_one_fit(protocol):
     real, real_labels, gen, gen_labels, kwargs, good = protocol
     embedding = ReferenceEmbedding(random_state=0).fit(real)
     assert embedding.real_embedding_.shape == (len(real), 2)
-    out = embedding_metrics(embedding.transform(gen), gen_labels, embedding.real_embedding_, real_labels, ks=(5, 10))
+    out = embedding_metrics(
+        embedding.transform(gen), gen_labels, embedding.real_embedding_, real_labels, ks=(5, 10)
+    )
     assert out == good
     with pytest.raises(ValueError, match="same columns"):
         embedding.transform(gen[:, :10])
@@ -209,12 +221,19 @@ def test_evaluate_modules_match_functions(protocol):
     real, real_labels, gen, gen_labels, kwargs, good = protocol
     generation = evaluate.load(str(ROOT / "metrics" / "cell_generation"))
     generation.add_batch(predictions=sp.csr_matrix(gen[:50]), references=gen_labels[:50])
-    result = generation.compute(predictions=gen[50:], references=gen_labels[50:], real_counts=sp.csr_matrix(real),
-                                real_labels=real_labels, **kwargs)
+    result = generation.compute(
+        predictions=gen[50:],
+        references=gen_labels[50:],
+        real_counts=sp.csr_matrix(real),
+        real_labels=real_labels,
+        **kwargs,
+    )
     assert result == pytest.approx(good)
     classification = evaluate.load(str(ROOT / "metrics" / "cell_classification"))
     preds, refs = ["A", "A", "B", "B", None], ["A", "A", "A", "B", "B"]
-    assert classification.compute(predictions=preds, references=refs) == cell_classification_metrics(preds, refs)
+    assert classification.compute(predictions=preds, references=refs) == cell_classification_metrics(
+        preds, refs
+    )
 
 
 def test_evaluate_modules_load_offline(tmp_path):
@@ -225,10 +244,22 @@ def test_evaluate_modules_load_offline(tmp_path):
         "print(m.compute(predictions=['A', None], references=['A', 'B'], labels=['A', 'B']))\n"
         "g = evaluate.load(root + '/metrics/cell_generation'); print(type(g).__name__)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "'accuracy': 0.5" in done.stdout and "'answered_rate': 0.5" in done.stdout
     assert "CellGeneration" in done.stdout

@@ -13,7 +13,7 @@ try:  # indented: evaluate's import scanner skips it, so a missing package gets 
     from instructcell_eval.classification_metrics import cell_classification_metrics
 except ImportError as error:  # pragma: no cover - only without the project installed
     raise ImportError(
-        "The cell_classification metric needs the InstructCell package: run `pip install -e \".[eval]\"` "
+        'The cell_classification metric needs the InstructCell package: run `pip install -e ".[eval]"` '
         "in a clone of the repository."
     ) from error
 
@@ -45,8 +45,10 @@ Returns:
     answered_rate (`float`): answered / all samples.
 Examples:
     >>> metric = evaluate.load("metrics/cell_classification")
-    >>> metric.compute(predictions=["Beta", None, "Alpha", "Beta"], references=["Beta", "Beta", "Alpha", "Alpha"])
-    {'accuracy': 0.5, 'macro_f1': 0.6666666666666666, 'weighted_f1': 0.6666666666666666, 'answered_rate': 0.75}
+    >>> metric.compute(
+    ...     predictions=["Beta", None, "Alpha", "Beta"], references=["Beta", "Beta", "Alpha", "Alpha"]
+    ... )
+    {'accuracy': 0.5, 'macro_f1': 0.666..., 'weighted_f1': 0.666..., 'answered_rate': 0.75}
 """
 
 

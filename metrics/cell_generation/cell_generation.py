@@ -16,7 +16,7 @@ try:  # indented: evaluate's import scanner skips it, so a missing package gets 
     from instructcell_eval.generation_metrics import DEFAULT_KS, cell_generation_metrics
 except ImportError as error:  # pragma: no cover - only without the project installed
     raise ImportError(
-        "The cell_generation metric needs the InstructCell package: run `pip install -e \".[eval]\"` "
+        'The cell_generation metric needs the InstructCell package: run `pip install -e ".[eval]"` '
         "in a clone of the repository."
     ) from error
 
@@ -41,7 +41,7 @@ a K-NN classifier fitted on the real cells), averaged over K in {5, 10, 25, 50} 
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (2-D array of generated counts, cells x genes; dense, or scipy.sparse in `add_batch`/`compute`).
+    predictions (2-D array, cells x genes): generated counts; dense, or scipy.sparse (densified per batch).
     references (`list` of `str`): the label each generated cell was conditioned on.
     real_counts (2-D array or scipy.sparse matrix, cells x genes): real (test) cells, same gene columns.
     real_labels (`list` of `str`): labels of the real cells.
@@ -107,7 +107,9 @@ class CellGeneration(evaluate.Metric):
         random_state=0,
     ):
         if real_counts is None or real_labels is None:
-            raise ValueError("Pass the real cells: compute(..., real_counts=<cells x genes>, real_labels=[...]).")
+            raise ValueError(
+                "Pass the real cells: compute(..., real_counts=<cells x genes>, real_labels=[...])."
+            )
         return cell_generation_metrics(
             np.asarray(predictions, dtype=np.float64),
             [str(label) for label in references],
