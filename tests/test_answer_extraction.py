@@ -2,13 +2,16 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from modeling_instructcell.answer_extraction import AnswerExtractor, extract_label
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from modeling_instructcell.answer_extraction import AnswerExtractor, extract_label  # noqa: E402
 
 # Label sets copied here so the tests need no ../shared:
 # the original choices.json and the labels of the shared datasets.
