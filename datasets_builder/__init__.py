@@ -1,0 +1,32 @@
+"""Instruction data for InstructCell: AnnData sources, preprocessing, templates and a ``datasets`` builder.
+
+``datasets_builder.preprocessing`` (scanpy) and ``datasets_builder.original_datasets`` are imported on demand.
+"""
+
+from .anndata_source import AnnDataReader, AnnDataSource, CellRecord, densify
+from .builder import FEATURES, InstructCellBuilderConfig, InstructCellDatasetBuilder, make_example
+from .gene_vocab import GENE_VOCAB_FILENAME, read_gene_vocab, write_gene_vocab
+from .splits import SPLITS, split_of, template_split_of
+from .templates import CELL_TOKEN, SIGNAL_TOKEN, Template, TemplateBank, render
+
+__all__ = [
+    "AnnDataReader",
+    "AnnDataSource",
+    "CELL_TOKEN",
+    "CellRecord",
+    "FEATURES",
+    "GENE_VOCAB_FILENAME",
+    "InstructCellBuilderConfig",
+    "InstructCellDatasetBuilder",
+    "SIGNAL_TOKEN",
+    "SPLITS",
+    "Template",
+    "TemplateBank",
+    "densify",
+    "make_example",
+    "read_gene_vocab",
+    "render",
+    "split_of",
+    "template_split_of",
+    "write_gene_vocab",
+]

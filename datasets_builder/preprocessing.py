@@ -1,0 +1,332 @@
+"""Single-cell preprocessing as in the InstructCell paper, with scanpy.
+
+Steps, per dataset: mouse genes to human orthologs (:func:`map_mouse_genes`), quality control
+(:func:`quality_control`: cells with < 200 genes, genes in < 8 cells, total-count and mitochondrial-fraction
+outliers), rare labels dropped (:func:`filter_rare_labels`, < 20 cells), highly variable genes on a
+log-normalized copy (:func:`highly_variable_genes`, Seurat flavour, top 3,600). The vocabulary is the sorted
+union of every dataset's HVGs (:func:`build_gene_vocab`). ``X`` keeps the raw integer counts throughout.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import urllib.request
+from collections.abc import Iterable, Mapping
+
+import anndata
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from .anndata_source import check_gene_names, check_raw_counts
+
+logger = logging.getLogger(__name__)
+
+MGI_ORTHOLOGS_URL = "https://www.informatics.jax.org/downloads/reports/HOM_MouseHumanSequence.rpt"
+
+
+def _mad_outlier(values: np.ndarray, n_mads: float) -> np.ndarray:
+    """Cells further than ``n_mads`` median absolute deviations from the median (none when MAD is 0)."""
+    median = np.median(values)
+    mad = np.median(np.abs(values - median))
+    if mad == 0:
+        return np.zeros(values.shape, dtype=bool)
+    return np.abs(values - median) > n_mads * mad
+
+
+def mito_prefix(species: str) -> str:
+    """Prefix of mitochondrial gene symbols: ``"MT-"`` (human) or ``"mt-"`` (mouse), matched case-insensitively."""
+    return "mt-" if species.lower() == "mouse" else "MT-"
+
+
+def quality_control(
+    adata: anndata.AnnData,
+    species: str,
+    min_genes: int = 200,
+    min_cells: int = 8,
+    n_mads_counts: float = 5.0,
+    n_mads_mito: float = 3.0,
+    max_pct_mito: float = 20.0,
+    min_pct_mito_outlier: float = 5.0,
+) -> anndata.AnnData:
+    """Filter low-quality cells and rarely detected genes; ``X`` must hold raw counts.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw integer counts in ``X``, gene symbols in ``var_names``.
+    species
+        ``"human"`` or ``"mouse"`` (chooses the mitochondrial prefix).
+    min_genes
+        Drop cells with fewer detected genes.
+    min_cells
+        Drop genes detected in fewer cells.
+    n_mads_counts
+        Drop cells whose ``log1p(total counts)`` is more than this many MADs from the median.
+    n_mads_mito
+        Drop cells whose mitochondrial percentage is more than this many MADs above the median and above
+        ``min_pct_mito_outlier`` (so that tight, low distributions lose no healthy cells) ...
+    max_pct_mito
+        ... and every cell above this percentage.
+    min_pct_mito_outlier
+        See ``n_mads_mito``.
+
+    Returns
+    -------
+    anndata.AnnData
+        A filtered copy; ``obs`` gains ``n_genes_by_counts``, ``total_counts``, ``pct_counts_mt``.
+    """
+    check_gene_names(adata.var_names, "AnnData")
+    data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X).ravel()
+    check_raw_counts(data, "X")
+    adata = adata.copy()
+    sc.pp.filter_cells(adata, min_genes=min_genes)
+    sc.pp.filter_genes(adata, min_cells=min_cells)
+    adata.var["mt"] = adata.var_names.str.lower().str.startswith(mito_prefix(species).lower())
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    counts_outlier = _mad_outlier(np.log1p(adata.obs["total_counts"].to_numpy()), n_mads_counts)
+    pct_mt = adata.obs["pct_counts_mt"].to_numpy()
+    high = _mad_outlier(pct_mt, n_mads_mito) & (pct_mt > np.median(pct_mt)) & (pct_mt > min_pct_mito_outlier)
+    mito_outlier = (pct_mt > max_pct_mito) | high
+    keep = ~(counts_outlier | mito_outlier)
+    logger.info(
+        "QC kept %d/%d cells (%d count outliers, %d mito outliers), %d genes",
+        keep.sum(),
+        keep.size,
+        counts_outlier.sum(),
+        mito_outlier.sum(),
+        adata.n_vars,
+    )
+    adata = adata[keep].copy()
+    adata.var = adata.var.drop(columns=["mt"])
+    return adata
+
+
+def filter_rare_labels(adata: anndata.AnnData, label_key: str, min_cells: int = 20) -> anndata.AnnData:
+    """Drop cells whose label has fewer than ``min_cells`` cells (the paper does this for cell types).
+
+    Parameters
+    ----------
+    adata
+        Annotated cells.
+    label_key
+        ``obs`` column with the labels.
+    min_cells
+        Minimum number of cells a label needs to be kept.
+
+    Returns
+    -------
+    anndata.AnnData
+        A copy without the rare labels (unused categories removed).
+    """
+    if label_key not in adata.obs.columns:
+        raise ValueError(
+            f"No obs column {label_key!r} (columns: {list(adata.obs.columns)}): pass the label column."
+        )
+    counts = adata.obs[label_key].astype(str).value_counts()
+    rare = counts.index[counts < min_cells]
+    if len(rare):
+        logger.info("Dropping labels with < %d cells: %s", min_cells, dict(counts[rare]))
+    adata = adata[~adata.obs[label_key].astype(str).isin(rare)].copy()
+    if isinstance(adata.obs[label_key].dtype, pd.CategoricalDtype):
+        adata.obs[label_key] = adata.obs[label_key].cat.remove_unused_categories()
+    return adata
+
+
+def highly_variable_genes(adata: anndata.AnnData, n_top_genes: int = 3600) -> list[str]:
+    """Top highly variable genes (Seurat flavour) computed on a log-normalized copy of the raw counts.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X``; not modified.
+    n_top_genes
+        Number of genes to select; all genes when the dataset has fewer.
+
+    Returns
+    -------
+    list of str
+        The selected gene symbols, in the dataset's order.
+    """
+    if n_top_genes <= 0:
+        raise ValueError(f"n_top_genes must be positive, got {n_top_genes}.")
+    if n_top_genes >= adata.n_vars:
+        return adata.var_names.astype(str).tolist()
+    normalized = anndata.AnnData(X=adata.X.astype(np.float32), var=pd.DataFrame(index=adata.var_names))
+    sc.pp.normalize_total(normalized, target_sum=1e4)
+    sc.pp.log1p(normalized)
+    hvg = sc.pp.highly_variable_genes(normalized, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+    return adata.var_names[hvg["highly_variable"].to_numpy()].astype(str).tolist()
+
+
+def build_gene_vocab(gene_lists: Iterable[Iterable[str]]) -> list[str]:
+    """Union of per-dataset gene lists, sorted so that the vocabulary is reproducible."""
+    return sorted({str(g) for genes in gene_lists for g in genes})
+
+
+def load_ortholog_table(path_or_url: str | os.PathLike = MGI_ORTHOLOGS_URL) -> dict[str, str]:
+    """Read a mouse -> human ortholog table.
+
+    Three formats are recognised from the header:
+
+    * MGI ``HOM_MouseHumanSequence.rpt`` / ``HOM_AllOrganism.rpt`` (``DB Class Key``, ``Common Organism Name``,
+      ``Symbol``): genes sharing a class key are orthologs;
+    * Ensembl BioMart export of mouse genes with ``Gene name`` and ``Human gene name`` columns;
+    * any table with ``mouse_symbol`` and ``human_symbol`` columns.
+
+    Parameters
+    ----------
+    path_or_url
+        A local file or an ``http(s)`` URL (downloaded; needs internet). Tab- or comma-separated.
+
+    Returns
+    -------
+    dict
+        Mouse symbol -> human symbol. For one-to-many orthologs the first human gene in the file is kept.
+    """
+    text_source = str(path_or_url)
+    if text_source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(text_source, timeout=120) as response:
+            table = pd.read_csv(io.BytesIO(response.read()), sep=None, engine="python", dtype=str)
+    else:
+        table = pd.read_csv(text_source, sep=None, engine="python", dtype=str)
+    columns = set(table.columns)
+    if {"DB Class Key", "Common Organism Name", "Symbol"} <= columns:
+        organism = table["Common Organism Name"].str.lower()
+        mouse = table[organism.str.startswith("mouse")][["DB Class Key", "Symbol"]]
+        human = table[organism == "human"][["DB Class Key", "Symbol"]].drop_duplicates("DB Class Key")
+        pairs = mouse.merge(human, on="DB Class Key", suffixes=("_mouse", "_human"))
+        mouse_col, human_col = pairs["Symbol_mouse"], pairs["Symbol_human"]
+    elif {"Gene name", "Human gene name"} <= columns:
+        pairs = table.dropna(subset=["Gene name", "Human gene name"])
+        mouse_col, human_col = pairs["Gene name"], pairs["Human gene name"]
+    elif {"mouse_symbol", "human_symbol"} <= columns:
+        pairs = table.dropna(subset=["mouse_symbol", "human_symbol"])
+        mouse_col, human_col = pairs["mouse_symbol"], pairs["human_symbol"]
+    else:
+        raise ValueError(
+            f"Unrecognised ortholog table {text_source} (columns {sorted(columns)[:8]}): use MGI "
+            "HOM_MouseHumanSequence.rpt, a BioMart export with 'Gene name' and 'Human gene name', or a table "
+            "with 'mouse_symbol' and 'human_symbol' columns."
+        )
+    mapping: dict[str, str] = {}
+    for m, h in zip(mouse_col.astype(str), human_col.astype(str), strict=True):
+        mapping.setdefault(m, h)
+    if not mapping:
+        raise ValueError(
+            f"The ortholog table {text_source} maps no mouse gene: check that it is mouse -> human."
+        )
+    return mapping
+
+
+def map_mouse_genes(
+    adata: anndata.AnnData,
+    orthologs: Mapping[str, str] | None = None,
+    human_symbols: Iterable[str] | None = None,
+) -> anndata.AnnData:
+    """Rename mouse genes to their human orthologs; mouse-specific genes keep their mouse symbol.
+
+    Parameters
+    ----------
+    adata
+        Mouse cells x genes (raw counts).
+    orthologs
+        Mouse symbol -> human symbol (:func:`load_ortholog_table`). When ``None``, symbols are matched
+        case-insensitively (a warning is logged): to ``human_symbols`` when given (unmatched genes keep the
+        mouse symbol), else every symbol is upper-cased.
+    human_symbols
+        Human gene symbols to match against in the fallback (e.g. the genes of the human datasets).
+
+    Returns
+    -------
+    anndata.AnnData
+        A copy with renamed genes. Genes that end up with the same symbol are summed (counts stay integers);
+        ``var["mouse_symbol"]`` keeps the first original symbol.
+    """
+    names = adata.var_names.astype(str)
+    if orthologs is not None:
+        new = [orthologs.get(g, g) for g in names]
+        logger.info("Ortholog table mapped %d/%d mouse genes", sum(g in orthologs for g in names), len(names))
+    elif human_symbols is not None:
+        upper = {}
+        for h in human_symbols:
+            upper.setdefault(str(h).upper(), str(h))
+        new = [upper.get(g.upper(), g) for g in names]
+        logger.warning(
+            "No ortholog table: matched %d/%d mouse genes to human symbols case-insensitively. Pass an MGI or "
+            "BioMart table (load_ortholog_table) for real orthology.",
+            sum(g.upper() in upper for g in names),
+            len(names),
+        )
+    else:
+        new = [g.upper() for g in names]
+        logger.warning(
+            "No ortholog table and no human symbols: upper-cased all %d mouse symbols. Pass an MGI or BioMart "
+            "table (load_ortholog_table) for real orthology.",
+            len(names),
+        )
+    new_index = pd.Index(new)
+    if not new_index.has_duplicates:
+        mapped = adata.copy()
+        mapped.var["mouse_symbol"] = names.to_numpy()
+        mapped.var_names = new_index
+        return mapped
+    codes, uniques = pd.factorize(new_index)
+    aggregation = sp.csr_matrix(
+        (np.ones(len(codes), dtype=adata.X.dtype), (np.arange(len(codes)), codes)),
+        shape=(len(codes), len(uniques)),
+    )
+    X = sp.csr_matrix(adata.X) @ aggregation
+    first = pd.Series(names.to_numpy()).groupby(codes).first().to_numpy()
+    logger.info("%d mouse genes merged into %d human symbols", len(codes), len(uniques))
+    return anndata.AnnData(
+        X=sp.csr_matrix(X), obs=adata.obs.copy(), var=pd.DataFrame({"mouse_symbol": first}, index=uniques)
+    )
+
+
+def preprocess_dataset(
+    adata: anndata.AnnData,
+    species: str,
+    label_key: str,
+    drop_rare_labels: bool = True,
+    min_cells_per_label: int = 20,
+    orthologs: Mapping[str, str] | None = None,
+    human_symbols: Iterable[str] | None = None,
+    **qc_kwargs: float,
+) -> anndata.AnnData:
+    """QC, mouse-to-human gene mapping and rare-label removal for one dataset; ``X`` stays raw counts.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw integer counts, gene symbols as ``var_names``.
+    species
+        ``"human"`` or ``"mouse"``; mouse genes are mapped with :func:`map_mouse_genes`.
+    label_key
+        ``obs`` column with the labels.
+    drop_rare_labels
+        Drop labels with fewer than ``min_cells_per_label`` cells (the paper does this for cell types).
+    min_cells_per_label
+        See ``drop_rare_labels``.
+    orthologs, human_symbols
+        Passed to :func:`map_mouse_genes` for mouse data.
+    **qc_kwargs
+        Passed to :func:`quality_control`.
+
+    Returns
+    -------
+    anndata.AnnData
+        Processed copy with ``X`` as CSR int32 counts.
+    """
+    if species not in ("human", "mouse"):
+        raise ValueError(f"species must be 'human' or 'mouse', got {species!r}.")
+    adata = quality_control(adata, species, **qc_kwargs)
+    if species == "mouse":
+        adata = map_mouse_genes(adata, orthologs, human_symbols)
+    if drop_rare_labels:
+        adata = filter_rare_labels(adata, label_key, min_cells_per_label)
+    adata.X = sp.csr_matrix(adata.X).astype(np.int32)
+    return adata

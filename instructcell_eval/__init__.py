@@ -1,0 +1,29 @@
+"""Evaluation metrics for InstructCell: the numeric code behind the ``metrics/*`` evaluate modules."""
+
+from .classification_metrics import cell_classification_metrics
+from .generation_metrics import (
+    DEFAULT_KS,
+    ReferenceEmbedding,
+    cell_generation_metrics,
+    embedding_metrics,
+    gaussian_mmd,
+    knn_bandwidth,
+    mmd_gammas,
+    normalize_log1p,
+    pknn,
+    sknn,
+)
+
+__all__ = [
+    "DEFAULT_KS",
+    "ReferenceEmbedding",
+    "cell_classification_metrics",
+    "cell_generation_metrics",
+    "embedding_metrics",
+    "gaussian_mmd",
+    "knn_bandwidth",
+    "mmd_gammas",
+    "normalize_log1p",
+    "pknn",
+    "sknn",
+]
