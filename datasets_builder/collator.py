@@ -1,0 +1,56 @@
+"""Batch the builder's rows for the model: densify sparse cells per batch, tokenize, pad."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import BatchFeature
+
+from modeling_instructcell import InstructCellProcessor
+
+from .anndata_source import densify
+
+
+def _stack_cells(rows: Sequence[dict[str, Any]], prefix: str, n_genes: int) -> np.ndarray | None:
+    """Dense ``(n_cells, n_genes)`` counts of the rows that carry a ``<prefix>_gene_indices`` cell."""
+    cells = [
+        densify(row[f"{prefix}_gene_indices"], row[f"{prefix}_gene_counts"], n_genes)
+        for row in rows
+        if len(row[f"{prefix}_gene_indices"]) > 0
+    ]
+    return np.stack(cells) if cells else None
+
+
+@dataclass
+class DataCollatorForInstructCell:
+    """Turn rows of the InstructCell dataset into model inputs.
+
+    Each row's ``instruction`` (with a ``<CELL>`` slot when it has an input cell) and ``response``
+    (``<SIGNAL>`` for generation) go through the processor; the sparse input and target cells are
+    densified for this batch only. Train with ``remove_unused_columns=False``: the collator needs the
+    text and sparse columns, which are not ``forward`` arguments.
+
+    Parameters
+    ----------
+    processor : InstructCellProcessor
+        Its feature extractor's vocabulary must be the dataset's ``gene_vocab.txt``.
+    max_length : int, optional
+        Truncate prompts to this many tokens.
+    """
+
+    processor: InstructCellProcessor
+    max_length: int | None = None
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> BatchFeature:
+        """Collate rows into ``input_ids``, ``attention_mask``, ``labels`` (pad = -100),
+        ``cell_values`` ``(n_input_cells, n_genes)`` and ``target_cell_values`` ``(n_target_cells, n_genes)``."""
+        n_genes = self.processor.feature_extractor.vocab_size
+        return self.processor(
+            text=[row["instruction"] for row in rows],
+            cells=_stack_cells(rows, "input", n_genes),
+            text_target=[row["response"] for row in rows],
+            target_cells=_stack_cells(rows, "target", n_genes),
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+        )
