@@ -6,8 +6,8 @@ parts (``base_model_config``: a T5 config stored as a diff against ``T5Config()`
 ``assistant.``, and the slow T5 tokenizer files. This module holds the pure translation of both into this
 package's format:
 
-* :func:`is_original_config_dict` / :func:`original_config_to_native`: config ``dict`` -> ``InstructCellConfig``
-  keyword arguments (used by ``InstructCellConfig.from_dict``, hence by every ``from_pretrained``);
+* :func:`is_original_config_dict` / :func:`original_config_to_native`: config ``dict`` ->
+  ``InstructCellConfig`` keyword arguments (used by ``InstructCellConfig.from_dict``, hence by every ``from_pretrained``);
 * :data:`ORIGINAL_KEY_MAPPING`: regex renamings for ``from_pretrained(..., key_mapping=...)`` (transformers'
   ``WeightRenaming``), applied in order, each on the output of the previous one;
   :func:`convert_original_state_dict` applies the same renamings to an in-memory state dict;
@@ -163,10 +163,14 @@ def original_config_to_native(config_dict: Mapping[str, Any]) -> dict[str, Any]:
 
     for option in ("use_batch_norm",):
         if decoder.get(option, "none") != "none":
-            raise ValueError(f"feature_decoder_config.{option}={decoder[option]!r} is not supported (only 'none').")
+            raise ValueError(
+                f"feature_decoder_config.{option}={decoder[option]!r} is not supported (only 'none')."
+            )
     layer_norm = decoder.get("use_layer_norm", "both")
     if layer_norm not in ("both", "none"):
-        raise ValueError(f"feature_decoder_config.use_layer_norm={layer_norm!r} is not supported ('both' or 'none').")
+        raise ValueError(
+            f"feature_decoder_config.use_layer_norm={layer_norm!r} is not supported ('both' or 'none')."
+        )
     if not decoder.get("log_variational", True):
         raise ValueError("feature_decoder_config.log_variational=False is not supported.")
     n_condition = decoder.get("condition_input_dim", 256)
@@ -196,7 +200,7 @@ def original_config_to_native(config_dict: Mapping[str, Any]) -> dict[str, Any]:
         "vae_dropout": decoder.get("dropout_rate", 0.1),
         "vae_use_layer_norm": layer_norm == "both",
         "vae_adaptive_library": bool(decoder.get("adaptive_library", True)),
-        # The original sizes its adaptive library head as (1 + covariates) // 2 (128 for the published models).
+        # The original sizes its adaptive library head (1 + covariates) // 2 (128 in the published models).
         "vae_library_hidden": (1 + n_condition) // 2,
         "vae_kl_weight": 3.0,
         **token_ids,
@@ -236,8 +240,10 @@ def _read_vocab_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_original_gene_vocab(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """The original 18,961-gene vocabulary in the order the published checkpoints expect.
+def load_original_gene_vocab(
+    path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[str]:
+    """Return the original 18,961-gene vocabulary in the order the published checkpoints expect.
 
     Looked up in this order: ``path`` (a ``.txt`` with one symbol per line, or the original ``.npy``); the
     copy shipped with the package (``original_gene_vocab.txt``); a cached download; a download of the
@@ -248,7 +254,7 @@ def load_original_gene_vocab(path: str | os.PathLike | None = None, cache_dir: s
     path : str or PathLike, optional
         A local copy of the vocabulary.
     cache_dir : str or PathLike, optional
-        Where the download is cached (default ``$HF_HOME/instructcell`` or ``~/.cache/huggingface/instructcell``).
+        Download cache (default ``$HF_HOME/instructcell``, else ``~/.cache/huggingface/instructcell``).
 
     Returns
     -------

@@ -1,12 +1,11 @@
 """InstructCellProcessor: fills instruction templates, expands cell slots, tokenizes text and featurizes cells."""
 
+import json
+import os
 import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import json
-import os
 
 import numpy as np
 from tokenizers import AddedToken
@@ -134,8 +133,15 @@ class InstructCellProcessor(ProcessorMixin):
         tokens = (config.get("base_model_config") or {}).get("special_tokens_dict") or {}
         signal_tokens = tokens.get("signal_tokens") or ["<CELL1>"]
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        special = [tokens.get("start_tag", "<CELL>"), tokens.get("end_tag", "</CELL>"),
+                   tokens.get("placeholder", "<CELL0>"), *signal_tokens]
+        # transformers 5.x reads the original added tokens as plain ones; the original treats them as special
+        # (e.g. <CELL1> is dropped from decoded answers). Re-registering keeps their ids.
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in special], special_tokens=True)
         return cls(
-            feature_extractor=InstructCellFeatureExtractor(gene_names=list(gene_names)),
+            # The original vocabulary holds human (ACTB) and mouse (Actb) symbols side by side, and the original
+            # code aligns genes case-sensitively: so does this feature extractor.
+            feature_extractor=InstructCellFeatureExtractor(gene_names=list(gene_names), case_sensitive=True),
             tokenizer=tokenizer,
             num_query_tokens=encoder.get("num_query_tokens", 8),
             cell_start_token=tokens.get("start_tag", "<CELL>"),
