@@ -7,7 +7,8 @@ parts (``base_model_config``: a T5 config stored as a diff against ``T5Config()`
 package's format:
 
 * :func:`is_original_config_dict` / :func:`original_config_to_native`: config ``dict`` ->
-  ``InstructCellConfig`` keyword arguments (used by ``InstructCellConfig.from_dict``, hence by every ``from_pretrained``);
+  ``InstructCellConfig`` keyword arguments (used by ``InstructCellConfig.from_dict``, hence by every
+  ``from_pretrained``);
 * :data:`ORIGINAL_KEY_MAPPING`: regex renamings for ``from_pretrained(..., key_mapping=...)`` (transformers'
   ``WeightRenaming``), applied in order, each on the output of the previous one;
   :func:`convert_original_state_dict` applies the same renamings to an in-memory state dict;

@@ -185,7 +185,7 @@ def test_original_gene_vocabulary_copy():
     assert load_original_gene_vocab(REFERENCE / "original_vocab" / "gene_vocab.npy") == expected
 
 
-# ---------------------------------------------------------------------------------- (a) encoder + teacher forcing
+# ------------------------------------------------------------------------------ (a) encoder + teacher forcing
 def test_cell_encoder_matches(model, batch_a, ref):
     config = model.config
     cell_values = batch_a["cell_values"]
