@@ -5,6 +5,8 @@ from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .convert_original_instructcell import is_original_config_dict, original_config_to_native
+
 # google-t5/t5-base dimensions: the paper's backbone.
 _T5_BASE = {
     "d_model": 768,
@@ -55,6 +57,9 @@ class InstructCellConfig(PreTrainedConfig):
         Residual MLP blocks of the cell encoder (the first maps genes to t tokens and has no residual).
     cell_mlp_dropout : float
         Dropout after each MLP block but the last.
+    use_language_projection : bool
+        Map the Q-Former outputs into the language model with a Linear layer. False feeds them unchanged
+        (then the Q-Former width must equal the language model's), as the original InstructCell does.
     target_sum : float or None
         Counts of each cell are scaled to this total before ``log1p`` (``scanpy.pp.normalize_total``);
         ``None`` keeps raw counts.
@@ -81,6 +86,12 @@ class InstructCellConfig(PreTrainedConfig):
         embeddings) and ``<SIGNAL>`` (its hidden state conditions the VAE).
     initializer_range : float
         Standard deviation of the normal initializer of the new modules.
+
+    Notes
+    -----
+    A ``config.json`` written by the original InstructCell code (``base_model_config``,
+    ``feature_encoder_config``, ``feature_decoder_config``, e.g. ``zjunlp/InstructCell-chat``) is translated
+    on load by :meth:`from_dict` (see ``convert_original_instructcell.py``).
 
     Examples
     --------
@@ -109,6 +120,7 @@ class InstructCellConfig(PreTrainedConfig):
     num_kv_tokens: int = 6
     cell_mlp_num_blocks: int = 3
     cell_mlp_dropout: float = 0.1
+    use_language_projection: bool = True
     target_sum: float | None = 1e4
     log1p: bool = True
     vae_n_latent: int = 256
@@ -143,6 +155,18 @@ class InstructCellConfig(PreTrainedConfig):
             raise ValueError(f"cell_mlp_num_blocks must be at least 1, got {self.cell_mlp_num_blocks}.")
         if self.target_sum is not None and self.target_sum <= 0:
             raise ValueError(f"target_sum must be positive or None, got {self.target_sum}.")
+        if not self.use_language_projection and self.qformer_config.hidden_size != self.text_config.hidden_size:
+            raise ValueError(
+                "use_language_projection=False needs qformer_config.hidden_size == text_config.hidden_size, got "
+                f"{self.qformer_config.hidden_size} and {self.text_config.hidden_size}."
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Build the config from a dict; dicts written by the original InstructCell code are translated."""
+        if is_original_config_dict(config_dict):
+            config_dict = original_config_to_native(config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
 
 __all__ = ["InstructCellConfig"]

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from .configuration_instructcell import InstructCellConfig
+from .convert_original_instructcell import ORIGINAL_KEY_MAPPING, ORIGINAL_UNUSED_KEYS
 from .modeling_cell_encoder import InstructCellCellEncoder
 from .modeling_cell_vae import InstructCellConditionalVAE
 
@@ -101,6 +102,34 @@ class InstructCellPreTrainedModel(PreTrainedModel):
     # would not cover bf16 in transformers 5.x).
     _keep_in_fp32_modules_strict = ["cell_encoder", "cell_vae"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Original InstructCell checkpoints carry a per-cell dispersion head that "gene" dispersion never uses.
+    _keys_to_ignore_on_load_unexpected = list(ORIGINAL_UNUSED_KEYS)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that also reads original InstructCell checkpoints.
+
+        Checkpoints written by the original code (``zjunlp/InstructCell-chat`` / ``-instruct``: keys under
+        ``assistant.``) are renamed on load through ``key_mapping`` (``convert_original_instructcell.py``);
+        the config is translated by ``InstructCellConfig.from_dict``. Keys of this package's own checkpoints
+        match no rule, so they load unchanged. ``save_pretrained`` afterwards writes this package's layout.
+        """
+        key_mapping = {**ORIGINAL_KEY_MAPPING, **(kwargs.pop("key_mapping", None) or {})}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            # transformers reverts used renamings on save; keep only the caller's own ones.
+            model._weight_conversions = [
+                conversion
+                for conversion in conversions
+                if not set(getattr(conversion, "_original_source_patterns", None) or []) & set(ORIGINAL_KEY_MAPPING)
+            ]
+        if model.generation_config is not None and model.generation_config.eos_token_id is None:
+            # A generation_config.json without decoding settings (the original checkpoints' one): stop at
+            # EOS or <SIGNAL>, as the original `generate` does.
+            model._stop_generation_at_signal()
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -125,7 +154,10 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         super().__init__(config)
         text_hidden_size = config.text_config.hidden_size
         self.cell_encoder = InstructCellCellEncoder(config)
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_hidden_size)
+        if config.use_language_projection:
+            self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_hidden_size)
+        else:  # the original InstructCell feeds the Q-Former output to the language model unchanged
+            self.language_projection = nn.Identity()
         if config.use_decoder_only_language_model:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
@@ -192,6 +224,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             ``(n_cells, num_query_tokens, hidden_size)`` in the language model's dtype.
         """
         query_output = self.cell_encoder(cell_values)
+        if not self.config.use_language_projection:
+            return query_output.to(self.get_input_embeddings().weight.dtype)
         projection_dtype = self.language_projection.weight.dtype
         return self.language_projection(query_output.to(projection_dtype))
 

@@ -1,5 +1,7 @@
 """InstructCellProcessor: fills instruction templates, expands cell slots, tokenizes text and featurizes cells."""
 
+import json
+import os
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -7,7 +9,11 @@ from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.utils import cached_file
+
+from .convert_original_instructcell import is_original_config_dict, load_original_gene_vocab
+from .feature_extraction_instructcell import InstructCellFeatureExtractor
 
 IGNORE_INDEX = -100
 
@@ -68,6 +74,81 @@ class InstructCellProcessor(ProcessorMixin):
         if tokenizer is not None:
             self._add_special_tokens(tokenizer)
         super().__init__(feature_extractor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load a processor saved by this package, or build one for an original InstructCell checkpoint.
+
+        A folder or Hub repo written by the original code (``zjunlp/InstructCell-chat`` / ``-instruct``) has
+        no processor files, only the T5 tokenizer and an original ``config.json``. The processor is then built
+        from that tokenizer, the original special tokens (``<CELL0>`` placeholder, ``<CELL1>`` signal) and
+        ``num_query_tokens`` from the config, and a feature extractor over the original gene vocabulary.
+
+        Parameters
+        ----------
+        pretrained_model_name_or_path : str or PathLike
+            Local folder or Hub id.
+        gene_names : list of str, optional
+            Original checkpoints only: the checkpoint's gene vocabulary in column order. Defaults to the
+            original 18,961-gene vocabulary (see ``load_original_gene_vocab``) when the checkpoint has 18,961
+            genes; required otherwise.
+        gene_vocab_file : str or PathLike, optional
+            Original checkpoints only: a local copy of that vocabulary (``gene_vocab.npy`` or one symbol per line).
+        **kwargs
+            Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``...) and, for the native
+            format, anything ``ProcessorMixin.from_pretrained`` accepts.
+        """
+        gene_names = kwargs.pop("gene_names", None)
+        gene_vocab_file = kwargs.pop("gene_vocab_file", None)
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            if key in kwargs
+        }
+        original_config = _original_config_dict(pretrained_model_name_or_path, hub_kwargs)
+        if original_config is None:
+            if gene_names is not None or gene_vocab_file is not None:
+                raise ValueError(
+                    "gene_names / gene_vocab_file only apply to original InstructCell checkpoints; a saved "
+                    "processor already holds its gene vocabulary."
+                )
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return cls._from_original_checkpoint(
+            pretrained_model_name_or_path, original_config, gene_names, gene_vocab_file, hub_kwargs
+        )
+
+    @classmethod
+    def _from_original_checkpoint(cls, path, config: dict, gene_names, gene_vocab_file, hub_kwargs: dict):
+        encoder = config.get("feature_encoder_config") or {}
+        n_genes = encoder.get("count_dim", 18961)
+        if gene_names is None:
+            if n_genes != 18961 and gene_vocab_file is None:
+                raise ValueError(
+                    f"This original checkpoint reads {n_genes} genes, not the published 18,961: pass "
+                    "gene_names=[...] (its gene vocabulary in column order)."
+                )
+            gene_names = load_original_gene_vocab(gene_vocab_file)
+        if len(gene_names) != n_genes:
+            raise ValueError(f"The checkpoint reads {n_genes} genes but {len(gene_names)} gene names were given.")
+        tokens = (config.get("base_model_config") or {}).get("special_tokens_dict") or {}
+        signal_tokens = tokens.get("signal_tokens") or ["<CELL1>"]
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        special = [tokens.get("start_tag", "<CELL>"), tokens.get("end_tag", "</CELL>"),
+                   tokens.get("placeholder", "<CELL0>"), *signal_tokens]
+        # transformers 5.x reads the original added tokens as plain ones; the original treats them as special
+        # (e.g. <CELL1> is dropped from decoded answers). Re-registering keeps their ids.
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in special], special_tokens=True)
+        return cls(
+            # The original vocabulary holds human (ACTB) and mouse (Actb) symbols side by side, and the original
+            # code aligns genes case-sensitively: so does this feature extractor.
+            feature_extractor=InstructCellFeatureExtractor(gene_names=list(gene_names), case_sensitive=True),
+            tokenizer=tokenizer,
+            num_query_tokens=encoder.get("num_query_tokens", 8),
+            cell_start_token=tokens.get("start_tag", "<CELL>"),
+            cell_end_token=tokens.get("end_tag", "</CELL>"),
+            cell_placeholder_token=tokens.get("placeholder", "<CELL0>"),
+            signal_token=signal_tokens[0],
+        )
 
     @property
     def special_tokens(self) -> list[str]:
@@ -260,6 +341,21 @@ class InstructCellProcessor(ProcessorMixin):
         return [
             {"text": text.strip(), "has_signal": signal_id in row} for text, row in zip(texts, rows, strict=True)
         ]
+
+
+def _original_config_dict(path, hub_kwargs: dict) -> dict | None:
+    """The ``config.json`` dict when ``path`` holds an original InstructCell checkpoint without processor files."""
+    lookup = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
+    lookup.setdefault("_raise_exceptions_for_connection_errors", False)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if cached_file(path, name, **lookup) is not None:
+            return None
+    config_file = cached_file(path, "config.json", **lookup)
+    if config_file is None:
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return config if is_original_config_dict(config) else None
 
 
 __all__ = ["InstructCellProcessor", "template_fields"]
