@@ -146,6 +146,8 @@ class InstructCellConfig(PreTrainedConfig):
         if self.is_encoder_decoder and getattr(self.text_config, "decoder_start_token_id", None) is None:
             # T5 starts decoding from the pad token; its config class has no field for it.
             self.text_config.decoder_start_token_id = self.text_config.pad_token_id
+        # Seq2SeqTrainer (padding generated ids) and pipelines read the pad id from the top-level config.
+        self.pad_token_id = self.text_config.pad_token_id
         if self.n_genes < 1 or self.num_query_tokens < 1 or self.num_kv_tokens < 1:
             raise ValueError(
                 "n_genes, num_query_tokens and num_kv_tokens must be positive, got "

@@ -1,0 +1,42 @@
+"""Fine-tune InstructCell on the builder's dataset with the HF Trainer.
+
+    python examples/train.py --dataset_dir outputs/instructcell-data --output_dir outputs/small-instruct
+    accelerate launch --config_file configuration/accelerate/single_cpu.yaml examples/train.py \
+        configuration/train/small-instruct.yaml
+
+Arguments come from the command line or one YAML recipe (``configuration/train/*.yaml``); see ``--help``.
+Rerunning the same command resumes from the last checkpoint in ``--output_dir`` (Ctrl-C writes one first).
+The best model by validation loss is saved in the Hub layout to ``<output_dir>/final``.
+"""
+
+import logging
+import sys
+
+from transformers import HfArgumentParser
+
+from instructcell.hub import save_for_hub
+from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)  # per-batch gene alignment notes
+    parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        model_args, data_args, training_args = parser.parse_yaml_file(sys.argv[1])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    trainer, processor, interrupted = run_training(model_args, data_args, training_args)
+    if interrupted:
+        print(f"Interrupted: rerun the same command to resume from the checkpoint in {training_args.output_dir}.")
+        return
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        if model_args.use_lora:
+            model = model.merge_and_unload()
+        final = save_for_hub(model, processor, f"{training_args.output_dir}/final")
+        print(f"Saved the model (Hub layout) to {final}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Fine-tuning InstructCell with the Hugging Face Trainer (single CPU, DDP or DeepSpeed through Accelerate).
+
+The pieces ``examples/train.py`` is made of: argument dataclasses (with ``help`` metadata, as in peft),
+dataset loading, processor/model construction, a Trainer that logs both loss parts, and callbacks for
+a wall-clock budget and for saving a checkpoint when the job is interrupted.
+"""
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from datasets_builder import read_gene_vocab
+from datasets_builder.collator import DataCollatorForInstructCell
+from instructcell.presets import config_for_processor, load_preset
+from instructcell.tokenization import train_instruction_tokenizer
+from modeling_instructcell import (
+    InstructCellFeatureExtractor,
+    InstructCellForConditionalGeneration,
+    InstructCellProcessor,
+)
+
+logger = logging.getLogger(__name__)
+TASKS = ("cta", "dsp", "cpcg")
+PROCESSOR_DIR = "processor"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build."""
+
+    preset: str = field(default="small", metadata={"help": "Preset name (tiny, small, base) or JSON path."})
+    backbone: str | None = field(
+        default=None,
+        metadata={"help": "Start the language model from pretrained weights, e.g. google-t5/t5-base "
+                  "(its tokenizer is used too). Default: random weights of the preset's size."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer name or path. Default: the backbone's, or one trained offline on the "
+                  "training instructions."},
+    )
+    tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary of the offline tokenizer."})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArguments:
+    """Which examples to train on."""
+
+    dataset_dir: str = field(
+        default="outputs/instructcell-data",
+        metadata={"help": "Output of examples/build_dataset.py: {train,validation}.parquet + gene_vocab.txt."},
+    )
+    tasks: str = field(default="cta,dsp,cpcg", metadata={"help": "Comma-separated tasks to mix."})
+    variant: str = field(default="instruct", metadata={"help": "instruct (answer only) or chat."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training rows."})
+    max_eval_examples: int | None = field(default=512, metadata={"help": "Cap on validation rows."})
+
+
+@dataclass
+class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with the paper's defaults (Adafactor, lr 1e-3) and resumable checkpoints."""
+
+    optim: str = field(default="adafactor", metadata={"help": "The paper uses Adafactor."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "The paper's learning rate."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Validate every epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is kept too)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best model by eval_loss."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Best-model metric."})
+    logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads the text and sparse columns."}
+    )
+    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this wall time."})
+
+
+def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
+    """Read the builder's Parquet export and keep the requested tasks and variant."""
+    root = Path(data_args.dataset_dir)
+    files = {split: root / f"{split}.parquet" for split in ("train", "validation")}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise ValueError(f"Missing {missing}: build the data first with examples/build_dataset.py --output {root}.")
+    tasks = {task.strip() for task in data_args.tasks.split(",") if task.strip()}
+    unknown = tasks - set(TASKS)
+    if unknown:
+        raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {TASKS}.")
+    splits = datasets.load_dataset("parquet", data_files={k: str(v) for k, v in files.items()})
+    splits = splits.filter(lambda row: row["task"] in tasks and row["variant"] == data_args.variant)
+    if len(splits["train"]) == 0:
+        raise ValueError(f"No training rows for tasks {sorted(tasks)} and variant {data_args.variant!r}.")
+    for split, cap in (("train", data_args.max_train_examples), ("validation", data_args.max_eval_examples)):
+        if cap is not None and len(splits[split]) > cap:
+            splits[split] = splits[split].shuffle(seed=0).select(range(cap))
+    return splits
+
+
+def build_processor(model_args: ModelArguments, data_args: DataArguments, train: datasets.Dataset):
+    """Processor over the dataset's gene vocabulary with a pretrained or offline-trained tokenizer."""
+    genes = read_gene_vocab(Path(data_args.dataset_dir) / "gene_vocab.txt")
+    name = model_args.tokenizer or model_args.backbone
+    if name is not None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        corpus = list(train["instruction"]) + list(train["response"]) + list(train["label"])
+        tokenizer = train_instruction_tokenizer(corpus, vocab_size=model_args.tokenizer_vocab_size)
+    num_query_tokens = load_preset(model_args.preset).get("num_query_tokens", 8)
+    return InstructCellProcessor(
+        InstructCellFeatureExtractor(gene_names=genes), tokenizer, num_query_tokens=num_query_tokens
+    )
+
+
+def build_model(model_args: ModelArguments, processor: InstructCellProcessor) -> InstructCellForConditionalGeneration:
+    """The preset's model; with ``backbone``, its language model starts from pretrained weights."""
+    overrides = {}
+    if model_args.backbone is not None:
+        backbone = AutoModelForSeq2SeqLM.from_pretrained(model_args.backbone)
+        overrides["text_config"] = backbone.config.to_dict()
+    config = config_for_processor(model_args.preset, processor, **overrides)
+    model = InstructCellForConditionalGeneration(config)
+    if model_args.backbone is not None:
+        backbone.resize_token_embeddings(config.text_config.vocab_size)
+        model.language_model.load_state_dict(backbone.state_dict())
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+            target_modules=r".*language_model.*\.(q|v)", modules_to_save=["cell_encoder", "language_projection", "cell_vae"],
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+class InstructCellTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name in self._loss_parts:
+                value = getattr(outputs, name)
+                if value is not None:
+                    self._loss_parts[name].append(float(value.detach()))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, values in self._loss_parts.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                values.clear()
+        super().log(logs, start_time)
+
+
+class WallClockLimitCallback(TrainerCallback):
+    """Stop (and checkpoint) once ``minutes`` of training wall time have passed."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.start = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+class SaveOnInterruptCallback(TrainerCallback):
+    """On SIGINT/SIGTERM, finish the current step, write a checkpoint and stop; rerun to resume."""
+
+    def __init__(self):
+        self.interrupted = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to abort).")
+        self.interrupted = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def library_prior_counts(train: datasets.Dataset, processor: InstructCellProcessor, n_rows: int = 4096):
+    """Dense counts ``(n, n_genes)`` of up to ``n_rows`` training target (else input) cells."""
+    prefix = "target" if any(len(idx) for idx in train[:256]["target_gene_indices"]) else "input"
+    rows = [row for row in train.select(range(min(n_rows, len(train)))) if len(row[f"{prefix}_gene_indices"])]
+    collated = DataCollatorForInstructCell(processor)(rows)
+    return collated["target_cell_values" if prefix == "target" else "cell_values"]
+
+
+def resume_checkpoint(training_args: InstructCellTrainingArguments) -> str | None:
+    """The checkpoint to resume from: the explicit one, else the last one in ``output_dir``."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    output = Path(training_args.output_dir)
+    return get_last_checkpoint(str(output)) if output.is_dir() else None
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, training_args: InstructCellTrainingArguments
+) -> tuple[InstructCellTrainer, InstructCellProcessor, bool]:
+    """Train (or resume) and return the trainer, the processor and whether the run was interrupted."""
+    splits = load_splits(data_args)
+    processor_dir = Path(training_args.output_dir) / PROCESSOR_DIR
+    if processor_dir.is_dir():  # a resumed run keeps its tokenizer
+        processor = InstructCellProcessor.from_pretrained(processor_dir)
+    else:
+        processor = build_processor(model_args, data_args, splits["train"])
+        if training_args.process_index == 0:
+            processor.save_pretrained(processor_dir)
+    model = build_model(model_args, processor)
+    cell_vae = model.get_base_model().cell_vae if model_args.use_lora else model.cell_vae
+    if "cpcg" in data_args.tasks:
+        cell_vae.set_library_prior(library_prior_counts(splits["train"], processor))
+    interrupt = SaveOnInterruptCallback()
+    callbacks = [interrupt]
+    if training_args.max_train_minutes:
+        callbacks.append(WallClockLimitCallback(training_args.max_train_minutes))
+    trainer = InstructCellTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=DataCollatorForInstructCell(processor),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+    torch.manual_seed(training_args.seed)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer, processor, interrupt.interrupted

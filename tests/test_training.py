@@ -1,0 +1,131 @@
+"""examples/train.py's machinery on a tiny Parquet dataset: Trainer, loss parts, interruption and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from transformers import AutoModel, TrainerCallback
+
+from conftest import GENES
+from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(task: str, counts: np.ndarray, label: str, split: str) -> dict:
+    nonzero = np.flatnonzero(counts)
+    cell = {"gene_indices": nonzero.astype(np.int32).tolist(), "gene_counts": counts[nonzero].astype(np.float32).tolist()}
+    empty = {"gene_indices": [], "gene_counts": []}
+    instruction = {
+        "cta": "What cell type is this human cell? <CELL>",
+        "dsp": "Is this cell sensitive or resistant to erlotinib? <CELL>",
+        "cpcg": f"Generate a {label} from human blood.",
+    }[task]
+    return {
+        "task": task, "variant": "instruct", "dataset": "toy", "cell_id": f"{task}-{split}-{label}", "split": split,
+        "template_id": "t0", "instruction": instruction, "response": "<SIGNAL>" if task == "cpcg" else label,
+        "label": label, "choices": [], "options_in_prompt": False, "species": "human", "tissue": "blood",
+        "sequencing_method": "10x", "drug": "erlotinib" if task == "dsp" else "",
+        **{f"input_{k}": v for k, v in (empty if task == "cpcg" else cell).items()},
+        **{f"target_{k}": v for k, v in (cell if task == "cpcg" else empty).items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    labels = {"cta": ["T cell", "B cell"], "dsp": ["sensitive", "resistant"], "cpcg": ["T cell", "B cell"]}
+    for split, n in (("train", 8), ("validation", 2)):
+        rows = []
+        for task, names in labels.items():
+            for i in range(n):
+                counts = rng.poisson(3.0, size=len(GENES))
+                counts[0] += 1
+                rows.append(_row(task, counts, names[i % 2], f"{split}{i}"))
+        datasets.Dataset.from_list(rows).to_parquet(str(root / f"{split}.parquet"))
+    (root / "gene_vocab.txt").write_text("\n".join(GENES) + "\n")
+    return root
+
+
+def _args(dataset_dir: Path, output_dir: Path, **overrides):
+    training = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=6, save_strategy="steps",
+                    save_steps=2, eval_strategy="steps", eval_steps=2, logging_steps=1, learning_rate=3e-3,
+                    disable_tqdm=True, use_cpu=True)
+    training.update(overrides)
+    return (ModelArguments(preset="tiny", tokenizer_vocab_size=200), DataArguments(dataset_dir=str(dataset_dir)),
+            InstructCellTrainingArguments(**training))
+
+
+def test_training_logs_both_losses_and_keeps_the_best(dataset_dir, tmp_path):
+    trainer, processor, interrupted = run_training(*_args(dataset_dir, tmp_path / "run"))
+    assert not interrupted and trainer.state.global_step == 4
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("lm_loss" in entry and "vae_loss" in entry for entry in logged)
+    assert trainer.state.best_model_checkpoint is not None
+    assert (tmp_path / "run" / "processor" / "processor_config.json").is_file()
+    assert trainer.model.cell_vae.library_log_mean.item() > 0  # prior set from the training targets
+
+
+def test_interrupted_run_resumes_without_lost_steps(dataset_dir, tmp_path):
+    class InterruptAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    args = _args(dataset_dir, tmp_path / "run", max_steps=6, save_steps=100, eval_strategy="no",
+                 load_best_model_at_end=False)
+    from instructcell import training
+
+    original = training.InstructCellTrainer.__init__
+
+    def with_interrupt(self, *a, **kw):
+        kw["callbacks"] = [*kw.get("callbacks", []), InterruptAtStep3()]
+        original(self, *a, **kw)
+
+    training.InstructCellTrainer.__init__ = with_interrupt
+    try:
+        trainer, _, interrupted = run_training(*args)
+    finally:
+        training.InstructCellTrainer.__init__ = original
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert interrupted and trainer.state.global_step == 3
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    resumed, _, interrupted = run_training(*args)
+    assert not interrupted and resumed.state.global_step == 6
+    steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
+    assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3] and steps[-1] == 6
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_predict_with_generate_returns_ids(dataset_dir, tmp_path):
+    trainer, _, _ = run_training(*_args(dataset_dir, tmp_path / "run", predict_with_generate=True,
+                                        generation_max_length=8, eval_strategy="no", load_best_model_at_end=False))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    predictions = trainer.predict(trainer.eval_dataset)
+    assert predictions.predictions.ndim == 2 and predictions.predictions.shape[0] == len(trainer.eval_dataset)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
+    output = tmp_path / "launched"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "configuration" / "accelerate" / "single_cpu.yaml"), str(REPO / "examples" / "train.py"),
+        "--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny",
+        "--tokenizer_vocab_size", "200", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
+        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--per_device_train_batch_size", "4",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = output / "final"
+    assert json.loads((final / "config.json").read_text())["auto_map"]["AutoModel"].endswith(
+        "InstructCellForConditionalGeneration")
+    model = AutoModel.from_pretrained(final)
+    assert model.config.n_genes == len(GENES)
