@@ -53,6 +53,10 @@ class ModelArguments:
                   "training instructions."},
     )
     tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary of the offline tokenizer."})
+    alignment_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."}
+    )
+    vae_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."})
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling."})
@@ -69,6 +73,7 @@ class DataArguments:
     )
     tasks: str = field(default="cta,dsp,cpcg", metadata={"help": "Comma-separated tasks to mix."})
     variant: str = field(default="instruct", metadata={"help": "instruct (answer only) or chat."})
+    datasets: str | None = field(default=None, metadata={"help": "Comma-separated dataset names to keep (default: all)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training rows."})
     max_eval_examples: int | None = field(default=512, metadata={"help": "Cap on validation rows."})
 
@@ -106,9 +111,16 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     if unknown:
         raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {TASKS}.")
     splits = datasets.load_dataset("parquet", data_files={k: str(v) for k, v in files.items()})
-    splits = splits.filter(lambda row: row["task"] in tasks and row["variant"] == data_args.variant)
+    names = {name.strip() for name in data_args.datasets.split(",")} if data_args.datasets else None
+    splits = splits.filter(
+        lambda row: row["task"] in tasks
+        and row["variant"] == data_args.variant
+        and (names is None or row["dataset"] in names)
+    )
     if len(splits["train"]) == 0:
-        raise ValueError(f"No training rows for tasks {sorted(tasks)} and variant {data_args.variant!r}.")
+        raise ValueError(
+            f"No training rows for tasks {sorted(tasks)}, variant {data_args.variant!r} and datasets {names}."
+        )
     for split, cap in (("train", data_args.max_train_examples), ("validation", data_args.max_eval_examples)):
         if cap is not None and len(splits[split]) > cap:
             splits[split] = splits[split].shuffle(seed=0).select(range(cap))
@@ -136,6 +148,8 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
     if model_args.backbone is not None:
         backbone = AutoModelForSeq2SeqLM.from_pretrained(model_args.backbone)
         overrides["text_config"] = backbone.config.to_dict()
+    overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
+    overrides["vae_loss_weight"] = model_args.vae_loss_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
     model = InstructCellForConditionalGeneration(config)
     if model_args.backbone is not None:
@@ -157,7 +171,7 @@ class InstructCellTrainer(Seq2SeqTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": []}
+        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -256,7 +270,9 @@ def run_training(
         args=training_args,
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
-        data_collator=DataCollatorForInstructCell(processor),
+        data_collator=DataCollatorForInstructCell(
+            processor, with_cell_captions=model_args.alignment_loss_weight > 0
+        ),
         processing_class=processor,
         callbacks=callbacks,
     )

@@ -81,6 +81,12 @@ class InstructCellConfig(PreTrainedConfig):
         alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0, the value the original InstructCell trained with).
     vae_loss_weight : float
         Weight of the ELBO relative to the text cross-entropy.
+    alignment_loss_weight : float
+        Weight of the cell-label alignment loss (0 = the paper's objective): a contrastive loss that pulls
+        each input cell's mean embedding towards the mean token embedding of its label text, against the
+        other labels of the batch (BLIP-2's image-text contrast, with the label as the text).
+    alignment_temperature : float
+        Softmax temperature of that loss.
     cell_start_token_index, cell_end_token_index, cell_token_index, signal_token_index : int
         Token ids of ``<CELL>``, ``</CELL>``, the cell placeholder ``<cell_query>`` (replaced by cell
         embeddings) and ``<SIGNAL>`` (its hidden state conditions the VAE).
@@ -133,6 +139,8 @@ class InstructCellConfig(PreTrainedConfig):
     vae_library_hidden: int = 128
     vae_kl_weight: float = 3.0
     vae_loss_weight: float = 1.0
+    alignment_loss_weight: float = 0.0
+    alignment_temperature: float = 0.1
     cell_start_token_index: int = 32100
     cell_end_token_index: int = 32101
     cell_token_index: int = 32102

@@ -36,6 +36,8 @@ class InstructCellForConditionalGenerationModelOutput(ModelOutput):
         Cell-mean ZINB negative log-likelihood summed over genes (scalar).
     vae_kl_loss : torch.Tensor, optional
         Cell-mean KL terms (latent, unweighted, plus library) (scalar).
+    alignment_loss : torch.Tensor, optional
+        Cell-label contrastive loss (scalar), when ``cell_caption_ids`` are given.
     cell_embeds : torch.Tensor, optional
         Cell embeddings spliced into the text, ``(n_cells, num_query_tokens, hidden_size)``.
     signal_hidden_states : torch.Tensor, optional
@@ -50,6 +52,7 @@ class InstructCellForConditionalGenerationModelOutput(ModelOutput):
     vae_loss: torch.FloatTensor | None = None
     vae_reconstruction_loss: torch.FloatTensor | None = None
     vae_kl_loss: torch.FloatTensor | None = None
+    alignment_loss: torch.FloatTensor | None = None
     cell_embeds: torch.FloatTensor | None = None
     signal_hidden_states: torch.FloatTensor | None = None
     language_model_outputs: ModelOutput | None = None
@@ -297,6 +300,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         decoder_attention_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         target_cell_values: torch.FloatTensor | None = None,
+        cell_caption_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> InstructCellForConditionalGenerationModelOutput:
@@ -317,6 +321,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         target_cell_values : torch.FloatTensor, optional
             Raw counts ``(n_signals, n_genes)`` of the cells that the ``<SIGNAL>`` tokens in the answers
             stand for, in order of appearance.
+        cell_caption_ids : torch.LongTensor, optional
+            Token ids of each input cell's caption (its label text) ``(n_cells, label_len)``, ``-100``-padded; adds
+            ``config.alignment_loss_weight`` x the alignment loss.
         inputs_embeds : torch.FloatTensor, optional
             ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
         **kwargs
@@ -367,6 +374,12 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             vae_term = self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
             loss = vae_term if loss is None else loss + vae_term.to(loss.dtype)
 
+        alignment_loss = None
+        if cell_caption_ids is not None and cell_embeds is not None and self.config.alignment_loss_weight > 0:
+            alignment_loss = self.cell_caption_alignment_loss(cell_embeds, cell_caption_ids)
+            alignment_term = self.config.alignment_loss_weight * alignment_loss
+            loss = alignment_term if loss is None else loss + alignment_term.to(loss.dtype)
+
         return InstructCellForConditionalGenerationModelOutput(
             loss=loss,
             logits=outputs.logits,
@@ -374,10 +387,42 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             vae_loss=None if vae_output is None else vae_output.loss,
             vae_reconstruction_loss=None if vae_output is None else vae_output.reconstruction_loss,
             vae_kl_loss=None if vae_output is None else vae_output.kl_z + vae_output.kl_library,
+            alignment_loss=alignment_loss,
             cell_embeds=cell_embeds,
             signal_hidden_states=signal_states,
             language_model_outputs=outputs,
         )
+
+    def cell_caption_alignment_loss(self, cell_embeds: torch.Tensor, cell_caption_ids: torch.LongTensor) -> torch.Tensor:
+        """Contrast each cell with the labels of the batch (supervised, label text as the other modality).
+
+        Parameters
+        ----------
+        cell_embeds : torch.Tensor
+            ``(n_cells, num_query_tokens, hidden_size)`` from :meth:`get_cell_features`.
+        cell_caption_ids : torch.LongTensor
+            ``(n_cells, label_len)`` token ids of each cell's label, ``-100``-padded.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar cross-entropy of picking each cell's own label among the batch's distinct labels.
+        """
+        if cell_caption_ids.shape[0] != cell_embeds.shape[0]:
+            raise ValueError(
+                f"Got {cell_caption_ids.shape[0]} cell labels for {cell_embeds.shape[0]} cells; pass one label per cell."
+            )
+        label_mask = cell_caption_ids != IGNORE_INDEX
+        distinct, label_index = torch.unique(cell_caption_ids, dim=0, return_inverse=True)
+        distinct_mask = (distinct != IGNORE_INDEX).unsqueeze(-1)
+        token_embeds = self.get_input_embeddings()(distinct.clamp_min(0)) * distinct_mask
+        label_vectors = token_embeds.sum(1) / distinct_mask.sum(1).clamp_min(1)
+        if not bool(label_mask.any(-1).all()):
+            raise ValueError("Every cell label needs at least one token.")
+        cell_vectors = nn.functional.normalize(cell_embeds.mean(1).float(), dim=-1)
+        label_vectors = nn.functional.normalize(label_vectors.float(), dim=-1)
+        logits = cell_vectors @ label_vectors.T / self.config.alignment_temperature
+        return nn.functional.cross_entropy(logits, label_index)
 
     def _signal_states(self, token_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(n_signals, hidden)`` at the positions where ``<SIGNAL>`` is the input token."""

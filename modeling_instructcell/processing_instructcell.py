@@ -223,6 +223,7 @@ class InstructCellProcessor(ProcessorMixin):
         metadata: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         text_target: str | Sequence[str] | None = None,
         target_cells: Any = None,
+        cell_captions: Sequence[str] | None = None,
         gene_names: Sequence[str] | None = None,
         layer: str | None = None,
         padding: bool | str = True,
@@ -247,6 +248,8 @@ class InstructCellProcessor(ProcessorMixin):
             Answers; returned as ``labels`` with padding set to -100.
         target_cells : optional
             Cells the ``<SIGNAL>`` tokens of the answers stand for (same input types as ``cells``).
+        cell_captions : list of str, optional
+            The label text of each input cell, for the alignment loss; returned as ``cell_caption_ids``.
         gene_names : list of str, optional
             Gene names of array inputs without names.
         layer : str, optional
@@ -287,10 +290,19 @@ class InstructCellProcessor(ProcessorMixin):
             data["cell_values"] = cell_features["cell_values"]
         if text_target is not None:
             data["labels"] = self._encode_targets(text_target, len(prompts), return_tensors)
+        if cell_captions is not None:
+            if len(cell_captions) != n_cells:
+                raise ValueError(f"Got {len(cell_captions)} cell labels for {n_cells} cells; pass one per cell.")
+            data["cell_caption_ids"] = self._encode_captions(cell_captions, return_tensors)
         if target_cells is not None:
             target = self.feature_extractor(target_cells, gene_names=gene_names, layer=layer, return_tensors="np")
             data["target_cell_values"] = target["cell_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _encode_captions(self, texts: Sequence[str], return_tensors: str | None):
+        encoding = self.tokenizer(list(texts), padding=True, add_special_tokens=False, return_tensors="np")
+        ids = np.where(encoding["attention_mask"] == 1, encoding["input_ids"], IGNORE_INDEX)
+        return ids if return_tensors is None else BatchFeature({"ids": ids}, tensor_type=return_tensors)["ids"]
 
     def _encode_targets(self, text_target: str | Sequence[str], batch_size: int, return_tensors: str | None):
         targets = [text_target] if isinstance(text_target, str) else list(text_target)

@@ -191,3 +191,28 @@ def test_bf16_keeps_cell_modules_in_fp32(model, tester, tmp_path):
     assert reloaded.cell_vae.px_r.dtype == torch.float32
     out = reloaded(**tester.task_batch())
     assert torch.isfinite(out.loss)
+
+
+def test_alignment_loss_pulls_cells_to_their_label_text(tester):
+    config = tester.config
+    config.alignment_loss_weight = 1.0
+    model = InstructCellForConditionalGeneration(config).train()
+    counts = tester.make_counts(4, seed=1)
+    counts[2:, :20] *= 20  # two kinds of cells
+    batch = tester.processor(text="What cell type is this? {input}", cells=counts,
+                             text_target=["This is a T cell."] * 2 + ["This is a B cell."] * 2,
+                             cell_captions=["T cell", "T cell", "B cell", "B cell"])
+    assert batch["cell_caption_ids"].shape[0] == 4
+    out = model(**batch)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.alignment_loss)
+    out.loss.backward()
+    assert model.cell_encoder.query_tokens.grad.abs().sum() > 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out.alignment_loss.item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    assert model(**batch).alignment_loss.item() < 0.5 * first
+    with pytest.raises(ValueError, match="one label per cell"):
+        model.cell_caption_alignment_loss(out.cell_embeds, batch["cell_caption_ids"][:2])
