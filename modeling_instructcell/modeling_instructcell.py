@@ -85,6 +85,23 @@ class InstructCellGenerateCellsOutput(ModelOutput):
     condition_states: torch.FloatTensor | None = None
 
 
+@dataclass
+class InstructCellLabelScoresOutput(ModelOutput):
+    """Outputs of [`InstructCellForConditionalGeneration.score_labels`].
+
+    Attributes
+    ----------
+    log_likelihoods : torch.FloatTensor
+        Summed token log-probabilities of each candidate answer (EOS included), ``(batch_size, n_candidates)``.
+    probabilities : torch.FloatTensor
+        ``softmax(log_likelihoods)`` over the candidates of each prompt, ``(batch_size, n_candidates)``;
+        rows sum to 1.
+    """
+
+    log_likelihoods: torch.FloatTensor | None = None
+    probabilities: torch.FloatTensor | None = None
+
+
 class InstructCellPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading behaviour shared by InstructCell models."""
 
@@ -496,6 +513,104 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             condition_states=condition_states,
         )
 
+    def score_labels(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+        candidate_ids: torch.LongTensor | None = None,
+        candidate_attention_mask: torch.LongTensor | None = None,
+        max_rows_per_pass: int | None = None,
+    ) -> InstructCellLabelScoresOutput:
+        """Score every candidate answer of every prompt: one encoder pass, one batched decoder pass.
+
+        The prompts (cells spliced in) are encoded once; the encoder states are repeated over the
+        candidates and every candidate answer is teacher-forced in a single decoder pass. The score of a
+        candidate is the sum of its token log-probabilities (EOS included, so ``"T cell"`` and
+        ``"T cell subtype"`` differ), and the distribution is the softmax of these sums over the candidates.
+        Decoder-only backbones run one causal pass over ``[prompt | candidate]`` with the merged prompt
+        embeddings (cell encoder still run once). Runs under the caller's grad mode, so it also serves
+        gradient saliency; wrap it in ``torch.inference_mode()`` for speed.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            The prompts, as given to :meth:`generate`.
+        candidate_ids : torch.LongTensor
+            Tokenized candidate answers as the model would write them (for encoder-decoder backbones with
+            the tokenizer's EOS), right-padded: ``(n_candidates, cand_len)`` shared by all prompts, or
+            ``(batch_size, n_candidates, cand_len)`` per prompt.
+        candidate_attention_mask : torch.LongTensor, optional
+            Same shape as ``candidate_ids``; 0 on padding. Derived from the pad token when omitted.
+        max_rows_per_pass : int, optional
+            Bound on prompt x candidate rows per decoder call (memory of the logits); the encoder still
+            runs once. Default: all rows at once.
+
+        Returns
+        -------
+        InstructCellLabelScoresOutput
+        """
+        if candidate_ids is None:
+            raise ValueError("Pass `candidate_ids`: the tokenized candidate answers (e.g. the label set).")
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        batch_size = inputs_embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        pad_id = self.config.text_config.pad_token_id or 0
+        if candidate_attention_mask is None:
+            candidate_attention_mask = (candidate_ids != pad_id).long()
+        if candidate_ids.dim() == 2:
+            candidate_ids = candidate_ids.unsqueeze(0).expand(batch_size, -1, -1)
+            candidate_attention_mask = candidate_attention_mask.unsqueeze(0).expand(batch_size, -1, -1)
+        if candidate_ids.dim() != 3 or candidate_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"candidate_ids must be (n_candidates, len) or ({batch_size}, n_candidates, len); "
+                f"got {tuple(candidate_ids.shape)}."
+            )
+        n_candidates = candidate_ids.shape[1]
+        candidate_ids = candidate_ids.to(inputs_embeds.device).reshape(batch_size * n_candidates, -1)
+        candidate_mask = candidate_attention_mask.to(inputs_embeds.device).reshape(batch_size * n_candidates, -1)
+        labels = candidate_ids.masked_fill(candidate_mask == 0, IGNORE_INDEX)
+        row_prompt = torch.arange(batch_size, device=inputs_embeds.device).repeat_interleave(n_candidates)
+        rows = batch_size * n_candidates
+        step = rows if not max_rows_per_pass else max(1, int(max_rows_per_pass))
+
+        encoder_states = None
+        if not self.config.use_decoder_only_language_model:
+            encoder_states = self.get_encoder()(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+            ).last_hidden_state
+        scores = []
+        for start in range(0, rows, step):
+            index = row_prompt[start : start + step]
+            chunk_labels = labels[start : start + step]
+            if encoder_states is None:
+                outputs, _ = self._decoder_only_forward(
+                    inputs_embeds[index], attention_mask[index], chunk_labels, {"return_dict": True}
+                )
+                logits = outputs.logits[:, inputs_embeds.shape[1] - 1 : -1]
+            else:
+                text_config = self.config.text_config
+                decoder_input_ids = shift_tokens_right(
+                    chunk_labels, text_config.pad_token_id, text_config.decoder_start_token_id
+                )
+                outputs = self.language_model(
+                    encoder_outputs=(encoder_states[index],),
+                    attention_mask=attention_mask[index],
+                    decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=candidate_mask[start : start + step],
+                    return_dict=True,
+                )
+                logits = outputs.logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            target = chunk_labels.clamp_min(0).unsqueeze(-1)
+            token_scores = log_probs.gather(-1, target).squeeze(-1) * (chunk_labels != IGNORE_INDEX)
+            scores.append(token_scores.sum(-1))
+        log_likelihoods = torch.cat(scores).reshape(batch_size, n_candidates)
+        return InstructCellLabelScoresOutput(
+            log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
+        )
+
     @torch.no_grad()
     def signal_states_for_sequences(
         self,
@@ -549,6 +664,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
 __all__ = [
     "InstructCellForConditionalGeneration",
+    "InstructCellLabelScoresOutput",
     "InstructCellForConditionalGenerationModelOutput",
     "InstructCellGenerateCellsOutput",
     "InstructCellPreTrainedModel",
