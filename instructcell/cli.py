@@ -37,13 +37,18 @@ def _labels(args, adata: anndata.AnnData | None = None) -> list[str] | None:
         if column not in adata.obs.columns:
             raise SystemExit(f"error: obs has no column {column!r}; columns: {list(adata.obs.columns)}")
         values = adata.obs[column]
-        return [str(v) for v in (values.cat.categories if hasattr(values, "cat") else sorted(set(values.astype(str))))]
+        return [
+            str(v)
+            for v in (values.cat.categories if hasattr(values, "cat") else sorted(set(values.astype(str))))
+        ]
     return None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder or Hub id")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="bf16: language model in bfloat16")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="bf16: language model in bfloat16"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, 0, ... (default: GPU if available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="use the model folder's own code")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per model call")
@@ -54,23 +59,37 @@ def _annotate_args(parser: argparse.ArgumentParser, label_key: str, template: st
     _common(parser)
     parser.add_argument("input", help=".h5ad file (read in backed mode, chunk by chunk)")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad (may equal the input)")
-    parser.add_argument("--template", default=template, help="instruction with {input} (default: %(default)r)")
+    parser.add_argument(
+        "--template", default=template, help="instruction with {input} (default: %(default)r)"
+    )
     parser.add_argument("--labels", help="comma-separated label set")
     parser.add_argument("--labels-from-obs", metavar="COLUMN", help="take the label set from an obs column")
-    parser.add_argument("--label-key", default=label_key, help="obs column for the label (default: %(default)s)")
+    parser.add_argument(
+        "--label-key", default=label_key, help="obs column for the label (default: %(default)s)"
+    )
     parser.add_argument("--probability-key", default=None, help="obs column for the probability")
-    parser.add_argument("--method", choices=["score", "generate"], default=None,
-                        help="score: arg-max of the label distribution (fast); generate: parse the greedy answer")
+    parser.add_argument(
+        "--method",
+        choices=["score", "generate"],
+        default=None,
+        help="score: arg-max of the label distribution (fast); generate: parse the greedy answer",
+    )
     parser.add_argument("--layer", default=None, help="AnnData layer with raw counts (default X)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="rows read per chunk")
     parser.add_argument("--max-new-tokens", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instructcell", description="Talk to single-cell data with InstructCell.")
+    """Build the argument parser with the four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="instructcell", description="Talk to single-cell data with InstructCell."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    _annotate_args(sub.add_parser("annotate", help="annotate every cell of an .h5ad"), "instructcell_label",
-                   inference.CTA_TEMPLATE)
+    _annotate_args(
+        sub.add_parser("annotate", help="annotate every cell of an .h5ad"),
+        "instructcell_label",
+        inference.CTA_TEMPLATE,
+    )
     drug = sub.add_parser("predict-drug", help="predict drug response of every cell")
     _annotate_args(drug, "instructcell_drug_response", inference.DSP_TEMPLATE)
     drug.add_argument("--drug", help="drug name for {drug} (default: obs['drug'])")
@@ -99,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipe(args):
-    return inference.load_pipeline(args.model, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
+    return inference.load_pipeline(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
 
 
 def _call_kwargs(args) -> dict:
@@ -110,9 +130,16 @@ def _call_kwargs(args) -> dict:
 def _run_annotate(args, out: TextIO) -> int:
     pipe = _pipe(args)
     kwargs = dict(
-        labels=_labels(args), template=args.template, output=args.output, label_key=args.label_key,
-        method=args.method, layer=args.layer, chunk_size=args.chunk_size, batch_size=args.batch_size,
-        progress=not args.quiet, **_call_kwargs(args),
+        labels=_labels(args),
+        template=args.template,
+        output=args.output,
+        label_key=args.label_key,
+        method=args.method,
+        layer=args.layer,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        **_call_kwargs(args),
     )
     kwargs["probability_key"] = args.probability_key or f"{args.label_key}_probability"
     if args.command == "predict-drug":
@@ -141,11 +168,21 @@ def _run_generate(args, out: TextIO) -> int:
     shared = {"species": args.species, "tissue": args.tissue, "sequencing_method": args.sequencing_method}
     rows = [{**{k: v for k, v in shared.items() if v}, **row} for row in rows]
     adata = inference.generate_cells(
-        _pipe(args), rows, n_cells=args.n_cells, template=args.template, output=args.output,
-        batch_size=args.batch_size, seed=args.seed, library_size=args.library_size, progress=not args.quiet,
+        _pipe(args),
+        rows,
+        n_cells=args.n_cells,
+        template=args.template,
+        output=args.output,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        library_size=args.library_size,
+        progress=not args.quiet,
         **_call_kwargs(args),
     )
-    print(f"wrote {args.output}: {adata.n_obs} cells x {adata.n_vars} genes for {len(rows)} conditions", file=out)
+    print(
+        f"wrote {args.output}: {adata.n_obs} cells x {adata.n_vars} genes for {len(rows)} conditions",
+        file=out,
+    )
     return 0
 
 
@@ -159,7 +196,9 @@ HELP = """Ask about the loaded cells, e.g.
   quit"""
 
 _RANGE = re.compile(r"\bcells?\s+(\d+)(?:\s*(?:-|–|to|\.\.)\s*(\d+))?", re.IGNORECASE)
-_GENERATE = re.compile(r"^\s*(?:please\s+)?(?:generate|simulate|make)\s+(\d+)\s+(.+?)\s*[?.!]*\s*$", re.IGNORECASE)
+_GENERATE = re.compile(
+    r"^\s*(?:please\s+)?(?:generate|simulate|make)\s+(\d+)\s+(.+?)\s*[?.!]*\s*$", re.IGNORECASE
+)
 _SALIENCY = re.compile(r"\b(which|what)\s+genes?\b|\bwhy\b|\bdrive", re.IGNORECASE)
 _SAVE = re.compile(r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.h5ad)\s*$", re.IGNORECASE)
 
@@ -167,8 +206,16 @@ _SAVE = re.compile(r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.h5
 class ChatSession:
     """State of one ``instructcell chat`` conversation (also usable from Python)."""
 
-    def __init__(self, pipe, adata: anndata.AnnData, labels=None, template=inference.CTA_TEMPLATE,
-                 history_turns: int = 4, max_new_tokens: int = 32, batch_size: int = 64):
+    def __init__(
+        self,
+        pipe,
+        adata: anndata.AnnData,
+        labels=None,
+        template=inference.CTA_TEMPLATE,
+        history_turns: int = 4,
+        max_new_tokens: int = 32,
+        batch_size: int = 64,
+    ):
         self.pipe, self.adata, self.labels, self.template = pipe, adata, labels, template
         self.history_turns, self.max_new_tokens, self.batch_size = history_turns, max_new_tokens, batch_size
         self.history: list[tuple[str, str]] = []
@@ -186,6 +233,7 @@ class ChatSession:
         return view.to_memory() if getattr(self.adata, "isbacked", False) else view.copy()
 
     def respond(self, message: str) -> str:
+        """Answer one user message and append the turn to the history."""
         message = message.strip()
         if not message:
             return ""
@@ -221,16 +269,26 @@ class ChatSession:
             raise ValueError(f"cells {first}-{last} are outside 0-{n - 1}.")
         rows = np.arange(first, last + 1)
         cells = self._cells(rows)
-        results = self.pipe(self._history_prefix() + self.template, cells=cells, labels=self.labels,
-                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        calls = [r["label"] if r["label"] is not None else (r["argmax_label"] or r["answer"]) for r in results]
+        results = self.pipe(
+            self._history_prefix() + self.template,
+            cells=cells,
+            labels=self.labels,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        calls = [
+            r["label"] if r["label"] is not None else (r["argmax_label"] or r["answer"]) for r in results
+        ]
         self.selection = rows
         top = Counter(calls).most_common()
         self.last_call = (rows, top[0][0])
         parts = []
         for label, count in top[:6]:
-            probs = [r["label_probabilities"][label] for r in results
-                     if r["label_probabilities"] and label in r["label_probabilities"]]
+            probs = [
+                r["label_probabilities"][label]
+                for r in results
+                if r["label_probabilities"] and label in r["label_probabilities"]
+            ]
             detail = f" (mean p={np.mean(probs):.2f})" if probs else ""
             parts.append(f"{count} x {label!s}{detail}")
         what = f"Cell {first} is" if first == last else f"Cells {first}-{last}:"
@@ -238,7 +296,9 @@ class ChatSession:
 
     def _generate(self, n_cells: int, phrase: str) -> str:
         like_these = bool(re.search(r"\blike (these|those|them|this)\b", phrase, re.IGNORECASE))
-        cell_type = re.sub(r"\s*\blike (these|those|them|this)( cells?)?\b", "", phrase, flags=re.IGNORECASE).strip()
+        cell_type = re.sub(
+            r"\s*\blike (these|those|them|this)( cells?)?\b", "", phrase, flags=re.IGNORECASE
+        ).strip()
         cell_type = re.sub(r"\bcells$", "cell", cell_type)
         condition = {"cell_type": cell_type}
         library = None
@@ -252,13 +312,20 @@ class ChatSession:
             library = float(np.median(values.sum(1)))
         template = inference.generation_template(condition)
         self.generated = inference.generate_cells(
-            self.pipe, [condition], n_cells=n_cells, template=self._history_prefix() + template,
-            library_size=library, progress=False, max_new_tokens=self.max_new_tokens,
+            self.pipe,
+            [condition],
+            n_cells=n_cells,
+            template=self._history_prefix() + template,
+            library_size=library,
+            progress=False,
+            max_new_tokens=self.max_new_tokens,
         )
         totals = np.asarray(self.generated.X.sum(1)).ravel()
         described = ", ".join(f"{k}={v}" for k, v in condition.items())
-        return (f"Generated {self.generated.n_obs} cells ({described}); median {np.median(totals):.0f} counts per "
-                "cell. Say 'save generated to <file>.h5ad' to keep them.")
+        return (
+            f"Generated {self.generated.n_obs} cells ({described}); median {np.median(totals):.0f} "
+            "counts per cell. Say 'save generated to <file>.h5ad' to keep them."
+        )
 
     def _saliency(self) -> str:
         rows, label = self.last_call
@@ -266,11 +333,20 @@ class ChatSession:
             labels = None
         else:
             labels = self.labels
-        frame = inference.gene_saliency(self.pipe, self._cells(rows), label, labels=labels, template=self.template,
-                                        top_k=10, batch_size=self.batch_size)
+        frame = inference.gene_saliency(
+            self.pipe,
+            self._cells(rows),
+            label,
+            labels=labels,
+            template=self.template,
+            top_k=10,
+            batch_size=self.batch_size,
+        )
         genes = ", ".join(f"{gene} ({'+' if g > 0 else '-'})" for gene, g in frame["mean_gradient"].items())
-        return (f"Top genes behind '{label}' for {len(rows)} cells (vanilla gradient of log p; + = more counts "
-                f"favour it): {genes}.")
+        return (
+            f"Top genes behind '{label}' for {len(rows)} cells (vanilla gradient of log p; + = more counts "
+            f"favour it): {genes}."
+        )
 
     def _free_text(self, message: str) -> str:
         instruction = self._history_prefix() + message.replace("{", "{{").replace("}", "}}")
@@ -280,11 +356,20 @@ class ChatSession:
 
 def _run_chat(args, stdin: TextIO, out: TextIO) -> int:
     adata = anndata.read_h5ad(args.input, backed="r")
-    session = ChatSession(_pipe(args), adata, labels=_labels(args, adata), template=args.template,
-                          history_turns=args.history_turns, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size)
-    print(f"Loaded {args.input}: {adata.n_obs} cells x {adata.n_vars} genes. Type 'help' for examples, 'quit' to "
-          "leave.", file=out)
+    session = ChatSession(
+        _pipe(args),
+        adata,
+        labels=_labels(args, adata),
+        template=args.template,
+        history_turns=args.history_turns,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"Loaded {args.input}: {adata.n_obs} cells x {adata.n_vars} genes. Type 'help' for examples, "
+        "'quit' to leave.",
+        file=out,
+    )
     try:
         while True:
             print(PROMPT, end="", file=out, flush=True)

@@ -53,7 +53,7 @@ def load_pipeline(
     device: str | int | None = None,
     trust_remote_code: bool = False,
 ) -> InstructCellPipeline:
-    """An :class:`InstructCellPipeline` for a model folder or Hub id (returned unchanged if already one).
+    """Build an :class:`InstructCellPipeline` for a model folder or Hub id (a pipeline is returned as is).
 
     Parameters
     ----------
@@ -70,8 +70,12 @@ def load_pipeline(
     from transformers import AutoModel, AutoProcessor
 
     if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                 "float32": torch.float32}[dtype.lower()]
+        dtype = {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+        }[dtype.lower()]
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -144,8 +148,8 @@ def _predict(
         raise ValueError(f"method must be 'score' or 'generate', got {method!r}.")
     if method == "score" and label_set is None:
         raise ValueError(
-            "method='score' needs a label set: pass labels=[...], a template with {choices}, or a model whose "
-            "config has label_names; or use method='generate' for free-text answers."
+            "method='score' needs a label set: pass labels=[...], a template with {choices}, or a model "
+            "whose config has label_names; or use method='generate' for free-text answers."
         )
     predictions: list = [None] * parsed.n_cells
     probabilities = np.full(parsed.n_cells, np.nan, dtype=np.float32)
@@ -183,7 +187,8 @@ def _predict(
         import warnings
 
         warnings.warn(
-            f"{n_empty} cells have no counts in the model's genes; they were left unannotated (NaN).", stacklevel=3
+            f"{n_empty} cells have no counts in the model's genes; they were left unannotated (NaN).",
+            stacklevel=3,
         )
     return predictions, probabilities, label_set
 
@@ -263,7 +268,17 @@ def annotate(
             known = resolve_label_set(template, labels, [dict(metadata or {})], pipe.model.config) is not None
             method = "score" if known or "choices" in (metadata or {}) else "generate"
         predictions, probabilities, label_set = _predict(
-            pipe, adata, template, labels, metadata, method, layer, chunk_size, batch_size, progress, call_kwargs
+            pipe,
+            adata,
+            template,
+            labels,
+            metadata,
+            method,
+            layer,
+            chunk_size,
+            batch_size,
+            progress,
+            call_kwargs,
         )
     finally:
         if path is not None:
@@ -304,13 +319,19 @@ def predict_drug(
     if drug is not None:
         metadata["drug"] = drug
     return annotate(
-        pipe, data, labels=labels, template=template, label_key=label_key, probability_key=probability_key,
-        metadata=metadata or None, **kwargs,
+        pipe,
+        data,
+        labels=labels,
+        template=template,
+        label_key=label_key,
+        probability_key=probability_key,
+        metadata=metadata or None,
+        **kwargs,
     )
 
 
 def generation_template(fields: Iterable[str]) -> str:
-    """A cell-generation instruction using the given condition fields (``cell_type`` required)."""
+    """Write a cell-generation instruction with the given condition fields (``cell_type`` required)."""
     fields = set(fields)
     if "cell_type" not in fields:
         raise ValueError("Conditions need a 'cell_type' (e.g. {'cell_type': 'naive B cell'}).")
@@ -359,7 +380,8 @@ def generate_cells(
     ----------
     pipe : InstructCellPipeline, or a model folder / Hub id
     conditions : list of dict, dict (of lists) or DataFrame
-        One request per row: ``cell_type`` plus optional ``species``, ``tissue``, ``sequencing_method``, ``drug``.
+        One request per row: ``cell_type`` plus optional ``species``, ``tissue``, ``sequencing_method``,
+        ``drug``.
     n_cells : int
         Cells per condition.
     template : str, optional
@@ -415,7 +437,9 @@ def generate_cells(
         result = anndata.concat(pieces, join="outer", index_unique="_")
         result.var_names = genes
     else:
-        result = anndata.AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.int32), var=pd.DataFrame(index=genes))
+        result = anndata.AnnData(
+            X=sp.csr_matrix((0, len(genes)), dtype=np.int32), var=pd.DataFrame(index=genes)
+        )
     result.obs_names = [f"generated_{i}" for i in range(result.n_obs)]
     result.X = sp.csr_matrix(result.X, dtype=np.int32)
     if output is not None:
@@ -468,12 +492,17 @@ def gene_saliency(
     model.eval()
     for start in range(0, values.shape[0], batch_size):
         chunk = values[start : start + batch_size]
-        batch = processor(text=[template] * len(chunk), cells=chunk, metadata=obs_rows[start : start + len(chunk)])
+        batch = processor(
+            text=[template] * len(chunk), cells=chunk, metadata=obs_rows[start : start + len(chunk)]
+        )
         cell_values = batch["cell_values"].to(device).float().requires_grad_(True)
         with torch.enable_grad():
             scores = model.score_labels(
-                batch["input_ids"].to(device), batch["attention_mask"].to(device), cell_values,
-                encoded["input_ids"].to(device), encoded["attention_mask"].to(device),
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                cell_values,
+                encoded["input_ids"].to(device),
+                encoded["attention_mask"].to(device),
             )
             if len(candidates) > 1:
                 objective = torch.log_softmax(scores.log_likelihoods, dim=-1)[:, index].sum()
@@ -510,7 +539,9 @@ def argmax_agreement(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """
     scored = [r for r in results if r.get("argmax_label") is not None and r.get("answer") is not None]
     if not scored:
-        raise ValueError("No results with both a greedy answer and a label distribution (generate=True, labels=...).")
+        raise ValueError(
+            "No results with both a greedy answer and a label distribution (generate=True, labels=...)."
+        )
     answered = [r for r in scored if r["label"] is not None]
     agree = sum(r["label"] == r["argmax_label"] for r in answered)
     return {

@@ -8,10 +8,10 @@ Inputs
 ------
 An instruction (a template with the paper's placeholders ``{input}``, ``{species}``, ``{tissue}``,
 ``{sequencing_method}``, ``{drug}``, ``{cell_type}``, ``{choices}``, or plain text), plus optionally
-``cells`` (AnnData, possibly backed or a view, sparse matrix, array, DataFrame) and ``metadata`` (one dict for
-all prompts, or one dict per prompt). One instruction with ``n`` cells gives ``n`` prompts; without cells a list
-of ``n`` metadata dicts gives ``n`` prompts (e.g. ``n`` generation requests). Prompts are run ``batch_size`` at
-a time (``pipe(..., batch_size=64)`` sets the number of **prompts** per model call).
+``cells`` (AnnData, possibly backed or a view, sparse matrix, array, DataFrame) and ``metadata`` (one dict
+for all prompts, or one dict per prompt). One instruction with ``n`` cells gives ``n`` prompts; without
+cells a list of ``n`` metadata dicts gives ``n`` prompts (e.g. ``n`` generation requests). Prompts are run
+``batch_size`` at a time (``pipe(..., batch_size=64)`` sets the number of **prompts** per model call).
 
 Outputs
 -------
@@ -72,9 +72,12 @@ def _template_fields(template: str) -> list[str]:
 
 
 def resolve_label_set(
-    instruction: str, labels: Sequence[str] | None, metadata_rows: Sequence[Mapping[str, Any]], config: Any = None
+    instruction: str,
+    labels: Sequence[str] | None,
+    metadata_rows: Sequence[Mapping[str, Any]],
+    config: Any = None,
 ) -> list[str] | None:
-    """The label set of a request: ``labels``, else ``{choices}`` metadata, else ``config.label_names``."""
+    """Return the label set: ``labels``, else ``{choices}`` metadata, else ``config.label_names``."""
     if labels is not None:
         if isinstance(labels, str):
             raise ValueError("`labels` must be a list of label strings, not one string.")
@@ -101,7 +104,7 @@ def candidate_answers(labels: Sequence[str], answer_template: str = "{output}") 
 
 
 def _auto_template(answer: str | None, label: str | None) -> str:
-    """The model's own answer with the parsed label's text turned into ``{output}`` (chat variant)."""
+    """Turn the model's own answer into a template: the parsed label becomes ``{output}`` (chat)."""
     if answer and label:
         start = answer.lower().find(label.lower())
         if start >= 0:
@@ -110,7 +113,7 @@ def _auto_template(answer: str | None, label: str | None) -> str:
 
 
 def metadata_from_obs(obs: Any, n_rows: int) -> list[dict[str, Any]]:
-    """Placeholder values from the ``obs`` columns named like the template placeholders."""
+    """Read placeholder values from the ``obs`` columns named like the template placeholders."""
     rows: list[dict[str, Any]] = [{} for _ in range(n_rows)]
     if obs is None or len(obs) != n_rows:
         return rows
@@ -132,7 +135,9 @@ def generated_cells_to_anndata(counts: np.ndarray, gene_names: Sequence[str] | N
     obs = pd.DataFrame(obs_rows, index=[str(i) for i in range(len(obs_rows))])
     for column in obs.columns:
         if obs[column].map(lambda v: isinstance(v, (list, tuple))).any():
-            obs[column] = obs[column].map(lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+            obs[column] = obs[column].map(
+                lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            )
     counts = counts.astype(np.int32)
     X = sparse.csr_matrix(counts) if sparse is not None else counts
     var = pd.DataFrame(index=[str(g) for g in gene_names]) if gene_names is not None else None
@@ -176,10 +181,26 @@ class InstructCellPipeline(ChunkPipeline):
     _load_image_processor = False
     _load_video_processor = False
 
-    _preprocess_keys = ("cells", "metadata", "labels", "instruction", "answer_template", "gene_names", "layer",
-                        "alignment", "generate")
-    _forward_keys = ("max_new_tokens", "generate_kwargs", "num_cells", "seed", "library_size", "force_signal",
-                     "max_rows_per_pass")
+    _preprocess_keys = (
+        "cells",
+        "metadata",
+        "labels",
+        "instruction",
+        "answer_template",
+        "gene_names",
+        "layer",
+        "alignment",
+        "generate",
+    )
+    _forward_keys = (
+        "max_new_tokens",
+        "generate_kwargs",
+        "num_cells",
+        "seed",
+        "library_size",
+        "force_signal",
+        "max_rows_per_pass",
+    )
 
     def _sanitize_parameters(self, **kwargs):
         preprocess = {key: kwargs.pop(key) for key in self._preprocess_keys if key in kwargs}
@@ -200,10 +221,11 @@ class InstructCellPipeline(ChunkPipeline):
         return super().__call__(inputs, *args, batch_size=1, cell_batch_size=size, **kwargs)
 
     def get_inference_context(self):
+        """Run ``_forward`` under ``torch.inference_mode`` (faster than no_grad)."""
         return torch.inference_mode
 
     # ------------------------------------------------------------------ preprocess
-    def preprocess(
+    def preprocess(  # noqa: D102 - the call parameters are documented on the class
         self,
         inputs,
         cells=None,
@@ -224,17 +246,23 @@ class InstructCellPipeline(ChunkPipeline):
             metadata = request.pop("metadata", metadata)
             labels = request.pop("labels", labels)
             if request:
-                raise ValueError(f"Unknown input keys {sorted(request)}; use instruction, cells, metadata, labels.")
+                raise ValueError(
+                    f"Unknown input keys {sorted(request)}; use instruction, cells, metadata, labels."
+                )
         elif isinstance(inputs, str):
             instruction = inputs
         elif inputs is not None:
-            raise ValueError(f"Pass an instruction string or a dict with 'instruction', got {type(inputs).__name__}.")
+            raise ValueError(
+                f"Pass an instruction string or a dict with 'instruction', got {type(inputs).__name__}."
+            )
         if not instruction or not isinstance(instruction, str):
             raise ValueError("Pass an instruction: a template with placeholders or plain text.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if not generate and answer_template == "auto":
-            raise ValueError("answer_template='auto' scores labels inside the generated answer; keep generate=True.")
+            raise ValueError(
+                "answer_template='auto' scores labels inside the generated answer; keep generate=True."
+            )
 
         processor = self.processor
         extractor = processor.feature_extractor
@@ -259,11 +287,15 @@ class InstructCellPipeline(ChunkPipeline):
         elif metadata is not None:
             metadata = list(metadata)
             if len(metadata) != n_prompts:
-                raise ValueError(f"Got {len(metadata)} metadata dicts for {n_prompts} prompts; pass one per prompt.")
+                raise ValueError(
+                    f"Got {len(metadata)} metadata dicts for {n_prompts} prompts; pass one per prompt."
+                )
             rows = [{**row, **dict(extra)} for row, extra in zip(rows, metadata, strict=True)]
         label_set = resolve_label_set(instruction, labels, rows, getattr(self.model, "config", None))
         if not generate and label_set is None:
-            raise ValueError("generate=False only scores a label set: pass labels=[...] (or {choices} metadata).")
+            raise ValueError(
+                "generate=False only scores a label set: pass labels=[...] (or {choices} metadata)."
+            )
         candidates = None
         if label_set is not None and answer_template != "auto":
             texts = candidate_answers(label_set, answer_template)
@@ -274,7 +306,9 @@ class InstructCellPipeline(ChunkPipeline):
             chunk_rows = rows[start:stop]
             kwargs = {"metadata": chunk_rows, "return_tensors": "pt"}
             if parsed is not None:
-                values = extractor(parsed.matrix[start:stop], alignment=alignment, return_tensors="np")["cell_values"]
+                values = extractor(parsed.matrix[start:stop], alignment=alignment, return_tensors="np")[
+                    "cell_values"
+                ]
                 kwargs["cells"] = values
             encoding = processor(text=[instruction] * (stop - start), **kwargs)
             yield {
@@ -301,7 +335,11 @@ class InstructCellPipeline(ChunkPipeline):
         answer_template: str = "{output}",
     ):
         inputs = model_inputs["model_inputs"]
-        out = {"rows": model_inputs["rows"], "labels": model_inputs["labels"], "is_last": model_inputs["is_last"]}
+        out = {
+            "rows": model_inputs["rows"],
+            "labels": model_inputs["labels"],
+            "is_last": model_inputs["is_last"],
+        }
         model = self.model
         if generate:
             kwargs = dict(generate_kwargs or {})
@@ -316,7 +354,9 @@ class InstructCellPipeline(ChunkPipeline):
             out["answers"] = self.processor.post_process_generation(sequences)
             out["has_signal"] = has_signal
             if states.shape[0]:
-                generator = None if seed is None else torch.Generator(device=states.device).manual_seed(int(seed))
+                generator = (
+                    None if seed is None else torch.Generator(device=states.device).manual_seed(int(seed))
+                )
                 out["generated"] = model.cell_vae.sample(
                     states, num_cells_per_condition=num_cells, library_size=library_size, generator=generator
                 ).long()
@@ -365,6 +405,7 @@ class InstructCellPipeline(ChunkPipeline):
 
     # ------------------------------------------------------------------ postprocess
     def postprocess(self, all_outputs):
+        """Join the chunks' outputs into one dict per prompt (see the module docstring)."""
         results = []
         gene_names = getattr(self.processor.feature_extractor, "gene_names", None)
         for out in all_outputs:
@@ -386,14 +427,19 @@ class InstructCellPipeline(ChunkPipeline):
                 elif label_set is not None and answers is not None:
                     label = extract_label(answers[i]["text"], label_set)
                 result.update(
-                    label=label, probability=probability, label_probabilities=distribution, argmax_label=argmax_label
+                    label=label,
+                    probability=probability,
+                    label_probabilities=distribution,
+                    argmax_label=argmax_label,
                 )
                 if answers is not None:
                     result["has_signal"] = bool(answers[i]["has_signal"] or bool(out["has_signal"][i]))
                     if generated is not None and bool((request_index == i).any()):
                         counts = generated[request_index == i].cpu().numpy()
                         obs_row = {**out["rows"][i], "answer": result["answer"]}
-                        result["cells"] = generated_cells_to_anndata(counts, gene_names, [obs_row] * len(counts))
+                        result["cells"] = generated_cells_to_anndata(
+                            counts, gene_names, [obs_row] * len(counts)
+                        )
                 results.append(result)
         return results
 
@@ -407,4 +453,3 @@ def _register() -> None:
         PIPELINE_REGISTRY.supported_tasks[TASK]["impl"] is not InstructCellPipeline
     ):
         PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=InstructCellPipeline, pt_model=AutoModel)
-

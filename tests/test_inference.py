@@ -42,15 +42,26 @@ def _files(folder):
 
 def test_annotate_file_adds_obs_columns_and_touches_nothing_else(pipe, h5ad, tmp_path):
     before = anndata.read_h5ad(h5ad)
-    out = inference.annotate(pipe, h5ad, labels=LABELS, output=tmp_path / "out.h5ad", label_key="pred",
-                             probability_key="pred_p", chunk_size=3, batch_size=2, progress=False)
+    out = inference.annotate(
+        pipe,
+        h5ad,
+        labels=LABELS,
+        output=tmp_path / "out.h5ad",
+        label_key="pred",
+        probability_key="pred_p",
+        chunk_size=3,
+        batch_size=2,
+        progress=False,
+    )
     after = anndata.read_h5ad(out)
     assert list(after.obs.columns) == [*before.obs.columns, "pred", "pred_p"]
     pd.testing.assert_frame_equal(after.obs[before.obs.columns], before.obs)
     assert (after.X != before.X).nnz == 0 and (after.layers["counts"] != before.layers["counts"]).nnz == 0
     assert set(after.obs["pred"]) <= set(LABELS) and after.obs["pred_p"].between(0, 1).all()
     # Chunked file annotation equals in-memory annotation.
-    inference.annotate(pipe, before, labels=LABELS, label_key="pred", probability_key="pred_p", progress=False)
+    inference.annotate(
+        pipe, before, labels=LABELS, label_key="pred", probability_key="pred_p", progress=False
+    )
     np.testing.assert_allclose(before.obs["pred_p"], after.obs["pred_p"], atol=1e-5)
     assert ".tmp" not in "".join(_files(tmp_path))
 
@@ -68,7 +79,9 @@ def test_failure_leaves_no_partial_output(pipe, h5ad, tmp_path, monkeypatch):
     monkeypatch.setattr(InstructCellPipeline, "__call__", failing)
     listing = _files(tmp_path)
     with pytest.raises(RuntimeError, match="boom"):
-        inference.annotate(pipe, h5ad, labels=LABELS, output=tmp_path / "out.h5ad", chunk_size=3, progress=False)
+        inference.annotate(
+            pipe, h5ad, labels=LABELS, output=tmp_path / "out.h5ad", chunk_size=3, progress=False
+        )
     assert _files(tmp_path) == listing
 
 
@@ -101,8 +114,9 @@ def test_bad_files_and_genes(pipe, tmp_path):
 
 def test_generate_cells_per_condition(pipe, tmp_path):
     conditions = [{"cell_type": "B cell", "species": "human"}, {"cell_type": "T cell", "species": "human"}]
-    adata = inference.generate_cells(pipe, conditions, n_cells=3, output=tmp_path / "gen.h5ad", max_new_tokens=2,
-                                     progress=False)
+    adata = inference.generate_cells(
+        pipe, conditions, n_cells=3, output=tmp_path / "gen.h5ad", max_new_tokens=2, progress=False
+    )
     assert adata.shape == (6, pipe.model.config.n_genes)
     assert np.issubdtype(adata.X.dtype, np.integer)
     assert list(adata.obs["cell_type"]) == ["B cell"] * 3 + ["T cell"] * 3
@@ -122,26 +136,98 @@ def test_gene_saliency_ranks_genes(pipe, h5ad):
 
 def test_cli_annotate_predict_generate(model_dir, h5ad, tmp_path):
     out = io.StringIO()
-    assert cli.main(["annotate", str(model_dir), str(h5ad), "-o", str(tmp_path / "a.h5ad"), "--labels",
-                     "T cell,B cell", "--quiet", "--chunk-size", "4"], stdout=out) == 0
+    assert (
+        cli.main(
+            [
+                "annotate",
+                str(model_dir),
+                str(h5ad),
+                "-o",
+                str(tmp_path / "a.h5ad"),
+                "--labels",
+                "T cell,B cell",
+                "--quiet",
+                "--chunk-size",
+                "4",
+            ],
+            stdout=out,
+        )
+        == 0
+    )
     assert "instructcell_label_probability" in anndata.read_h5ad(tmp_path / "a.h5ad").obs
-    assert cli.main(["predict-drug", str(model_dir), str(h5ad), "-o", str(tmp_path / "d.h5ad"), "--drug",
-                     "erlotinib", "--quiet"], stdout=out) == 0
+    assert (
+        cli.main(
+            [
+                "predict-drug",
+                str(model_dir),
+                str(h5ad),
+                "-o",
+                str(tmp_path / "d.h5ad"),
+                "--drug",
+                "erlotinib",
+                "--quiet",
+            ],
+            stdout=out,
+        )
+        == 0
+    )
     assert "instructcell_drug_response" in anndata.read_h5ad(tmp_path / "d.h5ad").obs
-    assert cli.main(["generate", str(model_dir), "-o", str(tmp_path / "g.h5ad"), "--cell-type", "B cell",
-                     "--cell-type", "T cell", "--species", "human", "--n-cells", "2", "--quiet",
-                     "--max-new-tokens", "2"], stdout=out) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(model_dir),
+                "-o",
+                str(tmp_path / "g.h5ad"),
+                "--cell-type",
+                "B cell",
+                "--cell-type",
+                "T cell",
+                "--species",
+                "human",
+                "--n-cells",
+                "2",
+                "--quiet",
+                "--max-new-tokens",
+                "2",
+            ],
+            stdout=out,
+        )
+        == 0
+    )
     assert anndata.read_h5ad(tmp_path / "g.h5ad").n_obs == 4
-    assert cli.main(["annotate", str(model_dir), str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "x.h5ad"),
-                     "--labels", "T cell,B cell"], stdout=out) == 2
+    assert (
+        cli.main(
+            [
+                "annotate",
+                str(model_dir),
+                str(tmp_path / "missing.h5ad"),
+                "-o",
+                str(tmp_path / "x.h5ad"),
+                "--labels",
+                "T cell,B cell",
+            ],
+            stdout=out,
+        )
+        == 2
+    )
 
 
 def test_cli_chat_keeps_history(model_dir, h5ad, tmp_path):
-    lines = ["what are cells 0-3?", "generate 5 naive B cells like these", "which genes drive that call?",
-             f"save generated to {tmp_path / 'chat.h5ad'}", "what are cells 9-99?", "quit"]
+    lines = [
+        "what are cells 0-3?",
+        "generate 5 naive B cells like these",
+        "which genes drive that call?",
+        f"save generated to {tmp_path / 'chat.h5ad'}",
+        "what are cells 9-99?",
+        "quit",
+    ]
     out = io.StringIO()
-    code = cli.main(["chat", str(model_dir), str(h5ad), "--labels", "T cell,B cell", "--max-new-tokens", "2"],
-                    stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out)
+    code = cli.main(
+        ["chat", str(model_dir), str(h5ad), "--labels", "T cell,B cell", "--max-new-tokens", "2"],
+        stdin=io.StringIO("\n".join(lines) + "\n"),
+        stdout=out,
+    )
     text = out.getvalue()
     assert code == 0
     assert "Cells 0-3:" in text and "mean p=" in text

@@ -41,8 +41,9 @@ def overfit(base_tokenizer):
     counts[:2, 10:20] += 30  # "T cell" markers
     counts[2:, 20:30] += 30  # "B cell" markers
     answers = ["T cell", "T cell", "B cell", "B cell"]
-    batch = processor(text=CTA_TEMPLATE, cells=counts, metadata={"species": "human", "tissue": "blood"},
-                      text_target=answers)
+    batch = processor(
+        text=CTA_TEMPLATE, cells=counts, metadata={"species": "human", "tissue": "blood"}, text_target=answers
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(70):
         optimizer.zero_grad()
@@ -54,18 +55,28 @@ def overfit(base_tokenizer):
 
 def test_score_labels_is_a_distribution_and_chunking_is_exact(model, tester):
     processor = tester.processor
-    batch = processor(text=CTA_TEMPLATE, cells=tester.make_counts(3),
-                      metadata=[{"species": "human", "tissue": t} for t in ("liver", "blood", "pancreas")])
+    batch = processor(
+        text=CTA_TEMPLATE,
+        cells=tester.make_counts(3),
+        metadata=[{"species": "human", "tissue": t} for t in ("liver", "blood", "pancreas")],
+    )
     candidates = processor.tokenizer(["T cell", "B cell", "monocyte"], padding=True, return_tensors="pt")
-    args = (batch["input_ids"], batch["attention_mask"], batch["cell_values"], candidates["input_ids"],
-            candidates["attention_mask"])
+    args = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["cell_values"],
+        candidates["input_ids"],
+        candidates["attention_mask"],
+    )
     with torch.inference_mode():
         full = model.score_labels(*args)
         chunked = model.score_labels(*args, max_rows_per_pass=2)
         per_prompt = model.score_labels(*args[:3], candidates["input_ids"].expand(3, -1, -1))
         # The score is the teacher-forced log-likelihood of the candidate (EOS included).
         labels = processor.tokenizer(["B cell"] * 3, return_tensors="pt")["input_ids"]
-        lm_loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "cell_values")}, labels=labels).lm_loss
+        lm_loss = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "cell_values")}, labels=labels
+        ).lm_loss
     assert full.probabilities.shape == (3, 3)
     torch.testing.assert_close(full.probabilities.sum(-1), torch.ones(3))
     torch.testing.assert_close(chunked.log_likelihoods, full.log_likelihoods)
@@ -75,8 +86,14 @@ def test_score_labels_is_a_distribution_and_chunking_is_exact(model, tester):
 
 def test_argmax_matches_overfit_greedy_answer(overfit):
     pipe, counts, answers = overfit
-    results = pipe(CTA_TEMPLATE, cells=counts, gene_names=GENES, metadata={"species": "human", "tissue": "blood"},
-                   labels=LABELS, max_new_tokens=6)
+    results = pipe(
+        CTA_TEMPLATE,
+        cells=counts,
+        gene_names=GENES,
+        metadata={"species": "human", "tissue": "blood"},
+        labels=LABELS,
+        max_new_tokens=6,
+    )
     assert [r["answer"] for r in results] == answers
     assert [r["label"] for r in results] == answers
     assert [r["argmax_label"] for r in results] == answers
@@ -88,8 +105,14 @@ def test_argmax_matches_overfit_greedy_answer(overfit):
 
 def test_answer_naming_a_label_outside_the_label_set(overfit):
     pipe, counts, _ = overfit
-    results = pipe(CTA_TEMPLATE, cells=counts[:2], gene_names=GENES,
-                   metadata={"species": "human", "tissue": "blood"}, labels=["monocyte", "NK cell"], max_new_tokens=6)
+    results = pipe(
+        CTA_TEMPLATE,
+        cells=counts[:2],
+        gene_names=GENES,
+        metadata={"species": "human", "tissue": "blood"},
+        labels=["monocyte", "NK cell"],
+        max_new_tokens=6,
+    )
     # The model says "T cell", which is not a candidate: unanswered, but the distribution is still defined.
     assert [r["answer"] for r in results] == ["T cell", "T cell"]
     assert all(r["label"] is None and r["probability"] is None for r in results)
@@ -105,7 +128,14 @@ def test_anndata_request_is_batched_and_padding_aware(pipe):
     batched = pipe(CTA_TEMPLATE, batch_size=4, **kwargs)
     assert len(batched) == 5
     for a, b in zip(one_by_one, batched, strict=True):
-        assert set(b) >= {"answer", "label", "probability", "label_probabilities", "argmax_label", "has_signal"}
+        assert set(b) >= {
+            "answer",
+            "label",
+            "probability",
+            "label_probabilities",
+            "argmax_label",
+            "has_signal",
+        }
         assert a["answer"] == b["answer"]
         assert a["label_probabilities"] == pytest.approx(b["label_probabilities"], abs=1e-5)
 
@@ -114,9 +144,17 @@ def test_score_only_and_list_of_requests(pipe):
     adata = _adata(3)
     scored = pipe(CTA_TEMPLATE, cells=adata, labels=LABELS, generate=False)
     assert all(r["answer"] is None and r["label"] == r["argmax_label"] for r in scored)
-    both = pipe([{"instruction": CTA_TEMPLATE, "cells": adata[:2], "labels": LABELS},
-                 {"instruction": DSP_TEMPLATE, "cells": adata[2:],
-                  "metadata": {"drug": "erlotinib", "choices": ["sensitive", "resistant"]}}], max_new_tokens=2)
+    both = pipe(
+        [
+            {"instruction": CTA_TEMPLATE, "cells": adata[:2], "labels": LABELS},
+            {
+                "instruction": DSP_TEMPLATE,
+                "cells": adata[2:],
+                "metadata": {"drug": "erlotinib", "choices": ["sensitive", "resistant"]},
+            },
+        ],
+        max_new_tokens=2,
+    )
     assert [len(r) for r in both] == [2, 1]
     assert set(both[1][0]["label_probabilities"]) == {"sensitive", "resistant"}  # label set from {choices}
 
@@ -127,20 +165,30 @@ def test_label_names_saved_with_the_model(model, tester, tmp_path):
     reloaded = type(model).from_pretrained(tmp_path).eval()
     assert reloaded.config.label_names == LABELS
     result = InstructCellPipeline(model=reloaded, processor=tester.processor, task=TASK)(
-        CTA_TEMPLATE, cells=_adata(1), generate=False)
+        CTA_TEMPLATE, cells=_adata(1), generate=False
+    )
     assert set(result[0]["label_probabilities"]) == set(LABELS)
 
 
 def test_auto_answer_template_scores_within_the_answer(overfit):
     pipe, counts, _ = overfit
-    results = pipe(CTA_TEMPLATE, cells=counts, gene_names=GENES, metadata={"species": "human", "tissue": "blood"},
-                   labels=LABELS, answer_template="auto", max_new_tokens=6)
+    results = pipe(
+        CTA_TEMPLATE,
+        cells=counts,
+        gene_names=GENES,
+        metadata={"species": "human", "tissue": "blood"},
+        labels=LABELS,
+        answer_template="auto",
+        max_new_tokens=6,
+    )
     assert [r["argmax_label"] for r in results] == [r["label"] for r in results]
 
 
 def test_generation_request_returns_an_anndata(pipe, tester):
-    metadata = [{"cell_type": "B cell", "species": "human", "tissue": "blood", "sequencing_method": "10x"},
-                {"cell_type": "T cell", "species": "mouse", "tissue": "liver", "sequencing_method": "10x"}]
+    metadata = [
+        {"cell_type": "B cell", "species": "human", "tissue": "blood", "sequencing_method": "10x"},
+        {"cell_type": "T cell", "species": "mouse", "tissue": "liver", "sequencing_method": "10x"},
+    ]
     template = "Generate a {cell_type} cell from {species} {tissue}, sequenced with {sequencing_method}."
     results = pipe(template, metadata=metadata, num_cells=3, force_signal=True, seed=0, max_new_tokens=2)
     assert len(results) == 2
