@@ -568,40 +568,29 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                 f"got {tuple(candidate_ids.shape)}."
             )
         n_candidates = candidate_ids.shape[1]
-        candidate_ids = candidate_ids.to(inputs_embeds.device).reshape(batch_size * n_candidates, -1)
-        candidate_mask = candidate_attention_mask.to(inputs_embeds.device).reshape(batch_size * n_candidates, -1)
+        candidate_ids = candidate_ids.to(inputs_embeds.device)
+        candidate_mask = candidate_attention_mask.to(inputs_embeds.device)
+        if not self.config.use_decoder_only_language_model:
+            log_likelihoods = self._score_encoder_decoder(
+                inputs_embeds, attention_mask, candidate_ids, candidate_mask, max_rows_per_pass
+            )
+            return InstructCellLabelScoresOutput(
+                log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
+            )
+        candidate_ids = candidate_ids.reshape(batch_size * n_candidates, -1)
+        candidate_mask = candidate_mask.reshape(batch_size * n_candidates, -1)
         labels = candidate_ids.masked_fill(candidate_mask == 0, IGNORE_INDEX)
         row_prompt = torch.arange(batch_size, device=inputs_embeds.device).repeat_interleave(n_candidates)
         rows = batch_size * n_candidates
         step = rows if not max_rows_per_pass else max(1, int(max_rows_per_pass))
-
-        encoder_states = None
-        if not self.config.use_decoder_only_language_model:
-            encoder_states = self.get_encoder()(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
-            ).last_hidden_state
         scores = []
         for start in range(0, rows, step):
             index = row_prompt[start : start + step]
             chunk_labels = labels[start : start + step]
-            if encoder_states is None:
-                outputs, _ = self._decoder_only_forward(
-                    inputs_embeds[index], attention_mask[index], chunk_labels, {"return_dict": True}
-                )
-                logits = outputs.logits[:, inputs_embeds.shape[1] - 1 : -1]
-            else:
-                text_config = self.config.text_config
-                decoder_input_ids = shift_tokens_right(
-                    chunk_labels, text_config.pad_token_id, text_config.decoder_start_token_id
-                )
-                outputs = self.language_model(
-                    encoder_outputs=(encoder_states[index],),
-                    attention_mask=attention_mask[index],
-                    decoder_input_ids=decoder_input_ids,
-                    decoder_attention_mask=candidate_mask[start : start + step],
-                    return_dict=True,
-                )
-                logits = outputs.logits
+            outputs, _ = self._decoder_only_forward(
+                inputs_embeds[index], attention_mask[index], chunk_labels, {"return_dict": True}
+            )
+            logits = outputs.logits[:, inputs_embeds.shape[1] - 1 : -1]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             target = chunk_labels.clamp_min(0).unsqueeze(-1)
             token_scores = log_probs.gather(-1, target).squeeze(-1) * (chunk_labels != IGNORE_INDEX)
@@ -610,6 +599,72 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         return InstructCellLabelScoresOutput(
             log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
         )
+
+    def _score_encoder_decoder(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        candidate_mask: torch.LongTensor,
+        max_rows_per_pass: int | None,
+    ) -> torch.Tensor:
+        """Summed candidate log-probabilities ``(batch, n_candidates)`` for encoder-decoder backbones.
+
+        The encoder runs once per prompt. The decoder first runs once per prompt on the decoder start token
+        plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
+        cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
+        """
+        batch_size, n_candidates, length = candidate_ids.shape
+        lengths = candidate_mask.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("Every candidate answer needs at least one token.")
+        flat = candidate_ids.reshape(-1, length)
+        same = (flat == flat[:1]).all(0)
+        shared = 0
+        while shared < int(lengths.min()) - 1 and bool(same[shared]):
+            shared += 1
+        encoder_states = self.get_encoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state
+        start_id = self.config.text_config.decoder_start_token_id
+        step = batch_size if not max_rows_per_pass else max(1, int(max_rows_per_pass) // n_candidates)
+        results = []
+        for begin in range(0, batch_size, step):
+            rows = slice(begin, begin + step)
+            n_rows = encoder_states[rows].shape[0]
+            ids, mask = candidate_ids[rows], candidate_mask[rows]
+            prefix = flat[:1, :shared].expand(n_rows, -1)
+            start = torch.full((n_rows, 1), start_id, dtype=prefix.dtype, device=prefix.device)
+            first_inputs = torch.cat([start, prefix], dim=1)
+            first = self.language_model(
+                encoder_outputs=(encoder_states[rows],),
+                attention_mask=attention_mask[rows],
+                decoder_input_ids=first_inputs,
+                use_cache=True,
+                return_dict=True,
+            )
+            log_probs = torch.log_softmax(first.logits.float(), dim=-1)
+            total = log_probs[:, shared].gather(-1, ids[:, :, shared])  # (n_rows, n_candidates)
+            if shared:
+                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(-1)
+            if length - shared - 1 > 0:
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(n_candidates)
+                rest = self.language_model(
+                    encoder_outputs=(encoder_states[rows].repeat_interleave(n_candidates, dim=0),),
+                    attention_mask=attention_mask[rows].repeat_interleave(n_candidates, dim=0),
+                    decoder_input_ids=ids[:, :, shared:-1].reshape(n_rows * n_candidates, -1),
+                    past_key_values=cache,
+                    use_cache=True,
+                    return_dict=True,
+                )
+                log_probs = torch.log_softmax(rest.logits.float(), dim=-1)
+                targets = ids[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
+                token_scores = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                token_scores = token_scores * mask[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
+                total = total + token_scores.sum(-1).reshape(n_rows, n_candidates)
+            results.append(total)
+        return torch.cat(results)
 
     @torch.no_grad()
     def signal_states_for_sequences(

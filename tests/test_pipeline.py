@@ -45,43 +45,56 @@ def overfit(base_tokenizer):
         text=CTA_TEMPLATE, cells=counts, metadata={"species": "human", "tissue": "blood"}, text_target=answers
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for _ in range(70):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and, for this size, no slower
+    try:
+        for _ in range(400):  # until every answer token is the arg-max (greedy = the answer), ~50-150 steps
+            optimizer.zero_grad()
+            out = model(**batch)
+            answer = batch["labels"] != -100
+            if (
+                bool((out.logits.argmax(-1)[answer] == batch["labels"][answer]).all())
+                and out.loss.item() < 0.1
+            ):
+                break
+            out.loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return InstructCellPipeline(model=model, processor=processor, task=TASK), counts, answers
 
 
-def test_score_labels_is_a_distribution_and_chunking_is_exact(model, tester):
+@pytest.mark.parametrize(
+    "answers", [["T cell", "B cell", "monocyte"], ["This is a T cell.", "This is a B cell."]]
+)
+def test_score_labels_is_teacher_forced_likelihood(model, tester, answers):
     processor = tester.processor
     batch = processor(
         text=CTA_TEMPLATE,
         cells=tester.make_counts(3),
         metadata=[{"species": "human", "tissue": t} for t in ("liver", "blood", "pancreas")],
     )
-    candidates = processor.tokenizer(["T cell", "B cell", "monocyte"], padding=True, return_tensors="pt")
-    args = (
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["cell_values"],
-        candidates["input_ids"],
-        candidates["attention_mask"],
-    )
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask", "cell_values")}
+    candidates = processor.tokenizer(answers, padding=True, return_tensors="pt")
+    args = (*prompt.values(), candidates["input_ids"], candidates["attention_mask"])
     with torch.inference_mode():
         full = model.score_labels(*args)
-        chunked = model.score_labels(*args, max_rows_per_pass=2)
+        chunked = model.score_labels(*args, max_rows_per_pass=len(answers))
         per_prompt = model.score_labels(*args[:3], candidates["input_ids"].expand(3, -1, -1))
-        # The score is the teacher-forced log-likelihood of the candidate (EOS included).
-        labels = processor.tokenizer(["B cell"] * 3, return_tensors="pt")["input_ids"]
-        lm_loss = model(
-            **{k: batch[k] for k in ("input_ids", "attention_mask", "cell_values")}, labels=labels
-        ).lm_loss
-    assert full.probabilities.shape == (3, 3)
+        # Reference: the teacher-forced log-likelihood of each candidate (EOS included) from forward().
+        expected = []
+        for answer in answers:
+            labels = processor.tokenizer([answer] * 3, return_tensors="pt")["input_ids"]
+            logits = model(**prompt, labels=labels).logits
+            expected.append(
+                torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(-1)
+            )
+    assert full.probabilities.shape == (3, len(answers))
     torch.testing.assert_close(full.probabilities.sum(-1), torch.ones(3))
+    torch.testing.assert_close(full.log_likelihoods, torch.stack(expected, -1), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(chunked.log_likelihoods, full.log_likelihoods)
     torch.testing.assert_close(per_prompt.log_likelihoods, full.log_likelihoods)
-    torch.testing.assert_close(full.log_likelihoods[:, 1].mean(), -lm_loss * labels.shape[1])
 
 
 def test_argmax_matches_overfit_greedy_answer(overfit):
