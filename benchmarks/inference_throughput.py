@@ -6,6 +6,8 @@ first ``--n-cells`` cells:
 
 * ``annotate (score)``: :func:`instructcell.inference.annotate` with the label set: one encoder and one
   batched decoder pass per batch, no generation;
+* ``annotate (greedy answers)``: ``method="generate", return_probabilities=False``: batched greedy answers
+  parsed with ``extract_label``, no label distribution;
 * ``pipeline (greedy + score)``: batched greedy answers plus the label distribution (gives the arg-max vs
   greedy agreement);
 * ``generate 1 cell at a time``: processor + ``model.generate`` + ``extract_label`` per cell with
@@ -205,6 +207,23 @@ def main() -> None:
                     pipe, adata.copy(), labels=labels, batch_size=args.batch_size, progress=False
                 )
                 and None
+            ),
+        )
+    )
+    rows_out.append(
+        measure(
+            "annotate (greedy answers, batched, no probabilities)",
+            adata.n_obs,
+            lambda: inference.annotate(
+                pipe,
+                adata.copy(),
+                labels=labels,
+                method="generate",
+                batch_size=args.batch_size,
+                progress=False,
+                return_probabilities=False,
+                max_new_tokens=label_tokens,
+                generate_kwargs={"min_new_tokens": label_tokens},
             ),
         )
     )

@@ -608,24 +608,50 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_mask: torch.LongTensor,
         max_rows_per_pass: int | None,
     ) -> torch.Tensor:
-        """Summed candidate log-probabilities ``(batch, n_candidates)`` for encoder-decoder backbones.
+        """Return summed candidate log-probabilities ``(batch, n_candidates)`` (encoder-decoder backbones).
 
-        The encoder runs once per prompt. The decoder first runs once per prompt on the decoder start token
+        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once per
+        prompt on the decoder start token
         plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
         cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
         """
-        batch_size, n_candidates, length = candidate_ids.shape
+        batch_size, n_candidates, _ = candidate_ids.shape
         lengths = candidate_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("Every candidate answer needs at least one token.")
+        encoder_states = self.get_encoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state
+        # Candidates are decoded in buckets of equal (longest) length, so no decoder step is spent on padding.
+        bucket_length = lengths.max(0).values
+        scores = torch.zeros(batch_size, n_candidates, device=encoder_states.device)
+        for length in bucket_length.unique().tolist():
+            columns = torch.nonzero(bucket_length == length).flatten()
+            scores[:, columns] = self._score_bucket(
+                encoder_states,
+                attention_mask,
+                candidate_ids[:, columns, :length],
+                candidate_mask[:, columns, :length],
+                max_rows_per_pass,
+            )
+        return scores
+
+    def _score_bucket(
+        self,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        candidate_mask: torch.LongTensor,
+        max_rows_per_pass: int | None,
+    ) -> torch.Tensor:
+        """Score one bucket of candidates: shared prefix once per prompt, then the rest over the candidates."""
+        batch_size, n_candidates, length = candidate_ids.shape
+        lengths = candidate_mask.sum(-1)
         flat = candidate_ids.reshape(-1, length)
         same = (flat == flat[:1]).all(0)
         shared = 0
         while shared < int(lengths.min()) - 1 and bool(same[shared]):
             shared += 1
-        encoder_states = self.get_encoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
-        ).last_hidden_state
         start_id = self.config.text_config.decoder_start_token_id
         step = batch_size if not max_rows_per_pass else max(1, int(max_rows_per_pass) // n_candidates)
         results = []

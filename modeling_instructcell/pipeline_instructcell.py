@@ -162,6 +162,9 @@ class InstructCellPipeline(ChunkPipeline):
         Generate the answer text (default True). ``False`` only scores the label set (fast annotation).
     num_cells : int
         Cells sampled per answer with ``<SIGNAL>`` (default 1).
+    return_probabilities : bool
+        Score the label set (default True). False skips the scoring pass: labels are parsed from the
+        greedy answers only and ``probability`` is None (fastest annotation).
     force_signal : bool
         Treat every prompt as a generation request: answers without ``<SIGNAL>`` get one appended and still
         condition the VAE (default False).
@@ -193,6 +196,7 @@ class InstructCellPipeline(ChunkPipeline):
         "generate",
     )
     _forward_keys = (
+        "return_probabilities",
         "max_new_tokens",
         "generate_kwargs",
         "num_cells",
@@ -333,6 +337,7 @@ class InstructCellPipeline(ChunkPipeline):
         max_rows_per_pass=None,
         generate: bool = True,
         answer_template: str = "{output}",
+        return_probabilities: bool = True,
     ):
         inputs = model_inputs["model_inputs"]
         out = {
@@ -362,7 +367,7 @@ class InstructCellPipeline(ChunkPipeline):
                 ).long()
                 out["request_index"] = torch.nonzero(has_signal).flatten().repeat_interleave(num_cells)
         label_set = model_inputs["labels"]
-        if label_set is not None:
+        if label_set is not None and (return_probabilities or not generate):
             candidate_ids, candidate_mask = model_inputs["candidate_ids"], model_inputs["candidate_mask"]
             if candidate_ids is None:  # answer_template="auto": per-prompt candidates from the greedy answer
                 texts = []
