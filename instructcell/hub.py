@@ -6,8 +6,10 @@ from modeling_instructcell import (
     InstructCellConfig,
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,
+    InstructCellPipeline,
     InstructCellProcessor,
 )
+from modeling_instructcell.pipeline_instructcell import TASK, _register
 
 _MODEL_REFERENCE = "modeling_instructcell.InstructCellForConditionalGeneration"
 
@@ -26,7 +28,9 @@ def save_for_hub(
     """Save ``model`` and ``processor`` into one folder loadable with ``trust_remote_code=True``.
 
     ``AutoConfig``, ``AutoModel``, ``AutoModelForSeq2SeqLM`` and ``AutoProcessor`` then load it in a
-    process that cannot import this package. Push the folder with
+    process that cannot import this package, and so does
+    ``pipeline(model=directory, trust_remote_code=True)``: the ``single-cell-instruction`` pipeline is
+    registered and saved (``custom_pipelines`` in config.json, ``pipeline_instructcell.py`` copied). Push the folder with
     ``huggingface_hub.upload_folder`` or ``model.push_to_hub`` + ``processor.push_to_hub``.
 
     Parameters
@@ -47,6 +51,10 @@ def save_for_hub(
     auto_map = dict(getattr(model.config, "auto_map", None) or {})
     auto_map["AutoModelForSeq2SeqLM"] = _MODEL_REFERENCE
     model.config.auto_map = auto_map
-    model.save_pretrained(directory)
+    _register()
+    pipe = InstructCellPipeline(model=model, processor=processor, task=TASK, device=model.device)
+    # Pipeline.save_pretrained writes custom_pipelines + the pipeline file, then saves the model;
+    # it does not save the processor (STYLE c9), hence the explicit processor.save_pretrained.
+    pipe.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

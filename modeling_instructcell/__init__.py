@@ -13,8 +13,11 @@ from .modeling_instructcell import (
     InstructCellForConditionalGeneration,
     InstructCellForConditionalGenerationModelOutput,
     InstructCellGenerateCellsOutput,
+    InstructCellLabelScoresOutput,
     InstructCellPreTrainedModel,
 )
+from .pipeline_instructcell import TASK as PIPELINE_TASK
+from .pipeline_instructcell import InstructCellPipeline, _register
 from .processing_instructcell import InstructCellProcessor
 
 AutoConfig.register(InstructCellConfig.model_type, InstructCellConfig, exist_ok=True)
@@ -22,6 +25,7 @@ AutoModel.register(InstructCellConfig, InstructCellForConditionalGeneration, exi
 AutoModelForSeq2SeqLM.register(InstructCellConfig, InstructCellForConditionalGeneration, exist_ok=True)
 AutoFeatureExtractor.register(InstructCellConfig, InstructCellFeatureExtractor, exist_ok=True)
 AutoProcessor.register(InstructCellConfig, InstructCellProcessor, exist_ok=True)
+_register()  # pipeline("single-cell-instruction", model=...) for local use
 
 __all__ = [
     "GeneAlignment",
@@ -30,6 +34,9 @@ __all__ = [
     "InstructCellForConditionalGeneration",
     "InstructCellForConditionalGenerationModelOutput",
     "InstructCellGenerateCellsOutput",
+    "InstructCellLabelScoresOutput",
     "InstructCellPreTrainedModel",
+    "InstructCellPipeline",
     "InstructCellProcessor",
+    "PIPELINE_TASK",
 ]

@@ -92,6 +92,9 @@ class InstructCellConfig(PreTrainedConfig):
         embeddings) and ``<SIGNAL>`` (its hidden state conditions the VAE).
     initializer_range : float
         Standard deviation of the normal initializer of the new modules.
+    label_names : list of str, optional
+        The label set of a model fine-tuned on one classification task. The ``single-cell-instruction``
+        pipeline scores these candidates when a request brings no label set of its own.
 
     Notes
     -----
@@ -146,6 +149,7 @@ class InstructCellConfig(PreTrainedConfig):
     cell_token_index: int = 32102
     signal_token_index: int = 32103
     initializer_range: float = 0.02
+    label_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

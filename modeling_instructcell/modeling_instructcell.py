@@ -89,6 +89,23 @@ class InstructCellGenerateCellsOutput(ModelOutput):
     condition_states: torch.FloatTensor | None = None
 
 
+@dataclass
+class InstructCellLabelScoresOutput(ModelOutput):
+    """Outputs of [`InstructCellForConditionalGeneration.score_labels`].
+
+    Attributes
+    ----------
+    log_likelihoods : torch.FloatTensor
+        Summed token log-probabilities of each candidate answer (EOS included), ``(batch_size, n_candidates)``.
+    probabilities : torch.FloatTensor
+        ``softmax(log_likelihoods)`` over the candidates of each prompt, ``(batch_size, n_candidates)``;
+        rows sum to 1.
+    """
+
+    log_likelihoods: torch.FloatTensor | None = None
+    probabilities: torch.FloatTensor | None = None
+
+
 class InstructCellPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading behaviour shared by InstructCell models."""
 
@@ -575,6 +592,185 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             condition_states=condition_states,
         )
 
+    def score_labels(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+        candidate_ids: torch.LongTensor | None = None,
+        candidate_attention_mask: torch.LongTensor | None = None,
+        max_rows_per_pass: int | None = None,
+    ) -> InstructCellLabelScoresOutput:
+        """Score every candidate answer of every prompt: one encoder pass, one batched decoder pass.
+
+        The prompts (cells spliced in) are encoded once; the encoder states are repeated over the
+        candidates and every candidate answer is teacher-forced in a single decoder pass. The score of a
+        candidate is the sum of its token log-probabilities (EOS included, so ``"T cell"`` and
+        ``"T cell subtype"`` differ), and the distribution is the softmax of these sums over the candidates.
+        Decoder-only backbones run one causal pass over ``[prompt | candidate]`` with the merged prompt
+        embeddings (cell encoder still run once). Runs under the caller's grad mode, so it also serves
+        gradient saliency; wrap it in ``torch.inference_mode()`` for speed.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            The prompts, as given to :meth:`generate`.
+        candidate_ids : torch.LongTensor
+            Tokenized candidate answers as the model would write them (for encoder-decoder backbones with
+            the tokenizer's EOS), right-padded: ``(n_candidates, cand_len)`` shared by all prompts, or
+            ``(batch_size, n_candidates, cand_len)`` per prompt.
+        candidate_attention_mask : torch.LongTensor, optional
+            Same shape as ``candidate_ids``; 0 on padding. Derived from the pad token when omitted.
+        max_rows_per_pass : int, optional
+            Bound on prompt x candidate rows per decoder call (memory of the logits); the encoder still
+            runs once. Default: all rows at once.
+
+        Returns
+        -------
+        InstructCellLabelScoresOutput
+        """
+        if candidate_ids is None:
+            raise ValueError("Pass `candidate_ids`: the tokenized candidate answers (e.g. the label set).")
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        batch_size = inputs_embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        pad_id = self.config.text_config.pad_token_id or 0
+        if candidate_attention_mask is None:
+            candidate_attention_mask = (candidate_ids != pad_id).long()
+        if candidate_ids.dim() == 2:
+            candidate_ids = candidate_ids.unsqueeze(0).expand(batch_size, -1, -1)
+            candidate_attention_mask = candidate_attention_mask.unsqueeze(0).expand(batch_size, -1, -1)
+        if candidate_ids.dim() != 3 or candidate_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"candidate_ids must be (n_candidates, len) or ({batch_size}, n_candidates, len); "
+                f"got {tuple(candidate_ids.shape)}."
+            )
+        n_candidates = candidate_ids.shape[1]
+        candidate_ids = candidate_ids.to(inputs_embeds.device)
+        candidate_mask = candidate_attention_mask.to(inputs_embeds.device)
+        if not self.config.use_decoder_only_language_model:
+            log_likelihoods = self._score_encoder_decoder(
+                inputs_embeds, attention_mask, candidate_ids, candidate_mask, max_rows_per_pass
+            )
+            return InstructCellLabelScoresOutput(
+                log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
+            )
+        candidate_ids = candidate_ids.reshape(batch_size * n_candidates, -1)
+        candidate_mask = candidate_mask.reshape(batch_size * n_candidates, -1)
+        labels = candidate_ids.masked_fill(candidate_mask == 0, IGNORE_INDEX)
+        row_prompt = torch.arange(batch_size, device=inputs_embeds.device).repeat_interleave(n_candidates)
+        rows = batch_size * n_candidates
+        step = rows if not max_rows_per_pass else max(1, int(max_rows_per_pass))
+        scores = []
+        for start in range(0, rows, step):
+            index = row_prompt[start : start + step]
+            chunk_labels = labels[start : start + step]
+            outputs, _ = self._decoder_only_forward(
+                inputs_embeds[index], attention_mask[index], chunk_labels, {"return_dict": True}
+            )
+            logits = outputs.logits[:, inputs_embeds.shape[1] - 1 : -1]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            target = chunk_labels.clamp_min(0).unsqueeze(-1)
+            token_scores = log_probs.gather(-1, target).squeeze(-1) * (chunk_labels != IGNORE_INDEX)
+            scores.append(token_scores.sum(-1))
+        log_likelihoods = torch.cat(scores).reshape(batch_size, n_candidates)
+        return InstructCellLabelScoresOutput(
+            log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
+        )
+
+    def _score_encoder_decoder(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        candidate_mask: torch.LongTensor,
+        max_rows_per_pass: int | None,
+    ) -> torch.Tensor:
+        """Return summed candidate log-probabilities ``(batch, n_candidates)`` (encoder-decoder backbones).
+
+        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once per
+        prompt on the decoder start token
+        plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
+        cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
+        """
+        batch_size, n_candidates, _ = candidate_ids.shape
+        lengths = candidate_mask.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("Every candidate answer needs at least one token.")
+        encoder_states = self.get_encoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state
+        # Candidates are decoded in buckets of equal (longest) length, so no decoder step is spent on padding.
+        bucket_length = lengths.max(0).values
+        scores = torch.zeros(batch_size, n_candidates, device=encoder_states.device)
+        for length in bucket_length.unique().tolist():
+            columns = torch.nonzero(bucket_length == length).flatten()
+            scores[:, columns] = self._score_bucket(
+                encoder_states,
+                attention_mask,
+                candidate_ids[:, columns, :length],
+                candidate_mask[:, columns, :length],
+                max_rows_per_pass,
+            )
+        return scores
+
+    def _score_bucket(
+        self,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        candidate_mask: torch.LongTensor,
+        max_rows_per_pass: int | None,
+    ) -> torch.Tensor:
+        """Score one bucket of candidates: shared prefix once per prompt, then the rest over the candidates."""
+        batch_size, n_candidates, length = candidate_ids.shape
+        lengths = candidate_mask.sum(-1)
+        flat = candidate_ids.reshape(-1, length)
+        same = (flat == flat[:1]).all(0)
+        shared = 0
+        while shared < int(lengths.min()) - 1 and bool(same[shared]):
+            shared += 1
+        start_id = self.config.text_config.decoder_start_token_id
+        step = batch_size if not max_rows_per_pass else max(1, int(max_rows_per_pass) // n_candidates)
+        results = []
+        for begin in range(0, batch_size, step):
+            rows = slice(begin, begin + step)
+            n_rows = encoder_states[rows].shape[0]
+            ids, mask = candidate_ids[rows], candidate_mask[rows]
+            prefix = flat[:1, :shared].expand(n_rows, -1)
+            start = torch.full((n_rows, 1), start_id, dtype=prefix.dtype, device=prefix.device)
+            first_inputs = torch.cat([start, prefix], dim=1)
+            first = self.language_model(
+                encoder_outputs=(encoder_states[rows],),
+                attention_mask=attention_mask[rows],
+                decoder_input_ids=first_inputs,
+                use_cache=True,
+                return_dict=True,
+            )
+            log_probs = torch.log_softmax(first.logits.float(), dim=-1)
+            total = log_probs[:, shared].gather(-1, ids[:, :, shared])  # (n_rows, n_candidates)
+            if shared:
+                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(-1)
+            if length - shared - 1 > 0:
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(n_candidates)
+                rest = self.language_model(
+                    encoder_outputs=(encoder_states[rows].repeat_interleave(n_candidates, dim=0),),
+                    attention_mask=attention_mask[rows].repeat_interleave(n_candidates, dim=0),
+                    decoder_input_ids=ids[:, :, shared:-1].reshape(n_rows * n_candidates, -1),
+                    past_key_values=cache,
+                    use_cache=True,
+                    return_dict=True,
+                )
+                log_probs = torch.log_softmax(rest.logits.float(), dim=-1)
+                targets = ids[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
+                token_scores = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                token_scores = token_scores * mask[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
+                total = total + token_scores.sum(-1).reshape(n_rows, n_candidates)
+            results.append(total)
+        return torch.cat(results)
+
     @torch.no_grad()
     def signal_states_for_sequences(
         self,
@@ -628,6 +824,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
 __all__ = [
     "InstructCellForConditionalGeneration",
+    "InstructCellLabelScoresOutput",
     "InstructCellForConditionalGenerationModelOutput",
     "InstructCellGenerateCellsOutput",
     "InstructCellPreTrainedModel",

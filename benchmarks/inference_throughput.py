@@ -1,0 +1,335 @@
+"""Inference throughput and memory: batched annotation vs one-cell-at-a-time generate, same model.
+
+Builds an (untrained, speed only) model of a preset whose gene vocabulary is the ``--n-genes`` most expressed
+genes of a real .h5ad and whose tokenizer is trained offline on the template bank, then measures on the
+first ``--n-cells`` cells:
+
+* ``annotate (score)``: :func:`instructcell.inference.annotate` with the label set: one encoder and one
+  batched decoder pass per batch, no generation;
+* ``annotate (greedy answers)``: ``method="generate", return_probabilities=False``: batched greedy answers
+  parsed with ``extract_label``, no label distribution;
+* ``pipeline (greedy + score)``: batched greedy answers plus the label distribution (gives the arg-max vs
+  greedy agreement);
+* ``generate 1 cell at a time``: processor + ``model.generate`` + ``extract_label`` per cell with
+  ``max_new_tokens`` = the longest label in tokens (what a trained model needs to answer).
+
+cells/s (untraced run) and peak memory (tracemalloc peak of Python/numpy allocations in a second run of
+the block, and the process's max RSS after it) are printed as a table. ``--memory-cells`` then annotates .h5ad files of ~2k and
+``--memory-cells`` cells (the dataset concatenated with itself) file-to-file in chunks, each in a fresh
+subprocess, and prints their peak RSS: flat memory means the two agree.
+
+Example::
+
+    python benchmarks/inference_throughput.py --preset small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import anndata
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datasets_builder.templates import TemplateBank  # noqa: E402
+from instructcell import inference  # noqa: E402
+from instructcell.presets import config_for_processor  # noqa: E402
+from instructcell.tokenization import train_instruction_tokenizer  # noqa: E402
+from modeling_instructcell import (  # noqa: E402
+    InstructCellFeatureExtractor,
+    InstructCellForConditionalGeneration,
+    InstructCellPipeline,
+    InstructCellProcessor,
+)
+from modeling_instructcell.answer_extraction import extract_label  # noqa: E402
+from modeling_instructcell.pipeline_instructcell import TASK  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "zheng2017_sorted_pbmc"
+
+
+def _h5ad(path: Path) -> Path:
+    return path / f"{path.name}.h5ad" if path.is_dir() else path
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(args, adata: anndata.AnnData, labels: list[str]) -> InstructCellPipeline:
+    totals = np.asarray(adata.X.sum(0)).ravel()
+    genes = [str(g) for g in adata.var_names[np.sort(np.argsort(-totals)[: args.n_genes])]]
+    bank = TemplateBank.load()
+    corpus = [t.instruction for t in bank.templates] + [t.response for t in bank.templates] + labels
+    tokenizer = train_instruction_tokenizer(corpus, vocab_size=args.vocab_size)
+    processor = InstructCellProcessor(
+        InstructCellFeatureExtractor(gene_names=genes), tokenizer, num_query_tokens=8
+    )
+    torch.manual_seed(0)
+    model = InstructCellForConditionalGeneration(config_for_processor(args.preset, processor)).eval()
+    if args.dtype == "bf16":
+        model.language_model.to(torch.bfloat16)
+        model.language_projection.to(torch.bfloat16)
+    return InstructCellPipeline(model=model, processor=processor, task=TASK, device=-1)
+
+
+def measure(name: str, n_cells: int, fn, repeats: int = 2) -> dict:
+    """Best of ``repeats`` untraced timings of ``fn``, then one run under tracemalloc for the Python/numpy peak."""
+    seconds = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds = min(seconds, time.perf_counter() - start)
+    tracemalloc.start()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "mode": name,
+        "cells": n_cells,
+        "seconds": seconds,
+        "cells_per_s": n_cells / seconds,
+        "py_peak_mb": peak / 2**20,
+        "max_rss_mb": _rss_mb(),
+    }
+
+
+def one_at_a_time(pipe, adata, labels, max_new_tokens):
+    processor, model = pipe.processor, pipe.model
+    extractor = processor.feature_extractor
+    alignment = extractor.align_genes([str(g) for g in adata.var_names])
+    answers = []
+    with torch.inference_mode():
+        for i in range(adata.n_obs):
+            values = extractor(adata.X[i : i + 1], alignment=alignment, return_tensors="np")["cell_values"]
+            batch = processor(text=inference.CTA_TEMPLATE, cells=values)
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+            text = processor.post_process_generation(ids)[0]["text"]
+            answers.append(extract_label(text, labels))
+    return {}
+
+
+def memory_child(args) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(args.model_dir).eval()
+    processor = AutoProcessor.from_pretrained(args.model_dir)
+    pipe = InstructCellPipeline(model=model, processor=processor, task=TASK, device=-1)
+    labels = json.loads((Path(args.model_dir) / "labels.json").read_text())
+    base = _rss_mb()
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        inference.annotate(
+            pipe,
+            args.memory_child,
+            labels=labels,
+            output=Path(tmp) / "out.h5ad",
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+    n = anndata.read_h5ad(args.memory_child, backed="r").n_obs
+    print(
+        json.dumps(
+            {
+                "cells": n,
+                "seconds": time.perf_counter() - start,
+                "rss_after_load_mb": base,
+                "peak_rss_mb": _rss_mb(),
+                "annotate_peak_rss_mb": _vm_hwm_mb() if reset else float("nan"),
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=".h5ad file or dataset folder")
+    parser.add_argument("--label-column", default="cell_type")
+    parser.add_argument("--n-genes", type=int, default=2000, help="gene vocabulary: most expressed genes")
+    parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary")
+    parser.add_argument("--n-cells", type=int, default=512, help="cells for the batched modes")
+    parser.add_argument("--n-single", type=int, default=64, help="cells for the one-at-a-time mode")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--memory-cells", type=int, default=10000, help="0 skips the flat-memory check")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the flat-memory check")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    path = _h5ad(args.data)
+    full = anndata.read_h5ad(path)
+    labels = [str(c) for c in full.obs[args.label_column].astype("category").cat.categories]
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(full.n_obs, size=min(args.n_cells, full.n_obs), replace=False))
+    adata = full[rows].copy()
+    pipe = build(args, full, labels)
+    n_params = sum(p.numel() for p in pipe.model.parameters())
+    # Generation length = the median label length in tokens (EOS included): what a trained model writes. The
+    # untrained model is forced to write exactly that many tokens (min_new_tokens), or it would stop at once.
+    label_tokens = int(np.median([len(pipe.processor.tokenizer(label)["input_ids"]) for label in labels]))
+    print(
+        f"# {path.name}: {full.n_obs} cells x {full.n_vars} genes; {len(labels)} labels; preset {args.preset} "
+        f"({n_params / 1e6:.1f}M params, {args.n_genes} genes, dtype {args.dtype}); torch threads "
+        f"{torch.get_num_threads()}; generated answers: {label_tokens} tokens (median label length)"
+    )
+
+    if not args.skip_throughput:
+        # Warm-up at the measured batch size (first-call allocations, lazy imports).
+        inference.annotate(
+            pipe, adata[: args.batch_size].copy(), labels=labels, progress=False, batch_size=args.batch_size
+        )
+        rows_out = []
+        rows_out.append(
+            measure(
+                "annotate (score, batched)",
+                adata.n_obs,
+                lambda: (
+                    inference.annotate(
+                        pipe, adata.copy(), labels=labels, batch_size=args.batch_size, progress=False
+                    )
+                    and None
+                ),
+            )
+        )
+        rows_out.append(
+            measure(
+                "annotate (greedy answers, batched, no probabilities)",
+                adata.n_obs,
+                lambda: inference.annotate(
+                    pipe,
+                    adata.copy(),
+                    labels=labels,
+                    method="generate",
+                    batch_size=args.batch_size,
+                    progress=False,
+                    return_probabilities=False,
+                    max_new_tokens=label_tokens,
+                    generate_kwargs={"min_new_tokens": label_tokens},
+                ),
+            )
+        )
+        agreement = {}
+
+        def greedy_and_score():
+            results = pipe(
+                inference.CTA_TEMPLATE,
+                cells=adata,
+                labels=labels,
+                batch_size=args.batch_size,
+                max_new_tokens=label_tokens,
+                generate_kwargs={"min_new_tokens": label_tokens},
+            )
+            agreement.update(inference.argmax_agreement(results))
+
+        rows_out.append(measure("pipeline (greedy + score, batched)", adata.n_obs, greedy_and_score))
+        single = adata[: args.n_single].copy()
+        rows_out.append(
+            measure(
+                "generate, 1 cell at a time",
+                single.n_obs,
+                lambda: one_at_a_time(pipe, single, labels, label_tokens),
+            )
+        )
+
+        base = rows_out[-1]["cells_per_s"]
+        print()
+        print("| mode | cells | s | cells/s | x vs 1-at-a-time | py peak MB (tracemalloc) | max RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows_out:
+            print(
+                f"| {r['mode']} | {r['cells']} | {r['seconds']:.2f} | {r['cells_per_s']:.1f} | "
+                f"{r['cells_per_s'] / base:.1f} | {r['py_peak_mb']:.1f} | {r['max_rss_mb']:.0f} |"
+            )
+        print()
+        print(
+            f"arg-max of the label distribution == label parsed from the greedy answer: "
+            f"{agreement['agreement']:.1%} of {int(agreement['n'])} cells (greedy answer names a label for "
+            f"{agreement['answered']:.1%}; agreement among those {agreement['agreement_answered']:.1%}). "
+            "Untrained model: read this as a check of the metric, not of the model."
+        )
+
+    if args.memory_cells:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            pipe.model.save_pretrained(tmp / "model")
+            pipe.processor.save_pretrained(tmp / "model")
+            (tmp / "model" / "labels.json").write_text(json.dumps(labels))
+            copies = -(-args.memory_cells // full.n_obs)
+            big = anndata.concat([full] * copies, index_unique="-")[: args.memory_cells].copy()
+            small_path, big_path = tmp / "small.h5ad", tmp / "big.h5ad"
+            full.write_h5ad(small_path)
+            big.write_h5ad(big_path)
+            del big
+            print()
+            print(
+                f"| flat-memory check: file-to-file annotate, chunk {args.chunk_size}, fresh process | cells | "
+                "s | cells/s | process peak RSS MB | peak RSS during annotate MB | peak RSS before MB |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for name, file in (("dataset", small_path), (f"dataset x{copies}", big_path)):
+                run = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--memory-child",
+                        str(file),
+                        "--model-dir",
+                        str(tmp / "model"),
+                        "--chunk-size",
+                        str(args.chunk_size),
+                        "--batch-size",
+                        str(args.batch_size),
+                    ]
+                    + (["--threads", str(args.threads)] if args.threads else []),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                r = json.loads(run.stdout.strip().splitlines()[-1])
+                print(
+                    f"| {name} | {r['cells']} | {r['seconds']:.1f} | {r['cells'] / r['seconds']:.1f} | "
+                    f"{r['peak_rss_mb']:.0f} | {r['annotate_peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
