@@ -30,8 +30,8 @@ def save_for_hub(
     ``AutoConfig``, ``AutoModel``, ``AutoModelForSeq2SeqLM`` and ``AutoProcessor`` then load it in a
     process that cannot import this package, and so does
     ``pipeline(model=directory, trust_remote_code=True)``: the ``single-cell-instruction`` pipeline is
-    registered and saved (``custom_pipelines`` in config.json, ``pipeline_instructcell.py`` copied). Push the folder with
-    ``huggingface_hub.upload_folder`` or ``model.push_to_hub`` + ``processor.push_to_hub``.
+    registered and saved (``custom_pipelines`` in config.json, ``pipeline_instructcell.py`` copied). Push the
+    folder with ``huggingface_hub.upload_folder`` or ``model.push_to_hub`` + ``processor.push_to_hub``.
 
     Parameters
     ----------
