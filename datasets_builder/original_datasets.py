@@ -139,8 +139,8 @@ def counts_adata(
     X = sp.csr_matrix(X)
     check_raw_counts(X.data, "The source count matrix")
     adata = anndata.AnnData(X=X.astype(np.int32))
-    adata.obs_names = pd.Index(obs_names).astype(str)
-    adata.var_names = pd.Index(var_names).astype(str)
+    adata.obs_names = pd.Index(np.asarray(obs_names, dtype=str))
+    adata.var_names = pd.Index(np.asarray(var_names, dtype=str))
     adata.var_names_make_unique()
     if labels is not None:
         adata = attach_labels(adata, labels, label_key)
