@@ -129,9 +129,9 @@ def make_example(
 ) -> dict:
     """One dataset row from a cell and its template.
 
-    ``choices`` is the dataset's full label set; when the template offers options they appear in the prompt in
-    an order shuffled deterministically from ``key``. For CPCG the cell is the *target*, the instruction asks for
-    its cell type, and ``{output}`` becomes ``<SIGNAL>``.
+    ``choices`` is the dataset's full label set; when the template offers options they appear in the prompt
+    in an order shuffled deterministically from ``key``. For CPCG the cell is the *target*, the instruction
+    asks for its cell type, and ``{output}`` becomes ``<SIGNAL>``.
     """
     metadata = {"species": "", "tissue": "", "sequencing_method": "", "drug": "", **cell.metadata}
     empty_indices, empty_counts = np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -180,9 +180,9 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
     """Builds instruction/response examples for CTA, DSP and CPCG from AnnData files and a template bank.
 
     Configs: ``"cta-instruct"``, ``"cta-chat"``, ``"dsp-instruct"``, ``"dsp-chat"``, ``"cpcg-instruct"``,
-    ``"cpcg-chat"``, ``"all-instruct"`` (default), ``"all-chat"``. Pass ``sources=[...]`` and ``gene_vocab=...``
-    (and optionally ``template_bank=...``) as keyword arguments. ``gene_vocab.txt`` is written next to the
-    prepared Arrow files.
+    ``"cpcg-chat"``, ``"all-instruct"`` (default), ``"all-chat"``. Pass ``sources=[...]`` and
+    ``gene_vocab=...`` (and optionally ``template_bank=...``) as keyword arguments. ``gene_vocab.txt`` is
+    written next to the prepared Arrow files.
     """
 
     BUILDER_CONFIG_CLASS = InstructCellBuilderConfig
@@ -203,9 +203,9 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description="Multi-task single-cell instruction data (InstructCell, arXiv 2501.08187): cell type "
-            "annotation, drug sensitivity prediction and conditional pseudo-cell generation. Cells are sparse "
-            f"rows (indices into {GENE_VOCAB_FILENAME}, raw counts); '{CELL_TOKEN}' marks the input cell and "
-            f"'{SIGNAL_TOKEN}' the generated cell.",
+            "annotation, drug sensitivity prediction and conditional pseudo-cell generation. Cells are "
+            f"sparse rows (indices into {GENE_VOCAB_FILENAME}, raw counts); '{CELL_TOKEN}' marks the input "
+            f"cell and '{SIGNAL_TOKEN}' the generated cell.",
             features=FEATURES,
             homepage="https://arxiv.org/abs/2501.08187",
         )

@@ -46,8 +46,11 @@ class DataCollatorForInstructCell:
     with_cell_captions: bool = False
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> BatchFeature:
-        """Collate rows into ``input_ids``, ``attention_mask``, ``labels`` (pad = -100),
-        ``cell_values`` ``(n_input_cells, n_genes)`` and ``target_cell_values`` ``(n_target_cells, n_genes)``."""
+        """Collate rows into model inputs.
+
+        Returns ``input_ids``, ``attention_mask``, ``labels`` (pad = -100), ``cell_values``
+        ``(n_input_cells, n_genes)`` and ``target_cell_values`` ``(n_target_cells, n_genes)``.
+        """
         n_genes = self.processor.feature_extractor.vocab_size
         cell_captions = None
         if self.with_cell_captions:

@@ -38,7 +38,7 @@ def _mad_outlier(values: np.ndarray, n_mads: float) -> np.ndarray:
 
 
 def mito_prefix(species: str) -> str:
-    """Prefix of mitochondrial gene symbols: ``"MT-"`` (human) or ``"mt-"`` (mouse), matched case-insensitively."""
+    """Prefix of mitochondrial gene symbols: ``"MT-"`` (human) or ``"mt-"`` (mouse), case-insensitive."""
     return "mt-" if species.lower() == "mouse" else "MT-"
 
 
@@ -172,8 +172,8 @@ def load_ortholog_table(path_or_url: str | os.PathLike = MGI_ORTHOLOGS_URL) -> d
 
     Three formats are recognised from the header:
 
-    * MGI ``HOM_MouseHumanSequence.rpt`` / ``HOM_AllOrganism.rpt`` (``DB Class Key``, ``Common Organism Name``,
-      ``Symbol``): genes sharing a class key are orthologs;
+    * MGI ``HOM_MouseHumanSequence.rpt`` / ``HOM_AllOrganism.rpt`` (``DB Class Key``,
+      ``Common Organism Name``, ``Symbol``): genes sharing a class key are orthologs;
     * Ensembl BioMart export of mouse genes with ``Gene name`` and ``Human gene name`` columns;
     * any table with ``mouse_symbol`` and ``human_symbol`` columns.
 
@@ -256,16 +256,16 @@ def map_mouse_genes(
             upper.setdefault(str(h).upper(), str(h))
         new = [upper.get(g.upper(), g) for g in names]
         logger.warning(
-            "No ortholog table: matched %d/%d mouse genes to human symbols case-insensitively. Pass an MGI or "
-            "BioMart table (load_ortholog_table) for real orthology.",
+            "No ortholog table: matched %d/%d mouse genes to human symbols case-insensitively. Pass an MGI "
+            "or BioMart table (load_ortholog_table) for real orthology.",
             sum(g.upper() in upper for g in names),
             len(names),
         )
     else:
         new = [g.upper() for g in names]
         logger.warning(
-            "No ortholog table and no human symbols: upper-cased all %d mouse symbols. Pass an MGI or BioMart "
-            "table (load_ortholog_table) for real orthology.",
+            "No ortholog table and no human symbols: upper-cased all %d mouse symbols. Pass an MGI or "
+            "BioMart table (load_ortholog_table) for real orthology.",
             len(names),
         )
     new_index = pd.Index(new)

@@ -48,12 +48,13 @@ from .traits import Questioner, sample_questioner
 logger = logging.getLogger(__name__)
 
 TASK_DESCRIPTIONS: dict[str, str] = {
-    "cta": "cell type annotation: another person tells the questioner the cell type of the single cell {input}",
-    "dsp": "drug sensitivity prediction: another person predicts whether the single cell {input} is sensitive or "
-    "resistant to the drug {drug}",
-    "cpcg": "conditional pseudo-cell generation: another person generates a single-cell gene expression profile "
-    "with the requested cell type {cell_type}, species {species}, tissue {tissue} and sequencing method "
-    "{sequencing_method}",
+    "cta": "cell type annotation: another person tells the questioner the cell type of the single cell "
+    "{input}",
+    "dsp": "drug sensitivity prediction: another person predicts whether the single cell {input} is "
+    "sensitive or resistant to the drug {drug}",
+    "cpcg": "conditional pseudo-cell generation: another person generates a single-cell gene expression "
+    "profile with the requested cell type {cell_type}, species {species}, tissue {tissue} and sequencing "
+    "method {sequencing_method}",
 }
 
 
@@ -144,10 +145,11 @@ class ChatEndpointGenerator:
         optional = sorted(OPTIONAL_INSTRUCTION_PLACEHOLDERS[task] - {"choices"})
         prompt = (
             "Write one message that a person sends to an AI assistant about single-cell RNA-seq analysis, "
-            f"for the task of {TASK_DESCRIPTIONS[task]}. Take the role of the person asking and express yourself "
-            "the way they would.\n"
+            f"for the task of {TASK_DESCRIPTIONS[task]}. Take the role of the person asking and express "
+            "yourself the way they would.\n"
             f"{questioner.describe() or 'No information about the person is given.'}\n"
-            f"The message must contain each of these placeholders once: {', '.join('{' + p + '}' for p in required)}."
+            f"The message must contain each of these placeholders once: "
+            f"{', '.join('{' + p + '}' for p in required)}."
         )
         if optional:
             prompt += f" It may also use: {', '.join('{' + p + '}' for p in optional)}."
@@ -172,9 +174,10 @@ class ChatEndpointGenerator:
         """Ask for the assistant's reply to ``instruction``, with ``{output}`` standing for the answer."""
         where = "at the very end of your reply" if task == "cpcg" else "once in your reply"
         prompt = (
-            f"You are an AI assistant doing {TASK_DESCRIPTIONS[task].split(':')[0]}. A person wrote:\n{instruction}\n"
-            f"You already have the result, written as {{output}}. Reply to the person, in a tone that suits them, "
-            f"and put {{output}} {where}. Do not include {{input}} or {{choices}}."
+            f"You are an AI assistant doing {TASK_DESCRIPTIONS[task].split(':')[0]}. A person "
+            f"wrote:\n{instruction}\n"
+            f"You already have the result, written as {{output}}. Reply to the person, in a tone that suits "
+            f"them, and put {{output}} {where}. Do not include {{input}} or {{choices}}."
         )
         return self._ask(prompt, rng)
 

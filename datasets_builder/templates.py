@@ -128,7 +128,8 @@ def validate_instruction(text: str, task: str, max_words: int = MAX_WORDS) -> No
     unknown = sorted(set(names) - allowed)
     if unknown:
         raise ValueError(
-            f"{task} instruction {text!r} has unknown placeholder(s) {unknown}: allowed are {sorted(allowed)}."
+            f"{task} instruction {text!r} has unknown placeholder(s) {unknown}: allowed are "
+            f"{sorted(allowed)}."
         )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -140,7 +141,7 @@ def validate_instruction(text: str, task: str, max_words: int = MAX_WORDS) -> No
 
 
 def validate_response(text: str, task: str, variant: str, max_words: int = MAX_WORDS) -> None:
-    """Check a response template for ``task`` and ``variant``; raise a ``ValueError`` that says what to fix."""
+    """Check a response template for ``task`` and ``variant``; raise a ``ValueError`` saying what to fix."""
     if variant == "instruct":
         if text != "{output}":
             raise ValueError(f"An instruct response must be exactly '{{output}}', got {text!r}.")
@@ -277,7 +278,7 @@ class TemplateBank:
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, str]], max_words: int = MAX_WORDS) -> TemplateBank:
-        """Build both variants from bank records ``{"id", "task", "instruction", "response"}`` (chat response)."""
+        """Build both variants from bank records ``{"id", "task", "instruction", "response"}`` (chat)."""
         templates = []
         for record in records:
             for variant in VARIANTS:
@@ -325,7 +326,8 @@ def render(
     template
         The template.
     metadata
-        ``species``, ``tissue``, ``sequencing_method``, ``drug``, ``cell_type`` values (extra keys are ignored).
+        ``species``, ``tissue``, ``sequencing_method``, ``drug``, ``cell_type`` values (extra keys are
+        ignored).
     output
         Replaces ``{output}`` in the response: the label (CTA/DSP) or :data:`SIGNAL_TOKEN` (CPCG).
     choices

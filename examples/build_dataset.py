@@ -203,7 +203,8 @@ def main() -> None:
             "rows_per_split": table["split"].value_counts().to_dict(),
             "rows_per_task_dataset_split": {f"{t}/{d}": row.to_dict() for (t, d), row in counts.iterrows()},
             "features": {k: str(v) for k, v in per_split["train"][0].features.items()},
-            "split_rule": "int(sha1(f'{dataset}/{cell_id}').hexdigest(), 16) % 10: 0-7 train, 8 validation, 9 test",
+            "split_rule": "int(sha1(f'{dataset}/{cell_id}').hexdigest(), 16) % 10: 0-7 train, 8 validation, "
+            "9 test",
             "wall_time_s": round(time.time() - start, 1),
         }
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
