@@ -8,6 +8,7 @@ a wall-clock budget and for saving a checkpoint when the job is interrupted.
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class ModelArguments:
     alignment_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."}
     )
+    gene_dropout: float = field(default=0.0, metadata={"help": "Training dropout on the cell encoder's gene inputs."})
     vae_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."})
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -150,6 +152,7 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
         overrides["text_config"] = backbone.config.to_dict()
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
+    overrides["gene_dropout"] = model_args.gene_dropout
     config = config_for_processor(model_args.preset, processor, **overrides)
     model = InstructCellForConditionalGeneration(config)
     if model_args.backbone is not None:
@@ -246,9 +249,15 @@ def resume_checkpoint(training_args: InstructCellTrainingArguments) -> str | Non
 
 
 def run_training(
-    model_args: ModelArguments, data_args: DataArguments, training_args: InstructCellTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: InstructCellTrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[InstructCellTrainer, InstructCellProcessor, bool]:
-    """Train (or resume) and return the trainer, the processor and whether the run was interrupted."""
+    """Train (or resume) and return the trainer, the processor and whether the run was interrupted.
+
+    ``callbacks`` are added to the Trainer's (e.g. a wall-clock evaluation for learning curves).
+    """
     splits = load_splits(data_args)
     processor_dir = Path(training_args.output_dir) / PROCESSOR_DIR
     if processor_dir.is_dir():  # a resumed run keeps its tokenizer
@@ -262,7 +271,7 @@ def run_training(
     if "cpcg" in data_args.tasks:
         cell_vae.set_library_prior(library_prior_counts(splits["train"], processor))
     interrupt = SaveOnInterruptCallback()
-    callbacks = [interrupt]
+    callbacks = [interrupt, *callbacks]
     if training_args.max_train_minutes:
         callbacks.append(WallClockLimitCallback(training_args.max_train_minutes))
     trainer = InstructCellTrainer(

@@ -1,0 +1,139 @@
+"""Macro-F1 against training wall time: the paper's recipe, our default recipe and logistic regression.
+
+    python benchmarks/learning_curve.py --dataset-dir outputs/instructcell-data \
+        --datasets bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat \
+        --minutes 2,5,10,20,30 --output benchmarks/results/learning_curve
+
+For each CTA dataset and recipe, trains the small preset (instruct variant, CTA only, hash split) and
+pauses at each wall-clock mark to score the test split (evaluation time is not counted as training time).
+Logistic regression on log-normalized counts is fitted on the same training cells in the same run.
+Prints a markdown table and writes ``<output>.md``, ``<output>.json`` and ``<output>.png``.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from transformers import TrainerCallback
+
+from instructcell.evaluation import classification_metrics, load_rows, logistic_regression_predictions, model_predictions
+from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+
+# Each recipe: ModelArguments and training-argument overrides.
+RECIPES = {
+    "paper": ({"alignment_loss_weight": 0.0}, {"optim": "adafactor", "learning_rate": 1e-3}),
+    "default": (
+        {"alignment_loss_weight": 1.0},
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
+    ),
+}
+
+
+class WallClockEvaluation(TrainerCallback):
+    """Score the test rows at wall-clock marks of training time; stop after the last mark."""
+
+    def __init__(self, marks_minutes: list[float], test_rows, method: str = "score"):
+        self.marks = sorted(marks_minutes)
+        self.test_rows = test_rows
+        self.method = method
+        self.results: list[dict] = []
+        self.start = 0.0
+        self.paused = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.paused = time.monotonic(), 0.0
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        trained_minutes = (time.monotonic() - self.start - self.paused) / 60
+        while self.marks and trained_minutes >= self.marks[0]:
+            mark = self.marks.pop(0)
+            began = time.monotonic()
+            model.eval()
+            predictions = model_predictions(model, processing_class, self.test_rows, method=self.method)
+            model.train()
+            metrics = classification_metrics(predictions, self.test_rows)
+            self.results.append({"minutes": mark, "step": state.global_step, "epoch": state.epoch, **metrics})
+            print(f"  {mark:>5.1f} min  step {state.global_step:>5}  macro-F1 {metrics['macro_f1']:.3f}", flush=True)
+            self.paused += time.monotonic() - began
+        if not self.marks:
+            control.should_training_stop = True
+        return control
+
+
+def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -> list[dict]:
+    model_overrides, training_overrides = RECIPES[recipe]
+    callback = WallClockEvaluation(marks, test_rows)
+    run_training(
+        ModelArguments(preset=args.preset, **model_overrides),
+        DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
+        InstructCellTrainingArguments(
+            output_dir=str(Path(args.work_dir) / f"{dataset}-{recipe}"),
+            num_train_epochs=1000, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+            disable_tqdm=True, logging_steps=50, seed=args.seed, **training_overrides,
+        ),
+        callbacks=[callback],
+    )
+    return callback.results
+
+
+def plot(results: dict, path: Path) -> None:
+    datasets_ = list(results)
+    figure, axes = plt.subplots(1, len(datasets_), figsize=(4.5 * len(datasets_), 3.6), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets_, strict=True):
+        for recipe, curve in results[dataset]["recipes"].items():
+            axis.plot([p["minutes"] for p in curve], [p["macro_f1"] for p in curve], marker="o", label=recipe)
+        axis.axhline(results[dataset]["logreg"]["macro_f1"], color="grey", linestyle="--", label="logistic regression")
+        axis.set(title=dataset, xlabel="training wall time (min)", ylabel="test macro-F1", ylim=(0, 1))
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset-dir", default="outputs/instructcell-data")
+    parser.add_argument("--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat")
+    parser.add_argument("--recipes", default="paper,default")
+    parser.add_argument("--minutes", default="2,5,10,20,30")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="outputs/learning_curve_runs")
+    parser.add_argument("--output", default="benchmarks/results/learning_curve")
+    args = parser.parse_args()
+    marks = [float(m) for m in args.minutes.split(",")]
+    results = {}
+    for dataset in args.datasets.split(","):
+        train_rows = load_rows(args.dataset_dir, "train", "cta", dataset)
+        test_rows = load_rows(args.dataset_dir, "test", "cta", dataset)
+        n_genes = len((Path(args.dataset_dir) / "gene_vocab.txt").read_text().split())
+        began = time.monotonic()
+        logreg = classification_metrics(logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows)
+        logreg["seconds"] = round(time.monotonic() - began, 1)
+        results[dataset] = {"logreg": logreg, "recipes": {}}
+        for recipe in args.recipes.split(","):
+            print(f"{dataset} / {recipe}", flush=True)
+            results[dataset]["recipes"][recipe] = run_recipe(recipe, dataset, args, marks, test_rows)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = "| dataset | recipe | " + " | ".join(f"{m:g} min" for m in marks) + " |"
+    lines = [header, "|" + "---|" * (len(marks) + 2)]
+    for dataset, result in results.items():
+        for recipe, curve in result["recipes"].items():
+            scores = {p["minutes"]: f"{p['macro_f1']:.3f}" for p in curve}
+            lines.append(f"| {dataset} | {recipe} | " + " | ".join(scores.get(m, "-") for m in marks) + " |")
+        lines.append(f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
+                     + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks) + " |")
+    table = "\n".join(lines)
+    print(table)
+    output.with_suffix(".md").write_text(table + "\n")
+    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot(results, output.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
