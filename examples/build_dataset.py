@@ -67,7 +67,7 @@ def _species(adata: anndata.AnnData, name: str) -> str:
 
 
 def select_datasets(names: str | None) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Return the ``{name: (tasks, label_key)}`` entries named in ``names`` (comma-separated; default DATASETS)."""
+    """Return the ``{name: (tasks, label_key)}`` entries named in ``names`` (default: DATASETS)."""
     if not names:
         return dict(DATASETS)
     known = {**DATASETS, **OPTIONAL_DATASETS}

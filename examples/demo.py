@@ -104,11 +104,12 @@ def write_pbmc68k_counts(path: Path) -> Path:
 
 
 def data_source(data_dir: Path, out: Path) -> tuple[Path, str | None, str]:
-    """``(data_dir, --datasets value, description)`` for the builder: shared data, else the pbmc68k fallback."""
+    """Return ``(data_dir, --datasets value, description)``: the shared data, else the pbmc68k fallback."""
     if all((data_dir / name / f"{name}.h5ad").is_file() for name in SHARED_DATASETS):
         return data_dir, None, f"{', '.join(SHARED_DATASETS)} from {data_dir}"
     logger.warning(
-        "No shared datasets at %s: falling back to scanpy's bundled pbmc68k_reduced (CTA + CPCG only).", data_dir
+        "No shared datasets at %s: falling back to scanpy's bundled pbmc68k_reduced (CTA + CPCG only).",
+        data_dir,
     )
     fallback_dir = out / "source"
     path = fallback_dir / FALLBACK_NAME / f"{FALLBACK_NAME}.h5ad"
@@ -132,8 +133,17 @@ def build_data(data_dir: Path, datasets_arg: str | None, n_top_genes: int, outpu
             return False
         logger.info("The dataset in %s was built with other settings: rebuilding it.", output)
     command = [
-        sys.executable, str(REPO / "examples" / "build_dataset.py"), "--data-dir", str(data_dir),
-        "--output", str(output), "--variant", "instruct", "--n-top-genes", str(n_top_genes), "--overwrite",
+        sys.executable,
+        str(REPO / "examples" / "build_dataset.py"),
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(output),
+        "--variant",
+        "instruct",
+        "--n-top-genes",
+        str(n_top_genes),
+        "--overwrite",
     ]
     if datasets_arg:
         command += ["--datasets", datasets_arg]
@@ -149,19 +159,23 @@ def load_recipe(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     demo = {**DEMO_DEFAULTS, **(recipe.pop("demo", None) or {})}
     unknown = set(demo) - set(DEMO_DEFAULTS)
     if unknown:
-        raise ValueError(f"Unknown demo settings {sorted(unknown)} in {path}; known: {sorted(DEMO_DEFAULTS)}.")
+        raise ValueError(
+            f"Unknown demo settings {sorted(unknown)} in {path}; known: {sorted(DEMO_DEFAULTS)}."
+        )
     return recipe, demo
 
 
 def model_is_complete(model_dir: Path) -> bool:
-    """True when ``model_dir`` holds a saved model and processor."""
-    return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file() and (
-        model_dir / "processor_config.json"
-    ).is_file()
+    """Return True when ``model_dir`` holds a saved model and processor."""
+    return (
+        (model_dir / "config.json").is_file()
+        and (model_dir / "model.safetensors").is_file()
+        and (model_dir / "processor_config.json").is_file()
+    )
 
 
 def train(recipe: dict[str, Any], data: Path, out: Path, train_minutes: float) -> dict[str, Any]:
-    """Train with ``run_training`` (resuming a checkpoint in ``out/checkpoints``) and save to ``out/model``."""
+    """Train with ``run_training`` (resuming ``out/checkpoints``) and save the model to ``out/model``."""
     config = {"report_to": "none", **recipe, "dataset_dir": str(data), "output_dir": str(out / "checkpoints")}
     config["max_train_minutes"] = train_minutes
     parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
@@ -224,7 +238,7 @@ def predictions_with_progress(model, processor, rows, method: str, desc: str, ba
 
 @torch.inference_mode()
 def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 32) -> str:
-    """The model's raw greedy answer to one row's instruction."""
+    """Return the model's raw greedy answer to one row's instruction."""
     batch = DataCollatorForInstructCell(processor)([row])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "cell_values") if k in batch}
     sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
@@ -237,23 +251,35 @@ def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 3
 def evaluate_classification(model, processor, train, test, task, dataset, settings, seed):
     """Label scoring, greedy answers and the logistic regression on one CTA/DSP dataset's test cells."""
     n_genes = len(processor.feature_extractor.gene_names)
-    rows = cap_rows(test.filter(lambda r: r["task"] == task and r["dataset"] == dataset), settings["max_test_cells"], seed)
+    rows = cap_rows(
+        test.filter(lambda r: r["task"] == task and r["dataset"] == dataset), settings["max_test_cells"], seed
+    )
     train_rows = train.filter(lambda r: r["task"] == task and r["dataset"] == dataset)
     start = time.time()
     score = predictions_with_progress(model, processor, rows, "score", f"{task} {dataset} score")
     greedy = predictions_with_progress(model, processor, rows, "generate", f"{task} {dataset} greedy")
     logreg = logistic_regression_predictions(train_rows, rows, n_genes, seed=seed)
-    result = ClassificationResult(task, dataset, rows["label"], rows[0]["choices"], {"score": score, "generate": greedy}, logreg)
+    result = ClassificationResult(
+        task, dataset, rows["label"], rows[0]["choices"], {"score": score, "generate": greedy}, logreg
+    )
     accuracy = np.mean([p == t for p, t in zip(score, rows["label"], strict=True)])
     logreg_accuracy = np.mean([p == t for p, t in zip(logreg, rows["label"], strict=True)])
     logger.info(
-        "%s %s: accuracy %.3f (logreg %.3f) on %d test cells, %.0f s", task, dataset, accuracy, logreg_accuracy,
-        len(rows), time.time() - start,
+        "%s %s: accuracy %.3f (logreg %.3f) on %d test cells, %.0f s",
+        task,
+        dataset,
+        accuracy,
+        logreg_accuracy,
+        len(rows),
+        time.time() - start,
     )
     row = rows[0]
     request = Request(
-        "annotate held-out cells" if task == "cta" else "predict a drug response", dataset, row["instruction"],
-        greedy_answer(model, processor, row), f"scored label: {score[0]}; truth: {row['label']}",
+        "annotate held-out cells" if task == "cta" else "predict a drug response",
+        dataset,
+        row["instruction"],
+        greedy_answer(model, processor, row),
+        f"scored label: {score[0]}; truth: {row['label']}",
     )
     return result, request
 
@@ -264,7 +290,11 @@ def evaluate_generation(model, processor, train, test, dataset, settings, seed):
     n_genes = len(processor.feature_extractor.gene_names)
     per_request = int(settings["generated_per_request"])
     max_requests = max(1, settings["max_generated_per_label"] // per_request)
-    rows = cap_rows(test.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset), settings["max_test_cells"], seed)
+    rows = cap_rows(
+        test.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset),
+        settings["max_test_cells"],
+        seed,
+    )
     seen: Counter = Counter()
     keep = []
     for i, label in enumerate(rows["label"]):  # at most max_generated_per_label generated cells per type
@@ -276,12 +306,17 @@ def evaluate_generation(model, processor, train, test, dataset, settings, seed):
     generated, generated_labels, n_signal, example = [], [], 0, None
     start = time.time()
     batch_size = 32
-    for k, offset in enumerate(tqdm(range(0, len(requests), batch_size), desc=f"cpcg {dataset} generate", leave=False)):
+    for k, offset in enumerate(
+        tqdm(range(0, len(requests), batch_size), desc=f"cpcg {dataset} generate", leave=False)
+    ):
         chunk = requests.select(range(offset, min(offset + batch_size, len(requests))))
         batch = collator(list(chunk))
         output = model.generate_cells(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_cells=per_request,
-            seed=seed + k, max_new_tokens=16,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            num_cells=per_request,
+            seed=seed + k,
+            max_new_tokens=16,
         )
         n_signal += int(output.has_signal.sum())
         generated.append(sp.csr_matrix(output.cell_values.cpu().numpy().astype(np.float32)))
@@ -291,9 +326,13 @@ def evaluate_generation(model, processor, train, test, dataset, settings, seed):
             mine = output.request_index == 0
             library = output.cell_values[mine].sum(-1).float()
             example = Request(
-                "generate cells of a requested type", dataset, chunk[0]["instruction"],
-                answer["text"].replace(processor.tokenizer.pad_token or "\0", "").replace(
-                    processor.tokenizer.eos_token or "\0", "").strip(),
+                "generate cells of a requested type",
+                dataset,
+                chunk[0]["instruction"],
+                answer["text"]
+                .replace(processor.tokenizer.pad_token or "\0", "")
+                .replace(processor.tokenizer.eos_token or "\0", "")
+                .strip(),
                 f"{int(mine.sum())} cell(s) of requested type {chunk[0]['label']!r}"
                 + (f", total counts {library.mean():.0f}" if len(library) else " (no <SIGNAL>: no cells)"),
             )
@@ -317,12 +356,23 @@ def evaluate_generation(model, processor, train, test, dataset, settings, seed):
         reference_labels += [label] * count
     reference = sparse_cells(train_rows.select(picks), "target", n_genes) if picks else None
     logger.info(
-        "cpcg %s: %d/%d requests answered with <SIGNAL>, %d cells generated, %.0f s", dataset, n_signal,
-        len(requests), generated.shape[0], time.time() - start,
+        "cpcg %s: %d/%d requests answered with <SIGNAL>, %d cells generated, %.0f s",
+        dataset,
+        n_signal,
+        len(requests),
+        generated.shape[0],
+        time.time() - start,
     )
     result = GenerationResult(
-        dataset, real, rows["label"], generated, generated_labels, reference, reference_labels,
-        n_requests=len(requests), n_answered_with_signal=n_signal,
+        dataset,
+        real,
+        rows["label"],
+        generated,
+        generated_labels,
+        reference,
+        reference_labels,
+        n_requests=len(requests),
+        n_answered_with_signal=n_signal,
     )
     return result, example
 
@@ -331,18 +381,33 @@ def evaluate_generation(model, processor, train, test, dataset, settings, seed):
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "datasets",
-                        help="Folder with the shared datasets; scanpy's pbmc68k_reduced is used when they are missing.")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO.parent / "shared" / "datasets",
+        help="Folder with the shared datasets; scanpy's pbmc68k_reduced is used when they are missing.",
+    )
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "demo")
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="Training recipe + demo settings (YAML).")
-    parser.add_argument("--train-minutes", type=float, default=None,
-                        help="Training wall time (default: the recipe's max_train_minutes, shortened to fit "
-                        "the recipe's budget_minutes).")
-    parser.add_argument("--retrain", action="store_true", help="Train again even if <output-dir>/model exists.")
-    parser.add_argument("--max-test-cells", type=int, default=None, help="Override the recipe's max_test_cells.")
+    parser.add_argument(
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="Training recipe + demo settings (YAML)."
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="Training wall time (default: the recipe's max_train_minutes, shortened to fit "
+        "the recipe's budget_minutes).",
+    )
+    parser.add_argument(
+        "--retrain", action="store_true", help="Train again even if <output-dir>/model exists."
+    )
+    parser.add_argument(
+        "--max-test-cells", type=int, default=None, help="Override the recipe's max_test_cells."
+    )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
     start = time.time()
@@ -352,7 +417,7 @@ def main() -> None:
     if args.max_test_cells is not None:
         settings["max_test_cells"] = args.max_test_cells
     seed = int(recipe.get("seed", 0))
-    timings = {}
+    timings, notes = {}, []
 
     data_dir, datasets_arg, source = data_source(args.data_dir, out)
     data = out / "data"
@@ -375,14 +440,22 @@ def main() -> None:
         training["reused"] = False
     else:
         logger.info("Reusing the trained model in %s (pass --retrain to train again).", model_dir)
-        training = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+        training = (
+            json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+        )
         training["reused"] = True
+        notes.append(
+            f"the trained model was reused from an earlier run ({model_dir}): its training time is not "
+            "in this run's wall time; pass --retrain to train again."
+        )
     timings["train"] = round(time.time() - start - timings["data"], 1)
 
     model = InstructCellForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = InstructCellProcessor.from_pretrained(model_dir)
     torch.manual_seed(seed)
-    splits = datasets.load_dataset("parquet", data_files={s: str(data / f"{s}.parquet") for s in ("train", "test")})
+    splits = datasets.load_dataset(
+        "parquet", data_files={s: str(data / f"{s}.parquet") for s in ("train", "test")}
+    )
     train_split = splits["train"].filter(lambda r: r["variant"] == "instruct")
     test = splits["test"].filter(lambda r: r["variant"] == "instruct")
     pairs = sorted(set(zip(test["task"], test["dataset"], strict=True)))
@@ -390,10 +463,14 @@ def main() -> None:
     eval_start = time.time()
     for task, dataset in pairs:
         if task in ("cta", "dsp"):
-            result, request = evaluate_classification(model, processor, train_split, test, task, dataset, settings, seed)
+            result, request = evaluate_classification(
+                model, processor, train_split, test, task, dataset, settings, seed
+            )
             classification.append(result)
         else:
-            result, request = evaluate_generation(model, processor, train_split, test, dataset, settings, seed)
+            result, request = evaluate_generation(
+                model, processor, train_split, test, dataset, settings, seed
+            )
             generation.append(result)
         if request is not None:
             requests.setdefault(task, request)
@@ -410,11 +487,15 @@ def main() -> None:
         "command": command.strip(),
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
+        "notes": notes,
     }
     logger.info("Computing metrics (UMAP embeddings) and writing the report")
     metrics = write_demo_report(out, classification, generation, ordered, start_time=start, run_info=run_info)
     print((out / "report.md").read_text())
-    print(f"Wrote {out / 'report.md'}, {out / 'metrics.json'} and {out / 'figures'} in {metrics['wall_seconds']:.0f} s.")
+    print(
+        f"Wrote {out / 'report.md'}, {out / 'metrics.json'} and {out / 'figures'} "
+        f"in {metrics['wall_seconds']:.0f} s."
+    )
 
 
 if __name__ == "__main__":

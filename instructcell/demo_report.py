@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 
 from instructcell_eval.classification_metrics import cell_classification_metrics
-from instructcell_eval.generation_metrics import DEFAULT_KS, ReferenceEmbedding, embedding_metrics, knn_bandwidth
+from instructcell_eval.generation_metrics import (
+    DEFAULT_KS,
+    ReferenceEmbedding,
+    embedding_metrics,
+    knn_bandwidth,
+)
 
 __all__ = [
     "CLASSIFICATION_KEYS",
@@ -173,7 +178,9 @@ def generation_entry(
         if n < 2:
             return {key: None for key in GENERATION_KEYS}, np.zeros((0, 2))
         xy = embedding.transform(counts)
-        values = embedding_metrics(xy, np.asarray(labels).astype(str), real_xy, real_labels, ks=ks, bandwidth=width)
+        values = embedding_metrics(
+            xy, np.asarray(labels).astype(str), real_xy, real_labels, ks=ks, bandwidth=width
+        )
         return _rounded(values), xy
 
     reference, coords["reference"] = score(result.reference, result.reference_labels)
@@ -182,15 +189,15 @@ def generation_entry(
     entry["n_generated"] = 0 if result.generated is None else int(result.generated.shape[0])
     entry["n_real"] = int(real_xy.shape[0])
     entry["n_requests"] = int(result.n_requests)
-    entry["signal_rate"] = (
-        result.n_answered_with_signal / result.n_requests if result.n_requests else None
-    )
+    entry["signal_rate"] = result.n_answered_with_signal / result.n_requests if result.n_requests else None
     return entry, coords
 
 
 def check_targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Issue 7's targets: DSP accuracy >= 0.95; per CPCG dataset pKNN(K=10) within ±0.10 of the reference,
-    ΔsKNN <= 0.10 and MMD <= reference MMD + 0.10.
+    """Check issue 7's targets against the metrics.
+
+    DSP accuracy >= 0.95; on each CPCG dataset pKNN(K=10) within ±0.10 of the reference, ΔsKNN <= 0.10 and
+    MMD <= reference MMD + 0.10.
 
     Returns
     -------
@@ -201,27 +208,55 @@ def check_targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     for dataset, entry in metrics.get("dsp", {}).items():
         value = entry["accuracy"]
         checks.append(
-            {"task": "dsp", "dataset": dataset, "metric": "accuracy", "value": value,
-             "target": f">= {DSP_MIN_ACCURACY}", "met": value >= DSP_MIN_ACCURACY}
+            {
+                "task": "dsp",
+                "dataset": dataset,
+                "metric": "accuracy",
+                "value": value,
+                "target": f">= {DSP_MIN_ACCURACY}",
+                "met": value >= DSP_MIN_ACCURACY,
+            }
         )
     for dataset, entry in metrics.get("cpcg", {}).items():
         ref = entry["reference"]
         value, reference = entry["pknn_k10"], ref["pknn_k10"]
-        met = value is not None and reference is not None and abs(value - reference) <= PKNN_K10_TOLERANCE + 1e-9
+        met = (
+            value is not None
+            and reference is not None
+            and abs(value - reference) <= PKNN_K10_TOLERANCE + 1e-9
+        )
         checks.append(
-            {"task": "cpcg", "dataset": dataset, "metric": "pknn_k10", "value": value,
-             "target": f"reference {_fmt(reference)} ± {PKNN_K10_TOLERANCE}", "met": met}
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "pknn_k10",
+                "value": value,
+                "target": f"reference {_fmt(reference)} ± {PKNN_K10_TOLERANCE}",
+                "met": met,
+            }
         )
         value = entry["delta_sknn"]
         checks.append(
-            {"task": "cpcg", "dataset": dataset, "metric": "delta_sknn", "value": value,
-             "target": f"<= {MAX_DELTA_SKNN}", "met": value is not None and value <= MAX_DELTA_SKNN}
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "delta_sknn",
+                "value": value,
+                "target": f"<= {MAX_DELTA_SKNN}",
+                "met": value is not None and value <= MAX_DELTA_SKNN,
+            }
         )
         value, reference = entry["mmd"], ref["mmd"]
         met = value is not None and reference is not None and value <= reference + MMD_MARGIN
         checks.append(
-            {"task": "cpcg", "dataset": dataset, "metric": "mmd", "value": value,
-             "target": f"<= reference {_fmt(reference)} + {MMD_MARGIN}", "met": met}
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "mmd",
+                "value": value,
+                "target": f"<= reference {_fmt(reference)} + {MMD_MARGIN}",
+                "met": met,
+            }
         )
     return checks
 
@@ -247,7 +282,10 @@ def _plot_confusion(path: Path, result: ClassificationResult) -> None:
 
     labels = list(result.label_set)
     method = next(iter(result.predictions))
-    panels = [(f"InstructCell ({method})", result.predictions[method]), ("logistic regression", result.logreg)]
+    panels = [
+        (f"InstructCell ({method})", result.predictions[method]),
+        ("logistic regression", result.logreg),
+    ]
     size = max(4.0, 0.45 * len(labels) + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
     for ax, (title, preds) in zip(axes, panels, strict=True):
@@ -260,15 +298,24 @@ def _plot_confusion(path: Path, result: ClassificationResult) -> None:
         for i in range(len(labels)):
             for j in range(len(labels)):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if fractions[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if fractions[i, j] > 0.5 else "black",
+                    )
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         accuracy = np.mean([r == p for r, p in zip(result.references, preds, strict=True)])
         ax.set_title(f"{title}: accuracy {accuracy:.3f}", fontsize=9)
-    fig.suptitle(f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10)
+    fig.suptitle(
+        f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -282,7 +329,11 @@ def _plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.nda
     panels = [
         ("real test cells", coords["real"], np.asarray(result.real_labels).astype(str)),
         ("generated cells", coords["generated"], np.asarray(result.generated_labels).astype(str)),
-        ("reference: real training cells", coords["reference"], np.asarray(result.reference_labels).astype(str)),
+        (
+            "reference: real training cells",
+            coords["reference"],
+            np.asarray(result.reference_labels).astype(str),
+        ),
     ]
     labels = sorted(set(panels[0][2]) | set(panels[1][2]) | set(panels[2][2]))
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
@@ -315,15 +366,29 @@ def _report_markdown(
 ) -> str:
     run = metrics.get("run", {})
     lines = ["# InstructCell demo", ""]
-    lines.append(f"Wall time: **{metrics['wall_seconds']:.0f} s** ({metrics['wall_seconds'] / 60:.1f} min) "
-                 "for this run (dataset building, training, saving and evaluation).")
-    for key, label in (("data_source", "Data"), ("model_dir", "Model (Hub layout)"), ("recipe", "Recipe"),
-                       ("training", "Training"), ("timings", "Timings (s)"), ("command", "Command")):
+    lines.append(
+        f"Wall time: **{metrics['wall_seconds']:.0f} s** ({metrics['wall_seconds'] / 60:.1f} min) "
+        "for this run (dataset building, training, saving and evaluation)."
+    )
+    for key, label in (
+        ("data_source", "Data"),
+        ("model_dir", "Model (Hub layout)"),
+        ("recipe", "Recipe"),
+        ("training", "Training"),
+        ("timings", "Timings (s)"),
+        ("command", "Command"),
+    ):
         if key in run:
             value = run[key]
             if isinstance(value, Mapping):
                 value = ", ".join(f"{k} {v}" for k, v in value.items())
-            lines.append(f"- {label}: `{value}`" if key in ("model_dir", "recipe", "command") else f"- {label}: {value}")
+            lines.append(
+                f"- {label}: `{value}`"
+                if key in ("model_dir", "recipe", "command")
+                else f"- {label}: {value}"
+            )
+    for note in run.get("notes", []):
+        lines.append(f"- Note: {note}")
     lines += ["", "## Three requests", ""]
     for request in requests:
         lines.append(f"**{request.kind}** ({request.dataset})")
@@ -342,12 +407,16 @@ def _report_markdown(
         return " (target missed)" if (task, dataset, metric) in failed else " (target met)"
 
     lines += ["## Cell type annotation and drug sensitivity (test split)", ""]
-    lines.append("InstructCell scores every label of the dataset's label set (`score`); `greedy` maps the greedy "
-                 "answer to a label. The logistic regression is fitted in this run on the same training cells "
-                 "(log-normalized counts) and predicts the same test cells.")
+    lines.append(
+        "InstructCell scores every label of the dataset's label set (`score`); `greedy` maps the greedy "
+        "answer to a label. The logistic regression is fitted in this run on the same training cells "
+        "(log-normalized counts) and predicts the same test cells."
+    )
     lines.append("")
-    header = ("| task | dataset | n | accuracy | macro F1 | weighted F1 | greedy accuracy "
-              "| logreg accuracy | logreg macro F1 | logreg weighted F1 |")
+    header = (
+        "| task | dataset | n | accuracy | macro F1 | weighted F1 | greedy accuracy "
+        "| logreg accuracy | logreg macro F1 | logreg weighted F1 |"
+    )
     lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for task in ("cta", "dsp"):
         for dataset, entry in metrics.get(task, {}).items():
@@ -355,33 +424,45 @@ def _report_markdown(
             log = entry["logreg"]
             lines.append(
                 f"| {task.upper()} | {dataset} | {entry.get('n', '')} | {_fmt(entry['accuracy'])}"
-                f"{mark(task, dataset, 'accuracy')} | {_fmt(entry['macro_f1'])} | {_fmt(entry['weighted_f1'])} "
-                f"| {_fmt(greedy)} | {_fmt(log['accuracy'])} | {_fmt(log['macro_f1'])} | {_fmt(log['weighted_f1'])} |"
+                f"{mark(task, dataset, 'accuracy')} | {_fmt(entry['macro_f1'])} "
+                f"| {_fmt(entry['weighted_f1'])} | {_fmt(greedy)} | {_fmt(log['accuracy'])} "
+                f"| {_fmt(log['macro_f1'])} | {_fmt(log['weighted_f1'])} |"
             )
     if not metrics.get("dsp"):
-        lines += ["", "No DSP dataset in this run (the fallback data has none): the DSP target is not assessed."]
+        lines += [
+            "",
+            "No DSP dataset in this run (the fallback data has none): the DSP target is not assessed.",
+        ]
     lines += ["", "## Conditional pseudo-cell generation (test split)", ""]
-    lines.append("One request per test cell (its natural-language instruction, held-out templates); the model's "
-                 "cells are compared with the real test cells. **reference** = real *training* cells of the "
-                 "requested types, as many per type as were requested: what a perfect generator would score "
-                 "(closeness to it is the goal, not the maximum). Embedding: PCA-50 + UMAP fitted on the real "
-                 "test cells; KNN metrics averaged over K = 5, 10, 25, 50.")
+    lines.append(
+        "One request per test cell (its natural-language instruction, held-out templates); the model's "
+        "cells are compared with the real test cells. **reference** = real *training* cells of the "
+        "requested types, as many per type as were requested: what a perfect generator would score "
+        "(closeness to it is the goal, not the maximum). Embedding: PCA-50 + UMAP fitted on the real "
+        "test cells; KNN metrics averaged over K = 5, 10, 25, 50."
+    )
     lines.append("")
-    lines += ["| dataset | generated / requests | answered `<SIGNAL>` | MMD (ref) | ΔsKNN (ref) | pKNN (ref) | pKNN K=10 (ref) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| dataset | generated / requests | answered `<SIGNAL>` | MMD (ref) | ΔsKNN (ref) | pKNN (ref) "
+        "| pKNN K=10 (ref) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for dataset, entry in metrics.get("cpcg", {}).items():
         ref = entry["reference"]
         cells = [f"{_fmt(entry[k])}{mark('cpcg', dataset, k)} ({_fmt(ref[k])})" for k in GENERATION_KEYS]
         lines.append(
             f"| {dataset} | {entry['n_generated']} / {entry['n_requests']} | {_fmt(entry['signal_rate'])} | "
-            + " | ".join(cells) + " |"
+            + " | ".join(cells)
+            + " |"
         )
     lines += ["", "## Targets (issue 7)", ""]
     if checks:
         for c in checks:
             status = "met" if c["met"] else "**MISSED**"
-            lines.append(f"- {c['task'].upper()} {c['dataset']} {c['metric']} = {_fmt(c['value'])} "
-                         f"(target {c['target']}): {status}")
+            lines.append(
+                f"- {c['task'].upper()} {c['dataset']} {c['metric']} = {_fmt(c['value'])} "
+                f"(target {c['target']}): {status}"
+            )
     else:
         lines.append("- none assessed")
     lines += ["", "## Figures", ""]
@@ -458,8 +539,14 @@ def write_demo_report(
         checks = check_targets(metrics)
         metrics["targets"] = checks
         metrics["requests"] = [
-            {"kind": r.kind, "dataset": r.dataset, "instruction": r.instruction, "answer": r.answer,
-             "detail": r.detail, **r.extra}
+            {
+                "kind": r.kind,
+                "dataset": r.dataset,
+                "instruction": r.instruction,
+                "answer": r.answer,
+                "detail": r.detail,
+                **r.extra,
+            }
             for r in requests
         ]
         if run_info:

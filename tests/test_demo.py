@@ -49,19 +49,33 @@ def results():
     rng = np.random.default_rng(0)
     truth = ["T", "B", "T", "NK", "B", "T"]
     cta = ClassificationResult(
-        "cta", "toy_pbmc", truth, ["B", "NK", "T"],
+        "cta",
+        "toy_pbmc",
+        truth,
+        ["B", "NK", "T"],
         {"score": ["T", "B", "B", "NK", "B", "T"], "generate": ["T", None, "T", "NK", "B", "T cell?"]},
         ["T", "B", "T", "T", "B", "T"],
     )
     dsp = ClassificationResult(
-        "dsp", "toy_drug", ["sensitive", "resistant"] * 3, ["resistant", "sensitive"],
-        {"score": ["sensitive", "resistant"] * 3}, ["sensitive", "sensitive"] * 3,
+        "dsp",
+        "toy_drug",
+        ["sensitive", "resistant"] * 3,
+        ["resistant", "sensitive"],
+        {"score": ["sensitive", "resistant"] * 3},
+        ["sensitive", "sensitive"] * 3,
     )
     real_labels = ["A"] * 15 + ["B"] * 15
     gen_labels = ["A"] * 10 + ["B"] * 10
     cpcg = GenerationResult(
-        "toy_gen", cells(real_labels, rng), real_labels, cells(gen_labels, rng), gen_labels,
-        cells(gen_labels, rng), gen_labels, n_requests=22, n_answered_with_signal=20,
+        "toy_gen",
+        cells(real_labels, rng),
+        real_labels,
+        cells(gen_labels, rng),
+        gen_labels,
+        cells(gen_labels, rng),
+        gen_labels,
+        n_requests=22,
+        n_answered_with_signal=20,
     )
     return [cta, dsp], [cpcg]
 
@@ -71,7 +85,11 @@ def test_write_demo_report_schema(tmp_path, results):
     (tmp_path / "model").mkdir()  # other content of the folder is left alone
     requests = [Request("annotate", "toy_pbmc", "What is this cell? <CELL>", "T", "truth: T")]
     metrics = write_demo_report(
-        tmp_path, classification, generation, requests, run_info={"data_source": "synthetic"},
+        tmp_path,
+        classification,
+        generation,
+        requests,
+        run_info={"data_source": "synthetic"},
         embedding_factory=PCAEmbedding,
     )
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -92,7 +110,9 @@ def test_write_demo_report_schema(tmp_path, results):
     assert entry["n_generated"] == 20 and entry["signal_rate"] == pytest.approx(20 / 22)
     assert (tmp_path / "model").is_dir()
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "confusion_cta_toy_pbmc.png", "confusion_dsp_toy_drug.png", "umap_cpcg_toy_gen.png",
+        "confusion_cta_toy_pbmc.png",
+        "confusion_dsp_toy_drug.png",
+        "umap_cpcg_toy_gen.png",
     ]
     report = (tmp_path / "report.md").read_text()
     assert "toy_pbmc" in report and "logreg" in report and "figures/umap_cpcg_toy_gen.png" in report
@@ -110,9 +130,20 @@ def test_failure_leaves_no_partial_output(tmp_path, results):
 def test_targets_report_misses():
     metrics = {
         "dsp": {"d": {"accuracy": 0.9}},
-        "cpcg": {"g": {"mmd": 0.5, "delta_sknn": 0.05, "pknn": 0.5, "pknn_k10": 0.55,
-                       "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.6, "pknn_k10": 0.6}}},
+        "cpcg": {
+            "g": {
+                "mmd": 0.5,
+                "delta_sknn": 0.05,
+                "pknn": 0.5,
+                "pknn_k10": 0.55,
+                "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.6, "pknn_k10": 0.6},
+            }
+        },
     }
     met = {(c["task"], c["metric"]): c["met"] for c in check_targets(metrics)}
-    assert met == {("dsp", "accuracy"): False, ("cpcg", "pknn_k10"): True, ("cpcg", "delta_sknn"): True,
-                   ("cpcg", "mmd"): False}
+    assert met == {
+        ("dsp", "accuracy"): False,
+        ("cpcg", "pknn_k10"): True,
+        ("cpcg", "delta_sknn"): True,
+        ("cpcg", "mmd"): False,
+    }
