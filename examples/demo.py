@@ -13,6 +13,10 @@
    cells (CTA), predict the drug response (DSP) and generate cells of a requested type (CPCG), next to a
    logistic regression fitted in the same run on the same split (CTA/DSP) and real training cells (CPCG).
 4. Writes ``report.md``, ``metrics.json`` and ``figures/*.png`` into ``<output-dir>`` (atomically).
+
+Rerunning reuses ``<output-dir>/data`` (same build settings) and ``<output-dir>/model``; ``--retrain`` trains
+again. An interrupted training (Ctrl-C) resumes from ``<output-dir>/checkpoints``. ``--train-minutes 0.5``
+gives a smoke run in a few minutes (numbers then mean nothing).
 """
 
 from __future__ import annotations
@@ -440,6 +444,8 @@ def main() -> None:
         training["reused"] = False
     else:
         logger.info("Reusing the trained model in %s (pass --retrain to train again).", model_dir)
+        if args.train_minutes is not None:
+            logger.warning("--train-minutes is ignored: the model is reused (add --retrain to train again).")
         training = (
             json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
         )

@@ -5,15 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from instructcell.demo_report import (
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from instructcell.demo_report import (  # noqa: E402  (after the skips: needs the [eval] extra)
     ClassificationResult,
     GenerationResult,
     Request,
     check_targets,
     write_demo_report,
 )
-
-pytest.importorskip("matplotlib")
 
 CLASSIFICATION_KEYS = {"accuracy", "macro_f1", "weighted_f1"}
 GENERATION_KEYS = {"mmd", "delta_sknn", "pknn", "pknn_k10"}
