@@ -49,6 +49,10 @@ DATASETS: dict[str, tuple[tuple[str, ...], str]] = {
     "kang2018_pbmc_ifnb_muscat": (("cta", "cpcg"), "cell_type"),
     "pc9_erlotinib_day11_dsp": (("dsp",), "drug_response"),
 }
+# built only when named in --datasets (e.g. by examples/demo.py when ../shared/datasets is absent)
+OPTIONAL_DATASETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "pbmc68k_reduced_counts": (("cta", "cpcg"), "cell_type"),
+}
 COUNT_COLUMNS = ["task", "variant", "dataset", "cell_id", "split", "template_id"]
 logger = logging.getLogger("build_dataset")
 
@@ -62,10 +66,29 @@ def _species(adata: anndata.AnnData, name: str) -> str:
     return values[0]
 
 
-def preprocess_all(data_dir: Path, work_dir: Path, n_top_genes: int, orthologs_path: str) -> list[str]:
+def select_datasets(names: str | None) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Return the ``{name: (tasks, label_key)}`` entries named in ``names`` (default: DATASETS)."""
+    if not names:
+        return dict(DATASETS)
+    known = {**DATASETS, **OPTIONAL_DATASETS}
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        raise ValueError(f"Unknown datasets {unknown}; choose from {sorted(known)}.")
+    return {name: known[name] for name in chosen}
+
+
+def preprocess_all(
+    data_dir: Path,
+    work_dir: Path,
+    n_top_genes: int,
+    orthologs_path: str,
+    selected: dict[str, tuple[tuple[str, ...], str]] | None = None,
+) -> list[str]:
     """Preprocess every dataset into ``work_dir`` (reusing finished files) and return the gene vocabulary."""
+    selected = DATASETS if selected is None else selected
     work_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: data_dir / name / f"{name}.h5ad" for name in DATASETS}
+    paths = {name: data_dir / name / f"{name}.h5ad" for name in selected}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise ValueError(
@@ -79,7 +102,7 @@ def preprocess_all(data_dir: Path, work_dir: Path, n_top_genes: int, orthologs_p
             human_symbols.update(backed.var_names.astype(str))
         backed.file.close()
     hvg_lists = []
-    for name, (_, label_key) in DATASETS.items():
+    for name, (_, label_key) in selected.items():
         out, hvg_file = work_dir / f"{name}.h5ad", work_dir / f"{name}.hvg.txt"
         if not (out.exists() and hvg_file.exists()):
             adata = anndata.read_h5ad(paths[name])
@@ -136,6 +159,12 @@ def main() -> None:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--n-top-genes", type=int, default=3600)
     parser.add_argument("--variant", choices=["instruct", "chat", "both"], default="both")
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help=f"Comma-separated subset of {sorted({**DATASETS, **OPTIONAL_DATASETS})} "
+        f"(default: {sorted(DATASETS)}).",
+    )
     parser.add_argument("--orthologs", default="", help="MGI/BioMart mouse->human table (file or URL).")
     parser.add_argument("--template-bank", default=str(DEFAULT_BANK_DIR))
     parser.add_argument("--cache-dir", type=Path, default=None, help="Default: OUTPUT.cache")
@@ -147,22 +176,25 @@ def main() -> None:
     if output.exists() and not args.overwrite:
         raise SystemExit(f"{output} exists: pass --overwrite or choose another --output.")
     cache = (args.cache_dir or output.with_name(output.name + ".cache")).resolve()
+    selected = select_datasets(args.datasets)
     settings = {
         "n_top_genes": args.n_top_genes,
         "orthologs": args.orthologs,
         "data_dir": str(args.data_dir.resolve()),
     }
+    if args.datasets:  # only then, so that default builds keep their cache key
+        settings["datasets"] = sorted(selected)
     work_dir = cache / (
         "preprocessed-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     )
 
-    vocab = preprocess_all(args.data_dir, work_dir, args.n_top_genes, args.orthologs)
+    vocab = preprocess_all(args.data_dir, work_dir, args.n_top_genes, args.orthologs, selected)
     vocab_path = work_dir / GENE_VOCAB_FILENAME
     write_gene_vocab(vocab, vocab_path)
     logger.info("Gene vocabulary: %d genes", len(vocab))
     sources = [
         AnnDataSource(str(work_dir / f"{name}.h5ad"), task=task, name=name, label_key=label_key)
-        for name, (tasks, label_key) in DATASETS.items()
+        for name, (tasks, label_key) in selected.items()
         for task in tasks
     ]
     variants = ["instruct", "chat"] if args.variant == "both" else [args.variant]

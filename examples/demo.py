@@ -1,156 +1,507 @@
-"""A short end-to-end InstructCell run on real data, on CPU (`make demo`).
+"""End-to-end InstructCell on real data, on CPU, in about 15 minutes (`make demo`).
 
-    python examples/demo.py --data-dir ../shared/datasets --output-dir outputs/demo --train-minutes 5
+    python examples/demo.py --output-dir outputs/demo
+    python examples/demo.py --output-dir outputs/demo --train-minutes 0.5   # a quick smoke run
 
-1. Builds the instruct-variant multi-task dataset (CTA, DSP, CPCG) with ``examples/build_dataset.py``.
-2. Trains an offline tokenizer on the training instructions and the ``small`` preset with the HF Trainer
-   for a fixed wall-clock budget.
-3. Saves the model in the Hub layout (safetensors, processor, remote code).
-4. Answers three natural-language requests on held-out test cells (annotate, predict a drug response,
-   generate cells of a requested type) and writes ``report.md`` and ``metrics.json`` with test accuracies.
+1. Builds the instruct-variant multi-task dataset with ``examples/build_dataset.py``: from
+   ``../shared/datasets`` (CTA, DSP, CPCG) when present, otherwise from scanpy's bundled ``pbmc68k_reduced``
+   (counts recovered from its log-normalized ``.raw``; CTA + CPCG only). An existing build is reused.
+2. Trains the ``small`` preset on all tasks mixed with the recipe in ``configuration/train/demo.yaml``
+   (``examples/train.py``'s code), within a wall-clock budget, and saves it in the Hub layout to
+   ``<output-dir>/model``. A finished model is reused unless ``--retrain``.
+3. Reloads the saved model and answers natural-language requests on the test split: annotate held-out
+   cells (CTA), predict the drug response (DSP) and generate cells of a requested type (CPCG), next to a
+   logistic regression fitted in the same run on the same split (CTA/DSP) and real training cells (CPCG).
+4. Writes ``report.md``, ``metrics.json`` and ``figures/*.png`` into ``<output-dir>`` (atomically).
+
+Rerunning reuses ``<output-dir>/data`` (same build settings) and ``<output-dir>/model``; ``--retrain`` trains
+again. An interrupted training (Ctrl-C) resumes from ``<output-dir>/checkpoints``. ``--train-minutes 0.5``
+gives a smoke run in a few minutes (numbers then mean nothing).
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
+import scipy.sparse as sp
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+import yaml
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
-from datasets_builder import read_gene_vocab
 from datasets_builder.collator import DataCollatorForInstructCell
+from instructcell.demo_report import ClassificationResult, GenerationResult, Request, write_demo_report
+from instructcell.evaluation import logistic_regression_predictions, model_predictions
 from instructcell.hub import save_for_hub
-from instructcell.presets import config_for_processor
-from instructcell.tokenization import train_instruction_tokenizer
-from modeling_instructcell import (
-    InstructCellFeatureExtractor,
-    InstructCellForConditionalGeneration,
-    InstructCellProcessor,
-)
+from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "configuration" / "train" / "demo.yaml"
+SHARED_DATASETS = (
+    "bastidas_ponce_2019_pancreas",
+    "zheng2017_sorted_pbmc",
+    "kang2018_pbmc_ifnb_muscat",
+    "pc9_erlotinib_day11_dsp",
+)
+FALLBACK_NAME = "pbmc68k_reduced_counts"
+DEMO_DEFAULTS = {
+    "n_top_genes": 3600,
+    "budget_minutes": 15.0,
+    "eval_reserve_minutes": 2.5,
+    "max_test_cells": 500,
+    "max_generated_per_label": 200,
+    "generated_per_request": 1,
+}
+logger = logging.getLogger("demo")
 
 
-class WallClockLimit(TrainerCallback):
-    """Stop training once ``seconds`` of wall time have passed."""
+# ----------------------------------------------------------------------------------------------- data
+def write_pbmc68k_counts(path: Path) -> Path:
+    """Write scanpy's bundled ``pbmc68k_reduced`` as raw counts with the builder's obs columns.
 
-    def __init__(self, seconds: float):
-        self.deadline = time.monotonic() + seconds
+    Its ``.raw`` holds ``log1p(normalize_total(target_sum=1e4))`` of 765 genes and ``obs["n_counts"]`` the
+    per-cell totals, so ``round(expm1(raw.X) * n_counts / 1e4)`` recovers the integer counts (max deviation
+    from an integer 0.08). Labels: ``bulk_labels``.
+    """
+    import anndata
+    import pandas as pd
+    import scanpy as sc
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() > self.deadline:
-            control.should_training_stop = True
-        return control
+    bundled = sc.datasets.pbmc68k_reduced()
+    raw = sp.csr_matrix(bundled.raw.X, dtype=np.float64)
+    totals = bundled.obs["n_counts"].to_numpy(dtype=np.float64)
+    counts = sp.diags(totals / 1e4) @ raw.expm1()
+    counts = sp.csr_matrix(counts)
+    counts.data = np.rint(counts.data)
+    counts.eliminate_zeros()
+    obs = pd.DataFrame(
+        {
+            "cell_type": bundled.obs["bulk_labels"].astype(str).to_numpy(),
+            "species": "human",
+            "tissue": "peripheral blood (PBMC)",
+            "sequencing_method": "10x Genomics GemCode (droplet-based)",
+        },
+        index=bundled.obs_names.astype(str),
+    )
+    adata = anndata.AnnData(
+        X=counts.astype(np.int32), obs=obs, var=pd.DataFrame(index=bundled.raw.var_names.astype(str))
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp, compression="gzip")
+    os.replace(tmp, path)
+    return path
 
 
-def build_data(data_dir: Path, output: Path) -> Path:
-    if not (output / "train.parquet").exists():
-        subprocess.run(
-            [sys.executable, str(REPO / "examples" / "build_dataset.py"), "--data-dir", str(data_dir),
-             "--output", str(output), "--variant", "instruct", "--n-top-genes", "1000", "--overwrite"],
-            check=True,
+def data_source(data_dir: Path, out: Path) -> tuple[Path, str | None, str]:
+    """Return ``(data_dir, --datasets value, description)``: the shared data, else the pbmc68k fallback."""
+    if all((data_dir / name / f"{name}.h5ad").is_file() for name in SHARED_DATASETS):
+        return data_dir, None, f"{', '.join(SHARED_DATASETS)} from {data_dir}"
+    logger.warning(
+        "No shared datasets at %s: falling back to scanpy's bundled pbmc68k_reduced (CTA + CPCG only).",
+        data_dir,
+    )
+    fallback_dir = out / "source"
+    path = fallback_dir / FALLBACK_NAME / f"{FALLBACK_NAME}.h5ad"
+    if not path.is_file():
+        write_pbmc68k_counts(path)
+    return fallback_dir, FALLBACK_NAME, "scanpy's bundled pbmc68k_reduced (counts recovered from .raw)"
+
+
+def build_data(data_dir: Path, datasets_arg: str | None, n_top_genes: int, output: Path) -> bool:
+    """Build the instruct-variant Parquet dataset into ``output`` unless an identical build is there.
+
+    Returns True when it was (re)built.
+    """
+    wanted = {"n_top_genes": n_top_genes, "orthologs": "", "data_dir": str(data_dir.resolve())}
+    if datasets_arg:
+        wanted["datasets"] = sorted(datasets_arg.split(","))
+    info = output / "dataset_info.json"
+    if info.is_file() and (output / "train.parquet").is_file():
+        if json.loads(info.read_text()).get("settings") == wanted:
+            logger.info("Reusing the dataset in %s", output)
+            return False
+        logger.info("The dataset in %s was built with other settings: rebuilding it.", output)
+    command = [
+        sys.executable,
+        str(REPO / "examples" / "build_dataset.py"),
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(output),
+        "--variant",
+        "instruct",
+        "--n-top-genes",
+        str(n_top_genes),
+        "--overwrite",
+    ]
+    if datasets_arg:
+        command += ["--datasets", datasets_arg]
+    logger.info("Building the dataset: %s", " ".join(command))
+    subprocess.run(command, check=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- training
+def load_recipe(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Training arguments and demo settings (the ``demo:`` mapping) of a YAML recipe."""
+    recipe = yaml.safe_load(path.read_text()) or {}
+    demo = {**DEMO_DEFAULTS, **(recipe.pop("demo", None) or {})}
+    unknown = set(demo) - set(DEMO_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"Unknown demo settings {sorted(unknown)} in {path}; known: {sorted(DEMO_DEFAULTS)}."
         )
-    return output
+    return recipe, demo
 
 
-def greedy_answers(model, processor, rows, batch_size: int = 32) -> list[dict]:
-    collator = DataCollatorForInstructCell(processor)
-    answers = []
-    for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
-        sequences = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            cell_values=batch.get("cell_values"), max_new_tokens=24,
-        )
-        answers.extend(processor.post_process_generation(sequences))
-    return answers
+def model_is_complete(model_dir: Path) -> bool:
+    """Return True when ``model_dir`` holds a saved model and processor."""
+    return (
+        (model_dir / "config.json").is_file()
+        and (model_dir / "model.safetensors").is_file()
+        and (model_dir / "processor_config.json").is_file()
+    )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "datasets")
-    parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "demo")
-    parser.add_argument("--train-minutes", type=float, default=5.0)
-    parser.add_argument("--eval-examples", type=int, default=200, help="Test examples per task and dataset.")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if not args.data_dir.is_dir():
-        raise SystemExit(f"No data at {args.data_dir}: pass --data-dir with the shared datasets folder.")
+def train(recipe: dict[str, Any], data: Path, out: Path, train_minutes: float) -> dict[str, Any]:
+    """Train with ``run_training`` (resuming ``out/checkpoints``) and save the model to ``out/model``."""
+    config = {"report_to": "none", **recipe, "dataset_dir": str(data), "output_dir": str(out / "checkpoints")}
+    config["max_train_minutes"] = train_minutes
+    parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
+    model_args, data_args, training_args = parser.parse_dict(config)
+    logger.info("Training for at most %.1f min (%s)", train_minutes, config)
     start = time.time()
-    torch.manual_seed(args.seed)
-    out = args.output_dir
-    data_path = build_data(args.data_dir, out / "data")
-    splits = datasets.load_dataset(
-        "parquet", data_files={s: str(data_path / f"{s}.parquet") for s in ("train", "test")}
-    )
-    train = splits["train"].shuffle(seed=args.seed)
-
-    genes = read_gene_vocab(data_path / "gene_vocab.txt")
-    corpus = list(train["instruction"]) + list(train["response"])
-    tokenizer = train_instruction_tokenizer(corpus, vocab_size=2000)
-    processor = InstructCellProcessor(InstructCellFeatureExtractor(gene_names=genes), tokenizer)
-    model = InstructCellForConditionalGeneration(config_for_processor("small", processor))
-    targets = [row for row in train.select(range(min(2000, len(train)))) if row["target_gene_indices"]]
-    collator = DataCollatorForInstructCell(processor)
-    model.cell_vae.set_library_prior(collator(targets)["target_cell_values"])
-
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=str(out / "checkpoints"), per_device_train_batch_size=32, learning_rate=1e-3,
-            warmup_steps=50, num_train_epochs=50, logging_steps=20, save_strategy="no", report_to=[],
-            remove_unused_columns=False, seed=args.seed, dataloader_num_workers=0,
-        ),
-        train_dataset=train,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=[WallClockLimit(args.train_minutes * 60)],
-    )
-    trainer.train()
+    trainer, processor, interrupted = run_training(model_args, data_args, training_args)
+    seconds = time.time() - start
+    if interrupted:
+        raise SystemExit(f"Interrupted: rerun the same command to resume from {training_args.output_dir}.")
+    model = trainer.model.merge_and_unload() if model_args.use_lora else trainer.model
     model.eval()
-    save_for_hub(model, processor, out / "model")
-
-    test = splits["test"]
-    metrics, examples = {}, []
-    for task in ("cta", "dsp"):
-        for name in sorted(set(test.filter(lambda r, t=task: r["task"] == t)["dataset"])):
-            rows = list(test.filter(lambda r, t=task, d=name: r["task"] == t and r["dataset"] == d))
-            rows = rows[: args.eval_examples]
-            answers = greedy_answers(model, processor, rows)
-            accuracy = float(np.mean([a["text"] == r["label"] for a, r in zip(answers, rows, strict=True)]))
-            metrics.setdefault(task, {})[name] = {"accuracy": accuracy, "n": len(rows)}
-            examples.append((task, rows[0]["instruction"], answers[0]["text"], rows[0]["label"]))
-    cpcg = [row for row in test if row["task"] == "cpcg"][:1]
-    batch = collator(cpcg)
-    generated = model.generate_cells(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_cells=50, seed=args.seed,
-        max_new_tokens=24,
-    )
-    metrics["cpcg"] = {
-        "request": cpcg[0]["instruction"],
-        "answered_with_signal": bool(generated.has_signal.all()),
-        "generated_cells": int(generated.cell_values.shape[0]),
-        "mean_generated_library": float(generated.cell_values.sum(-1).float().mean()) if generated.cell_values.numel() else 0.0,
-        "real_library": float(batch["target_cell_values"].sum()),
+    losses = [log for log in trainer.state.log_history if "loss" in log]
+    summary = {
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 3),
+        "train_seconds": round(seconds, 1),
+        "max_train_minutes": round(train_minutes, 2),
+        "last_log": losses[-1] if losses else None,
     }
-    metrics["wall_seconds"] = round(time.time() - start, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    lines = ["# InstructCell demo", "", f"Wall time: {metrics['wall_seconds']} s; model saved to `{out / 'model'}`.", ""]
-    lines += ["| task | dataset | test accuracy | n |", "|---|---|---|---|"]
-    for task in ("cta", "dsp"):
-        for name, value in metrics[task].items():
-            lines.append(f"| {task} | {name} | {value['accuracy']:.3f} | {value['n']} |")
-    lines += ["", "## Requests", ""]
-    for task, instruction, answer, label in examples:
-        lines.append(f"- **{task}**: {instruction} -> *{answer}* (truth: {label})")
-    lines.append(f"- **cpcg**: {metrics['cpcg']['request']} -> {metrics['cpcg']['generated_cells']} cells")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hub(model, processor, tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(tmp, out / "model")
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    del trainer, model
+    gc.collect()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def cap_rows(rows: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    """At most ``n`` rows, a seeded random subset when there are more."""
+    return rows.shuffle(seed=seed).select(range(n)) if len(rows) > n else rows
+
+
+def sparse_cells(rows, prefix: str, n_genes: int) -> sp.csr_matrix:
+    """``(n_rows, n_genes)`` CSR counts of the rows' ``input`` or ``target`` cells."""
+    indices, counts = rows[f"{prefix}_gene_indices"], rows[f"{prefix}_gene_counts"]
+    indptr = np.cumsum([0] + [len(i) for i in indices])
+    return sp.csr_matrix(
+        (
+            np.concatenate([np.asarray(c, np.float32) for c in counts]),
+            np.concatenate([np.asarray(i, np.int64) for i in indices]),
+            indptr,
+        ),
+        shape=(len(indices), n_genes),
+    )
+
+
+def predictions_with_progress(model, processor, rows, method: str, desc: str, batch_size: int = 64) -> list:
+    """:func:`model_predictions` in batches under a progress bar."""
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+        out.extend(model_predictions(model, processor, chunk, method=method, batch_size=batch_size))
+    return out
+
+
+@torch.inference_mode()
+def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 32) -> str:
+    """Return the model's raw greedy answer to one row's instruction."""
+    batch = DataCollatorForInstructCell(processor)([row])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "cell_values") if k in batch}
+    sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    answer = processor.post_process_generation(sequences, skip_special_tokens=False)[0]["text"]
+    for token in (processor.tokenizer.pad_token, processor.tokenizer.eos_token):
+        answer = answer.replace(token or "\0", "")
+    return answer.strip()
+
+
+def evaluate_classification(model, processor, train, test, task, dataset, settings, seed):
+    """Label scoring, greedy answers and the logistic regression on one CTA/DSP dataset's test cells."""
+    n_genes = len(processor.feature_extractor.gene_names)
+    rows = cap_rows(
+        test.filter(lambda r: r["task"] == task and r["dataset"] == dataset), settings["max_test_cells"], seed
+    )
+    train_rows = train.filter(lambda r: r["task"] == task and r["dataset"] == dataset)
+    start = time.time()
+    score = predictions_with_progress(model, processor, rows, "score", f"{task} {dataset} score")
+    greedy = predictions_with_progress(model, processor, rows, "generate", f"{task} {dataset} greedy")
+    logreg = logistic_regression_predictions(train_rows, rows, n_genes, seed=seed)
+    result = ClassificationResult(
+        task, dataset, rows["label"], rows[0]["choices"], {"score": score, "generate": greedy}, logreg
+    )
+    accuracy = np.mean([p == t for p, t in zip(score, rows["label"], strict=True)])
+    logreg_accuracy = np.mean([p == t for p, t in zip(logreg, rows["label"], strict=True)])
+    logger.info(
+        "%s %s: accuracy %.3f (logreg %.3f) on %d test cells, %.0f s",
+        task,
+        dataset,
+        accuracy,
+        logreg_accuracy,
+        len(rows),
+        time.time() - start,
+    )
+    row = rows[0]
+    request = Request(
+        "annotate held-out cells" if task == "cta" else "predict a drug response",
+        dataset,
+        row["instruction"],
+        greedy_answer(model, processor, row),
+        f"scored label: {score[0]}; truth: {row['label']}",
+    )
+    return result, request
+
+
+@torch.inference_mode()
+def evaluate_generation(model, processor, train, test, dataset, settings, seed):
+    """Generate cells for the test split's CPCG requests of one dataset; real test and training references."""
+    n_genes = len(processor.feature_extractor.gene_names)
+    per_request = int(settings["generated_per_request"])
+    max_requests = max(1, settings["max_generated_per_label"] // per_request)
+    rows = cap_rows(
+        test.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset),
+        settings["max_test_cells"],
+        seed,
+    )
+    seen: Counter = Counter()
+    keep = []
+    for i, label in enumerate(rows["label"]):  # at most max_generated_per_label generated cells per type
+        if seen[label] < max_requests:
+            seen[label] += 1
+            keep.append(i)
+    requests = rows.select(keep)
+    collator = DataCollatorForInstructCell(processor)
+    generated, generated_labels, n_signal, example = [], [], 0, None
+    start = time.time()
+    batch_size = 32
+    for k, offset in enumerate(
+        tqdm(range(0, len(requests), batch_size), desc=f"cpcg {dataset} generate", leave=False)
+    ):
+        chunk = requests.select(range(offset, min(offset + batch_size, len(requests))))
+        batch = collator(list(chunk))
+        output = model.generate_cells(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            num_cells=per_request,
+            seed=seed + k,
+            max_new_tokens=16,
+        )
+        n_signal += int(output.has_signal.sum())
+        generated.append(sp.csr_matrix(output.cell_values.cpu().numpy().astype(np.float32)))
+        generated_labels += [chunk[int(i)]["label"] for i in output.request_index.tolist()]
+        if example is None:
+            answer = processor.post_process_generation(output.sequences[:1], skip_special_tokens=False)[0]
+            mine = output.request_index == 0
+            library = output.cell_values[mine].sum(-1).float()
+            example = Request(
+                "generate cells of a requested type",
+                dataset,
+                chunk[0]["instruction"],
+                answer["text"]
+                .replace(processor.tokenizer.pad_token or "\0", "")
+                .replace(processor.tokenizer.eos_token or "\0", "")
+                .strip(),
+                f"{int(mine.sum())} cell(s) of requested type {chunk[0]['label']!r}"
+                + (f", total counts {library.mean():.0f}" if len(library) else " (no <SIGNAL>: no cells)"),
+            )
+    generated = sp.vstack(generated).tocsr() if generated else sp.csr_matrix((0, n_genes))
+    real = sparse_cells(rows, "target", n_genes)
+    # reference: real training cells of the requested types, as many per type as were requested (what a
+    # perfect generator, which answers every request, would return; = generated when all answered <SIGNAL>)
+    requested = Counter(label for label in requests["label"] for _ in range(per_request))
+    rng = np.random.default_rng(seed)
+    train_rows = train.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset)
+    by_label = defaultdict(list)
+    for i, label in enumerate(train_rows["label"]):
+        by_label[label].append(i)
+    picks, reference_labels = [], []
+    for label, count in sorted(requested.items()):
+        pool = by_label.get(label, [])
+        if not pool:
+            continue
+        chosen = rng.choice(pool, size=count, replace=count > len(pool))
+        picks += chosen.tolist()
+        reference_labels += [label] * count
+    reference = sparse_cells(train_rows.select(picks), "target", n_genes) if picks else None
+    logger.info(
+        "cpcg %s: %d/%d requests answered with <SIGNAL>, %d cells generated, %.0f s",
+        dataset,
+        n_signal,
+        len(requests),
+        generated.shape[0],
+        time.time() - start,
+    )
+    result = GenerationResult(
+        dataset,
+        real,
+        rows["label"],
+        generated,
+        generated_labels,
+        reference,
+        reference_labels,
+        n_requests=len(requests),
+        n_answered_with_signal=n_signal,
+    )
+    return result, example
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO.parent / "shared" / "datasets",
+        help="Folder with the shared datasets; scanpy's pbmc68k_reduced is used when they are missing.",
+    )
+    parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "demo")
+    parser.add_argument(
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="Training recipe + demo settings (YAML)."
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="Training wall time (default: the recipe's max_train_minutes, shortened to fit "
+        "the recipe's budget_minutes).",
+    )
+    parser.add_argument(
+        "--retrain", action="store_true", help="Train again even if <output-dir>/model exists."
+    )
+    parser.add_argument(
+        "--max-test-cells", type=int, default=None, help="Override the recipe's max_test_cells."
+    )
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+    start = time.time()
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    recipe, settings = load_recipe(args.recipe)
+    if args.max_test_cells is not None:
+        settings["max_test_cells"] = args.max_test_cells
+    seed = int(recipe.get("seed", 0))
+    timings, notes = {}, []
+
+    data_dir, datasets_arg, source = data_source(args.data_dir, out)
+    data = out / "data"
+    rebuilt = build_data(data_dir, datasets_arg, int(settings["n_top_genes"]), data)
+    timings["data"] = round(time.time() - start, 1)
+
+    model_dir = out / "model"
+    if args.retrain or rebuilt or not model_is_complete(model_dir):
+        for stale in (out / "checkpoints", model_dir, out / "training.json"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        if args.train_minutes is not None:
+            minutes = args.train_minutes
+        else:
+            left = settings["budget_minutes"] - settings["eval_reserve_minutes"] - (time.time() - start) / 60
+            minutes = max(0.5, min(float(recipe.get("max_train_minutes") or left), left))
+        training = train(recipe, data, out, minutes)
+        training["reused"] = False
+    else:
+        logger.info("Reusing the trained model in %s (pass --retrain to train again).", model_dir)
+        if args.train_minutes is not None:
+            logger.warning("--train-minutes is ignored: the model is reused (add --retrain to train again).")
+        training = (
+            json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+        )
+        training["reused"] = True
+        notes.append(
+            f"the trained model was reused from an earlier run ({model_dir}): its training time is not "
+            "in this run's wall time; pass --retrain to train again."
+        )
+    timings["train"] = round(time.time() - start - timings["data"], 1)
+
+    model = InstructCellForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = InstructCellProcessor.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    splits = datasets.load_dataset(
+        "parquet", data_files={s: str(data / f"{s}.parquet") for s in ("train", "test")}
+    )
+    train_split = splits["train"].filter(lambda r: r["variant"] == "instruct")
+    test = splits["test"].filter(lambda r: r["variant"] == "instruct")
+    pairs = sorted(set(zip(test["task"], test["dataset"], strict=True)))
+    classification, generation, requests = [], [], {}
+    eval_start = time.time()
+    for task, dataset in pairs:
+        if task in ("cta", "dsp"):
+            result, request = evaluate_classification(
+                model, processor, train_split, test, task, dataset, settings, seed
+            )
+            classification.append(result)
+        else:
+            result, request = evaluate_generation(
+                model, processor, train_split, test, dataset, settings, seed
+            )
+            generation.append(result)
+        if request is not None:
+            requests.setdefault(task, request)
+    ordered = [requests[t] for t in ("cta", "dsp", "cpcg") if t in requests]
+    timings["predict"] = round(time.time() - eval_start, 1)
+    command = "python examples/demo.py " + " ".join(sys.argv[1:])
+    run_info = {
+        "data_source": source,
+        "model_dir": str(model_dir),
+        "recipe": str(args.recipe),
+        "training": training,
+        "settings": settings,
+        "timings": timings,
+        "command": command.strip(),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "notes": notes,
+    }
+    logger.info("Computing metrics (UMAP embeddings) and writing the report")
+    metrics = write_demo_report(out, classification, generation, ordered, start_time=start, run_info=run_info)
+    print((out / "report.md").read_text())
+    print(
+        f"Wrote {out / 'report.md'}, {out / 'metrics.json'} and {out / 'figures'} "
+        f"in {metrics['wall_seconds']:.0f} s."
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,570 @@
+"""Turn the demo's predictions and generated cells into ``metrics.json``, ``report.md`` and PNG figures.
+
+Used by ``examples/demo.py`` (``make demo``); kept apart from the training code so that it can be tested on
+tiny synthetic inputs. Everything is written into a temporary folder first and moved into place at the end,
+so a failure leaves the previous results (or nothing), never a partial report.
+
+``metrics.json`` has the shape::
+
+    {"wall_seconds": s,
+     "cta": {dataset: {"accuracy", "macro_f1", "weighted_f1", "logreg": {same keys}, ...}},
+     "dsp": {dataset: {same as cta}},
+     "cpcg": {dataset: {"mmd", "delta_sknn", "pknn", "pknn_k10", "reference": {same keys}, ...}}}
+
+plus extra keys (``n``, ``answered_rate``, the greedy-decoding metrics under ``generate``, per-K values,
+``targets``, ``run``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from instructcell_eval.classification_metrics import cell_classification_metrics
+from instructcell_eval.generation_metrics import (
+    DEFAULT_KS,
+    ReferenceEmbedding,
+    embedding_metrics,
+    knn_bandwidth,
+)
+
+__all__ = [
+    "CLASSIFICATION_KEYS",
+    "GENERATION_KEYS",
+    "ClassificationResult",
+    "GenerationResult",
+    "Request",
+    "check_targets",
+    "classification_entry",
+    "generation_entry",
+    "write_demo_report",
+]
+
+CLASSIFICATION_KEYS = ("accuracy", "macro_f1", "weighted_f1")
+GENERATION_KEYS = ("mmd", "delta_sknn", "pknn", "pknn_k10")
+#: Issue 7's targets (reported, not enforced).
+DSP_MIN_ACCURACY = 0.95
+PKNN_K10_TOLERANCE = 0.10
+MAX_DELTA_SKNN = 0.10
+MMD_MARGIN = 0.10
+
+
+@dataclass
+class ClassificationResult:
+    """Test-split predictions of one CTA or DSP dataset.
+
+    ``predictions`` maps a method (``"score"``: label scoring, ``"generate"``: greedy answer) to one
+    predicted label (or None) per test cell; the first method is the headline one. ``logreg`` holds the
+    logistic-regression baseline's predictions on the same cells.
+    """
+
+    task: str
+    dataset: str
+    references: Sequence[str]
+    label_set: Sequence[str]
+    predictions: Mapping[str, Sequence[str | None]]
+    logreg: Sequence[str]
+
+
+@dataclass
+class GenerationResult:
+    """Cells of one CPCG dataset: real test cells, generated cells and the training-cell reference.
+
+    Count matrices are ``(n_cells, n_genes)`` (dense or scipy sparse) over the same genes; labels give each
+    cell's cell type (for generated cells: the requested one). ``reference`` holds real training cells of
+    the requested labels, as many per label as were requested (= generated when every request produced
+    cells): what a perfect generator would score.
+    """
+
+    dataset: str
+    real: Any
+    real_labels: Sequence[str]
+    generated: Any
+    generated_labels: Sequence[str]
+    reference: Any
+    reference_labels: Sequence[str]
+    n_requests: int = 0
+    n_answered_with_signal: int = 0
+
+
+@dataclass
+class Request:
+    """One natural-language request answered by the model, shown in the report."""
+
+    kind: str  # "annotate", "drug response", "generate"
+    dataset: str
+    instruction: str
+    answer: str
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rounded(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain floats (JSON) for numpy scalars."""
+    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in values.items()}
+
+
+def classification_entry(result: ClassificationResult) -> dict[str, Any]:
+    """``metrics.json`` entry of one CTA/DSP dataset: headline method, every method, and the baseline."""
+    if not result.predictions:
+        raise ValueError("ClassificationResult.predictions is empty; pass at least one method's predictions.")
+    labels = list(result.label_set)
+    references = list(result.references)
+    per_method = {
+        method: _rounded(cell_classification_metrics(list(preds), references, labels=labels))
+        for method, preds in result.predictions.items()
+    }
+    headline = next(iter(per_method))
+    entry: dict[str, Any] = {key: per_method[headline][key] for key in CLASSIFICATION_KEYS}
+    entry["answered_rate"] = per_method[headline]["answered_rate"]
+    entry["method"] = headline
+    entry["n"] = len(references)
+    entry["logreg"] = _rounded(cell_classification_metrics(list(result.logreg), references, labels=labels))
+    for method, values in per_method.items():
+        if method != headline:
+            entry[method] = values
+    return entry
+
+
+def generation_entry(
+    result: GenerationResult,
+    embedding: Any | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``metrics.json`` entry of one CPCG dataset and the 2-D coordinates for its figure.
+
+    The protocol of :func:`instructcell_eval.generation_metrics.cell_generation_metrics`: PCA + UMAP fitted
+    on the real test cells; generated and reference cells are mapped into that embedding and scored
+    against the real cells with the same kernel width.
+
+    Parameters
+    ----------
+    result : GenerationResult
+    embedding : object, optional
+        An unfitted :class:`~instructcell_eval.generation_metrics.ReferenceEmbedding` (default) or any object
+        with ``fit(counts)``, ``transform(counts)`` and ``real_embedding_``.
+    ks : sequence of int
+        Neighbourhood sizes; must contain 10 (``pknn_k10``).
+
+    Returns
+    -------
+    entry : dict
+        ``mmd``, ``delta_sknn``, ``pknn``, ``pknn_k10`` (None when fewer than 2 cells were generated),
+        ``reference`` (same keys), ``n_generated``, ``n_real``, ``signal_rate``, per-K extras.
+    coords : dict of str to numpy.ndarray
+        ``real``, ``generated``, ``reference``: ``(n, 2)`` coordinates.
+    """
+    if 10 not in ks:
+        raise ValueError(f"`ks` must contain 10 (pknn_k10 is reported), got {tuple(ks)}.")
+    embedding = ReferenceEmbedding() if embedding is None else embedding
+    embedding.fit(result.real)
+    real_xy = np.asarray(embedding.real_embedding_, dtype=np.float64)
+    real_labels = np.asarray(result.real_labels).astype(str)
+    width = knn_bandwidth(real_xy)  # depends on the real cells only: the same for generated and reference
+    coords = {"real": real_xy}
+
+    def score(counts, labels) -> tuple[dict[str, Any], np.ndarray]:
+        n = 0 if counts is None else counts.shape[0]
+        if n < 2:
+            return {key: None for key in GENERATION_KEYS}, np.zeros((0, 2))
+        xy = embedding.transform(counts)
+        values = embedding_metrics(
+            xy, np.asarray(labels).astype(str), real_xy, real_labels, ks=ks, bandwidth=width
+        )
+        return _rounded(values), xy
+
+    reference, coords["reference"] = score(result.reference, result.reference_labels)
+    entry, coords["generated"] = score(result.generated, result.generated_labels)
+    entry["reference"] = reference
+    entry["n_generated"] = 0 if result.generated is None else int(result.generated.shape[0])
+    entry["n_real"] = int(real_xy.shape[0])
+    entry["n_requests"] = int(result.n_requests)
+    entry["signal_rate"] = result.n_answered_with_signal / result.n_requests if result.n_requests else None
+    return entry, coords
+
+
+def check_targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Check issue 7's targets against the metrics.
+
+    DSP accuracy >= 0.95; on each CPCG dataset pKNN(K=10) within ±0.10 of the reference, ΔsKNN <= 0.10 and
+    MMD <= reference MMD + 0.10.
+
+    Returns
+    -------
+    list of dict
+        ``task``, ``dataset``, ``metric``, ``value``, ``target`` (text) and ``met`` (bool).
+    """
+    checks = []
+    for dataset, entry in metrics.get("dsp", {}).items():
+        value = entry["accuracy"]
+        checks.append(
+            {
+                "task": "dsp",
+                "dataset": dataset,
+                "metric": "accuracy",
+                "value": value,
+                "target": f">= {DSP_MIN_ACCURACY}",
+                "met": value >= DSP_MIN_ACCURACY,
+            }
+        )
+    for dataset, entry in metrics.get("cpcg", {}).items():
+        ref = entry["reference"]
+        value, reference = entry["pknn_k10"], ref["pknn_k10"]
+        met = (
+            value is not None
+            and reference is not None
+            and abs(value - reference) <= PKNN_K10_TOLERANCE + 1e-9
+        )
+        checks.append(
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "pknn_k10",
+                "value": value,
+                "target": f"reference {_fmt(reference)} ± {PKNN_K10_TOLERANCE}",
+                "met": met,
+            }
+        )
+        value = entry["delta_sknn"]
+        checks.append(
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "delta_sknn",
+                "value": value,
+                "target": f"<= {MAX_DELTA_SKNN}",
+                "met": value is not None and value <= MAX_DELTA_SKNN,
+            }
+        )
+        value, reference = entry["mmd"], ref["mmd"]
+        met = value is not None and reference is not None and value <= reference + MMD_MARGIN
+        checks.append(
+            {
+                "task": "cpcg",
+                "dataset": dataset,
+                "metric": "mmd",
+                "value": value,
+                "target": f"<= reference {_fmt(reference)} + {MMD_MARGIN}",
+                "met": met,
+            }
+        )
+    return checks
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _plot_confusion(path: Path, result: ClassificationResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(result.label_set)
+    method = next(iter(result.predictions))
+    panels = [
+        (f"InstructCell ({method})", result.predictions[method]),
+        ("logistic regression", result.logreg),
+    ]
+    size = max(4.0, 0.45 * len(labels) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
+    for ax, (title, preds) in zip(axes, panels, strict=True):
+        # unanswered predictions (None / outside the label set) are left out of the matrix
+        pairs = [(r, p) for r, p in zip(result.references, preds, strict=True) if p in labels]
+        matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
+        totals = matrix.sum(axis=1, keepdims=True)
+        fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+        ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if matrix[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if fractions[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        accuracy = np.mean([r == p for r, p in zip(result.references, preds, strict=True)])
+        ax.set_title(f"{title}: accuracy {accuracy:.3f}", fontsize=9)
+    fig.suptitle(
+        f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("real test cells", coords["real"], np.asarray(result.real_labels).astype(str)),
+        ("generated cells", coords["generated"], np.asarray(result.generated_labels).astype(str)),
+        (
+            "reference: real training cells",
+            coords["reference"],
+            np.asarray(result.reference_labels).astype(str),
+        ),
+    ]
+    labels = sorted(set(panels[0][2]) | set(panels[1][2]) | set(panels[2][2]))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, constrained_layout=True)
+    real_xy = coords["real"]
+    for ax, (title, xy, point_labels) in zip(axes, panels, strict=True):
+        ax.scatter(real_xy[:, 0], real_xy[:, 1], s=6, c="lightgrey", linewidths=0)
+        for label in labels:
+            mask = point_labels == label
+            if mask.any():
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colors[label], label=label, linewidths=0)
+        ax.set_title(f"{title} (n={len(xy)})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel("UMAP 2 (fitted on real test cells)")
+    axes[1].set_xlabel("UMAP 1")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label], label=label) for label in labels]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(f"CPCG {result.dataset}: real vs generated cells, coloured by cell type", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report_markdown(
+    metrics: Mapping[str, Any],
+    requests: Sequence[Request],
+    figures: Mapping[str, list[str]],
+    checks: Sequence[Mapping[str, Any]],
+) -> str:
+    run = metrics.get("run", {})
+    lines = ["# InstructCell demo", ""]
+    lines.append(
+        f"Wall time: **{metrics['wall_seconds']:.0f} s** ({metrics['wall_seconds'] / 60:.1f} min) "
+        "for this run (dataset building, training, saving and evaluation)."
+    )
+    for key, label in (
+        ("data_source", "Data"),
+        ("model_dir", "Model (Hub layout)"),
+        ("recipe", "Recipe"),
+        ("training", "Training"),
+        ("timings", "Timings (s)"),
+        ("command", "Command"),
+    ):
+        if key in run:
+            value = run[key]
+            if isinstance(value, Mapping):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            lines.append(
+                f"- {label}: `{value}`"
+                if key in ("model_dir", "recipe", "command")
+                else f"- {label}: {value}"
+            )
+    for note in run.get("notes", []):
+        lines.append(f"- Note: {note}")
+    lines += ["", "## Three requests", ""]
+    for request in requests:
+        lines.append(f"**{request.kind}** ({request.dataset})")
+        lines.append("")
+        lines.append(f"> {request.instruction}")
+        lines.append("")
+        answer = f"*{request.answer}*" if request.answer.strip() else "(empty answer)"
+        lines.append(f"Answer: {answer}" + (f" — {request.detail}" if request.detail else ""))
+        lines.append("")
+
+    failed = {(c["task"], c["dataset"], c["metric"]) for c in checks if not c["met"]}
+
+    def mark(task: str, dataset: str, metric: str) -> str:
+        if not any(c["task"] == task and c["dataset"] == dataset and c["metric"] == metric for c in checks):
+            return ""
+        return " (target missed)" if (task, dataset, metric) in failed else " (target met)"
+
+    lines += ["## Cell type annotation and drug sensitivity (test split)", ""]
+    lines.append(
+        "InstructCell scores every label of the dataset's label set (`score`); `greedy` maps the greedy "
+        "answer to a label. The logistic regression is fitted in this run on the same training cells "
+        "(log-normalized counts) and predicts the same test cells."
+    )
+    lines.append("")
+    header = (
+        "| task | dataset | n | accuracy | macro F1 | weighted F1 | greedy accuracy "
+        "| logreg accuracy | logreg macro F1 | logreg weighted F1 |"
+    )
+    lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in ("cta", "dsp"):
+        for dataset, entry in metrics.get(task, {}).items():
+            greedy = entry.get("generate", {}).get("accuracy")
+            log = entry["logreg"]
+            lines.append(
+                f"| {task.upper()} | {dataset} | {entry.get('n', '')} | {_fmt(entry['accuracy'])}"
+                f"{mark(task, dataset, 'accuracy')} | {_fmt(entry['macro_f1'])} "
+                f"| {_fmt(entry['weighted_f1'])} | {_fmt(greedy)} | {_fmt(log['accuracy'])} "
+                f"| {_fmt(log['macro_f1'])} | {_fmt(log['weighted_f1'])} |"
+            )
+    if not metrics.get("dsp"):
+        lines += [
+            "",
+            "No DSP dataset in this run (the fallback data has none): the DSP target is not assessed.",
+        ]
+    lines += ["", "## Conditional pseudo-cell generation (test split)", ""]
+    lines.append(
+        "One request per test cell (its natural-language instruction, held-out templates); the model's "
+        "cells are compared with the real test cells. **reference** = real *training* cells of the "
+        "requested types, as many per type as were requested: what a perfect generator would score "
+        "(closeness to it is the goal, not the maximum). Embedding: PCA-50 + UMAP fitted on the real "
+        "test cells; KNN metrics averaged over K = 5, 10, 25, 50."
+    )
+    lines.append("")
+    lines += [
+        "| dataset | generated / requests | answered `<SIGNAL>` | MMD (ref) | ΔsKNN (ref) | pKNN (ref) "
+        "| pKNN K=10 (ref) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset, entry in metrics.get("cpcg", {}).items():
+        ref = entry["reference"]
+        cells = [f"{_fmt(entry[k])}{mark('cpcg', dataset, k)} ({_fmt(ref[k])})" for k in GENERATION_KEYS]
+        lines.append(
+            f"| {dataset} | {entry['n_generated']} / {entry['n_requests']} | {_fmt(entry['signal_rate'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "## Targets (issue 7)", ""]
+    if checks:
+        for c in checks:
+            status = "met" if c["met"] else "**MISSED**"
+            lines.append(
+                f"- {c['task'].upper()} {c['dataset']} {c['metric']} = {_fmt(c['value'])} "
+                f"(target {c['target']}): {status}"
+            )
+    else:
+        lines.append("- none assessed")
+    lines += ["", "## Figures", ""]
+    for title, paths in figures.items():
+        for path in paths:
+            lines.append(f"![{title}]({path})")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _publish(tmp: Path, out_dir: Path, names: Sequence[str]) -> None:
+    """Move ``names`` from ``tmp`` into ``out_dir``, replacing older results; metrics.json goes last."""
+    for name in sorted(names, key=lambda n: n == "metrics.json"):
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+
+
+def write_demo_report(
+    out_dir: str | os.PathLike,
+    classification: Sequence[ClassificationResult],
+    generation: Sequence[GenerationResult],
+    requests: Sequence[Request] = (),
+    start_time: float | None = None,
+    run_info: Mapping[str, Any] | None = None,
+    embedding_factory: Callable[[], Any] = ReferenceEmbedding,
+) -> dict[str, Any]:
+    """Compute every metric and write ``metrics.json``, ``report.md`` and ``figures/*.png`` into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : path
+        Destination (created); other files in it (model, data) are left alone.
+    classification : sequence of ClassificationResult
+        One per CTA/DSP dataset.
+    generation : sequence of GenerationResult
+        One per CPCG dataset.
+    requests : sequence of Request
+        The natural-language requests shown at the top of the report.
+    start_time : float, optional
+        ``time.time()`` at the start of the run; ``wall_seconds`` is measured up to writing the files.
+    run_info : dict, optional
+        Stored under ``run`` in metrics.json (data source, recipe, training summary, timings...).
+    embedding_factory : callable
+        Returns an unfitted embedding for each CPCG dataset (default: PCA + UMAP, the paper's protocol).
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics.json``.
+    """
+    start_time = time.time() if start_time is None else start_time
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        (tmp / "figures").mkdir()
+        metrics: dict[str, Any] = {"wall_seconds": 0.0, "cta": {}, "dsp": {}, "cpcg": {}}
+        figures: dict[str, list[str]] = {}
+        for result in classification:
+            if result.task not in ("cta", "dsp"):
+                raise ValueError(f"Classification task must be 'cta' or 'dsp', got {result.task!r}.")
+            metrics[result.task][result.dataset] = classification_entry(result)
+            name = f"figures/confusion_{result.task}_{_safe(result.dataset)}.png"
+            _plot_confusion(tmp / name, result)
+            figures.setdefault(f"{result.task.upper()} {result.dataset} confusion matrix", []).append(name)
+        for result in generation:
+            entry, coords = generation_entry(result, embedding_factory())
+            metrics["cpcg"][result.dataset] = entry
+            name = f"figures/umap_cpcg_{_safe(result.dataset)}.png"
+            _plot_umap(tmp / name, result, coords)
+            figures.setdefault(f"CPCG {result.dataset} UMAP", []).append(name)
+        checks = check_targets(metrics)
+        metrics["targets"] = checks
+        metrics["requests"] = [
+            {
+                "kind": r.kind,
+                "dataset": r.dataset,
+                "instruction": r.instruction,
+                "answer": r.answer,
+                "detail": r.detail,
+                **r.extra,
+            }
+            for r in requests
+        ]
+        if run_info:
+            metrics["run"] = dict(run_info)
+        metrics["wall_seconds"] = round(time.time() - start_time, 1)
+        (tmp / "report.md").write_text(_report_markdown(metrics, requests, figures, checks))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        _publish(tmp, out_dir, ["figures", "report.md", "metrics.json"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Cannot write {type(value).__name__} to metrics.json.")
