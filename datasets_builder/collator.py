@@ -38,7 +38,8 @@ class DataCollatorForInstructCell:
     max_length : int, optional
         Truncate prompts to this many tokens.
     with_cell_captions : bool
-        Also return ``cell_caption_ids`` (each input cell's label text) for the alignment loss.
+        Also return ``cell_caption_ids`` and ``target_caption_ids`` (each input and target cell's label text)
+        for the alignment loss.
     """
 
     processor: InstructCellProcessor
@@ -52,15 +53,17 @@ class DataCollatorForInstructCell:
         ``(n_input_cells, n_genes)`` and ``target_cell_values`` ``(n_target_cells, n_genes)``.
         """
         n_genes = self.processor.feature_extractor.vocab_size
-        cell_captions = None
+        cell_captions = target_captions = None
         if self.with_cell_captions:
             cell_captions = [row["label"] for row in rows if len(row["input_gene_indices"]) > 0] or None
+            target_captions = [row["label"] for row in rows if len(row["target_gene_indices"]) > 0] or None
         return self.processor(
             text=[row["instruction"] for row in rows],
             cells=_stack_cells(rows, "input", n_genes),
             text_target=[row["response"] for row in rows],
             target_cells=_stack_cells(rows, "target", n_genes),
             cell_captions=cell_captions,
+            target_captions=target_captions,
             truncation=self.max_length is not None,
             max_length=self.max_length,
         )

@@ -139,9 +139,27 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, train:
         corpus = list(train["instruction"]) + list(train["response"]) + list(train["label"])
         tokenizer = train_instruction_tokenizer(corpus, vocab_size=model_args.tokenizer_vocab_size)
     num_query_tokens = load_preset(model_args.preset).get("num_query_tokens", 8)
-    return InstructCellProcessor(
-        InstructCellFeatureExtractor(gene_names=genes), tokenizer, num_query_tokens=num_query_tokens
+    feature_extractor = InstructCellFeatureExtractor(
+        gene_names=genes, min_gene_overlap=min_gene_overlap_for(train, len(genes))
     )
+    return InstructCellProcessor(feature_extractor, tokenizer, num_query_tokens=num_query_tokens)
+
+
+def min_gene_overlap_for(train: datasets.Dataset, n_genes: int) -> float:
+    """Half the vocabulary coverage of the least-covered training dataset.
+
+    A vocabulary merged from several datasets is covered only in part by each of them (the model saw the
+    other genes as zeros), so the featurizer's default 50 % threshold would reject the training data itself.
+    """
+    coverage = []
+    for name in sorted(set(train["dataset"])):
+        rows = train.filter(lambda row, n=name: row["dataset"] == n)
+        seen = set()
+        for column in ("input_gene_indices", "target_gene_indices"):
+            for indices in rows[column]:
+                seen.update(indices)
+        coverage.append(len(seen) / n_genes)
+    return round(0.5 * min(coverage), 4)
 
 
 def build_model(model_args: ModelArguments, processor: InstructCellProcessor) -> InstructCellForConditionalGeneration:

@@ -37,7 +37,8 @@ class InstructCellForConditionalGenerationModelOutput(ModelOutput):
     vae_kl_loss : torch.Tensor, optional
         Cell-mean KL terms (latent, unweighted, plus library) (scalar).
     alignment_loss : torch.Tensor, optional
-        Cell-label contrastive loss (scalar), when ``cell_caption_ids`` are given.
+        Caption contrastive loss (scalar): input cells vs their label text (``cell_caption_ids``) plus
+        ``<SIGNAL>`` states vs the requested label (``target_caption_ids``), when given.
     cell_embeds : torch.Tensor, optional
         Cell embeddings spliced into the text, ``(n_cells, num_query_tokens, hidden_size)``.
     signal_hidden_states : torch.Tensor, optional
@@ -318,6 +319,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         labels: torch.LongTensor | None = None,
         target_cell_values: torch.FloatTensor | None = None,
         cell_caption_ids: torch.LongTensor | None = None,
+        target_caption_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> InstructCellForConditionalGenerationModelOutput:
@@ -341,6 +343,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         cell_caption_ids : torch.LongTensor, optional
             Token ids of each input cell's caption (its label text) ``(n_cells, label_len)``, ``-100``-padded; adds
             ``config.alignment_loss_weight`` x the alignment loss.
+        target_caption_ids : torch.LongTensor, optional
+            Token ids of each target cell's label text ``(n_signals, label_len)``; aligns the ``<SIGNAL>``
+            states that condition the VAE with the requested label in the same way.
         inputs_embeds : torch.FloatTensor, optional
             ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
         **kwargs
@@ -392,10 +397,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             loss = vae_term if loss is None else loss + vae_term.to(loss.dtype)
 
         alignment_loss = None
-        if cell_caption_ids is not None and cell_embeds is not None and self.config.alignment_loss_weight > 0:
-            alignment_loss = self.cell_caption_alignment_loss(cell_embeds, cell_caption_ids)
-            alignment_term = self.config.alignment_loss_weight * alignment_loss
-            loss = alignment_term if loss is None else loss + alignment_term.to(loss.dtype)
+        if self.config.alignment_loss_weight > 0:
+            parts = []
+            if cell_caption_ids is not None and cell_embeds is not None:
+                parts.append(self.cell_caption_alignment_loss(cell_embeds, cell_caption_ids))
+            if target_caption_ids is not None and signal_states is not None:
+                parts.append(self.cell_caption_alignment_loss(signal_states.unsqueeze(1), target_caption_ids))
+            if parts:
+                alignment_loss = torch.stack(parts).sum()
+                alignment_term = self.config.alignment_loss_weight * alignment_loss
+                loss = alignment_term if loss is None else loss + alignment_term.to(loss.dtype)
 
         return InstructCellForConditionalGenerationModelOutput(
             loss=loss,

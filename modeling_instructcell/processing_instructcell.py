@@ -224,6 +224,7 @@ class InstructCellProcessor(ProcessorMixin):
         text_target: str | Sequence[str] | None = None,
         target_cells: Any = None,
         cell_captions: Sequence[str] | None = None,
+        target_captions: Sequence[str] | None = None,
         gene_names: Sequence[str] | None = None,
         layer: str | None = None,
         padding: bool | str = True,
@@ -250,6 +251,8 @@ class InstructCellProcessor(ProcessorMixin):
             Cells the ``<SIGNAL>`` tokens of the answers stand for (same input types as ``cells``).
         cell_captions : list of str, optional
             The label text of each input cell, for the alignment loss; returned as ``cell_caption_ids``.
+        target_captions : list of str, optional
+            The label text of each target cell (one per ``<SIGNAL>``); returned as ``target_caption_ids``.
         gene_names : list of str, optional
             Gene names of array inputs without names.
         layer : str, optional
@@ -294,6 +297,8 @@ class InstructCellProcessor(ProcessorMixin):
             if len(cell_captions) != n_cells:
                 raise ValueError(f"Got {len(cell_captions)} cell labels for {n_cells} cells; pass one per cell.")
             data["cell_caption_ids"] = self._encode_captions(cell_captions, return_tensors)
+        if target_captions is not None:
+            data["target_caption_ids"] = self._encode_captions(target_captions, return_tensors)
         if target_cells is not None:
             target = self.feature_extractor(target_cells, gene_names=gene_names, layer=layer, return_tensors="np")
             data["target_cell_values"] = target["cell_values"]

@@ -216,3 +216,20 @@ def test_alignment_loss_pulls_cells_to_their_label_text(tester):
     assert model(**batch).alignment_loss.item() < 0.5 * first
     with pytest.raises(ValueError, match="one label per cell"):
         model.cell_caption_alignment_loss(out.cell_embeds, batch["cell_caption_ids"][:2])
+
+
+def test_alignment_also_contrasts_signal_states_with_requested_labels(tester):
+    tester.config.alignment_loss_weight = 1.0
+    model = InstructCellForConditionalGeneration(tester.config).train()
+    batch = tester.processor(
+        text=["Generate a {cell_type} cell."] * 2,
+        metadata=[{"cell_type": "T cell"}, {"cell_type": "B cell"}],
+        text_target=["Here is the cell you asked for: <SIGNAL>"] * 2,
+        target_cells=tester.make_counts(2),
+        target_captions=["T cell", "B cell"],
+    )
+    out = model(**batch)
+    assert out.alignment_loss is not None and out.alignment_loss > 0
+    out.loss.backward()
+    decoder_grads = [p.grad for n, p in model.named_parameters() if "decoder" in n and "language_model" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in decoder_grads)
