@@ -471,24 +471,40 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             raise ValueError(
                 "Decoder-only backbones need left-padded prompts: set `processor.tokenizer.padding_side = 'left'`."
             )
-        embeds, mask, full_labels, token_ids = prompt_embeds, prompt_mask, None, None
-        if labels is not None:
-            answer_mask = labels != IGNORE_INDEX
-            answer_ids = labels.masked_fill(~answer_mask, self.config.text_config.pad_token_id or 0)
+        if labels is None:
+            return self._causal_forward(prompt_embeds, prompt_mask, **kwargs), None
+        answer_mask = labels != IGNORE_INDEX
+        answer_ids = labels.masked_fill(~answer_mask, self.config.text_config.pad_token_id or 0)
+        prompt_ignore = torch.full(prompt_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        outputs = self._causal_forward(
+            prompt_embeds, prompt_mask, answer_ids, answer_mask, labels=torch.cat([prompt_ignore, labels], 1), **kwargs
+        )
+        signal_states = None
+        if kwargs.get("output_hidden_states"):
+            token_ids = torch.cat([torch.full_like(prompt_ignore, -1), answer_ids.masked_fill(~answer_mask, -1)], 1)
+            signal_states = self._signal_states(token_ids, outputs.hidden_states[-1])
+        return outputs, signal_states
+
+    def _causal_forward(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        answer_ids: torch.LongTensor | None = None,
+        answer_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ModelOutput:
+        """Run the causal LM on ``[prompt embeddings | embedded answer ids]``, positions counted over real tokens.
+
+        ``prompt_embeds`` ``(batch, prompt_len, hidden)`` (left-padded), ``prompt_mask`` ``(batch, prompt_len)``,
+        ``answer_ids`` / ``answer_mask`` ``(batch, answer_len)``; ``kwargs`` go to the language model.
+        """
+        embeds, mask = prompt_embeds, prompt_mask
+        if answer_ids is not None:
             answer_embeds = self.get_input_embeddings()(answer_ids).to(prompt_embeds.dtype)
             embeds = torch.cat([prompt_embeds, answer_embeds], dim=1)
             mask = torch.cat([prompt_mask, answer_mask.to(prompt_mask.dtype)], dim=1)
-            prompt_ignore = torch.full(prompt_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-            full_labels = torch.cat([prompt_ignore, labels], dim=1)
-            token_ids = torch.cat([torch.full_like(prompt_ignore, -1), answer_ids.masked_fill(~answer_mask, -1)], 1)
         position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        outputs = self.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=full_labels, **kwargs
-        )
-        signal_states = None
-        if kwargs.get("output_hidden_states") and token_ids is not None:
-            signal_states = self._signal_states(token_ids, outputs.hidden_states[-1])
-        return outputs, signal_states
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -814,12 +830,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if self.config.use_decoder_only_language_model:
-            answer_embeds = self.get_input_embeddings()(sequences).to(inputs_embeds.dtype)
-            embeds = torch.cat([inputs_embeds, answer_embeds], dim=1)
-            mask = torch.cat([attention_mask, torch.ones_like(sequences, dtype=attention_mask.dtype)], dim=1)
-            position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            outputs = self.language_model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True
+            outputs = self._causal_forward(
+                inputs_embeds, attention_mask, sequences, torch.ones_like(sequences), output_hidden_states=True
             )
             hidden = outputs.hidden_states[-1][:, inputs_embeds.shape[1] :]
         else:
