@@ -31,6 +31,15 @@ RECIPES = {
         {"alignment_loss_weight": 1.0},
         {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
     ),
+    # ablations of the default recipe
+    "default+balanced": (
+        {"alignment_loss_weight": 1.0},
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50, "class_balanced_sampling": True},
+    ),
+    "default+gene_dropout": (
+        {"alignment_loss_weight": 1.0, "gene_dropout": 0.3},
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
+    ),
 }
 
 

@@ -8,12 +8,14 @@ a wall-clock budget and for saving a checkpoint when the job is interrupted.
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
+from torch.utils.data import WeightedRandomSampler
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -21,10 +23,12 @@ from transformers import (
     Seq2SeqTrainingArguments,
     TrainerCallback,
 )
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from datasets_builder import read_gene_vocab
 from datasets_builder.collator import DataCollatorForInstructCell
+from instructcell.cell_decoder_fitting import fit_cell_decoder
 from instructcell.presets import config_for_processor, load_preset
 from instructcell.tokenization import train_instruction_tokenizer
 from modeling_instructcell import (
@@ -99,6 +103,21 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Must stay False: the collator reads the text and sparse columns."}
     )
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this wall time."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "Resume the wall-clock budget where the checkpoint left it."}
+    )
+    cell_decoder_steps: int = field(
+        default=0,
+        metadata={"help": "Steps of a second stage that fits the cell VAE on frozen <SIGNAL> states "
+                  "(instructcell/cell_decoder_fitting.py); 0 skips it (the paper's joint training only)."},
+    )
+    cell_decoder_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW lr of that stage."})
+    cell_decoder_batch_size: int = field(default=64, metadata={"help": "Batch size of that stage."})
+    class_balanced_sampling: bool = field(
+        default=False,
+        metadata={"help": "Draw training rows so that every label of a (task, dataset) is equally frequent; "
+                  "each (task, dataset) keeps its share of the rows."},
+    )
 
 
 def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
@@ -187,12 +206,36 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
     return model
 
 
+def class_balanced_weights(train: datasets.Dataset) -> torch.Tensor:
+    """Sampling weight per row, ``(n_rows,)``: ``1 / count(label)`` within the row's (task, dataset) group,
+    scaled so that every group keeps its total weight (its share of the rows)."""
+    groups = list(zip(train["task"], train["dataset"], strict=True))
+    labels = train["label"]
+    group_size = Counter(groups)
+    label_count = Counter(zip(groups, labels, strict=True))
+    labels_in_group = Counter(group for group, _ in label_count)
+    weights = [
+        group_size[group] / (labels_in_group[group] * label_count[(group, label)])
+        for group, label in zip(groups, labels, strict=True)
+    ]
+    return torch.tensor(weights, dtype=torch.double)
+
+
 class InstructCellTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log)."""
+    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log), and
+    optionally samples rows class-balanced (``class_balanced_sampling``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
+
+    def _get_train_sampler(self, train_dataset=None):
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not getattr(self.args, "class_balanced_sampling", False):
+            return super()._get_train_sampler(train_dataset)
+        generator = torch.Generator().manual_seed(self.args.seed)
+        weights = class_balanced_weights(train_dataset)
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -212,18 +255,29 @@ class InstructCellTrainer(Seq2SeqTrainer):
         super().log(logs, start_time)
 
 
-class WallClockLimitCallback(TrainerCallback):
-    """Stop (and checkpoint) once ``minutes`` of training wall time have passed."""
+class WallClockLimitCallback(TrainerCallback, ExportableState):
+    """Stop (and checkpoint) once ``minutes`` of training wall time have passed.
 
-    def __init__(self, minutes: float):
+    The time already trained is saved with every checkpoint, so a resumed run only trains what is left.
+    """
+
+    def __init__(self, minutes: float, elapsed_before: float = 0.0):
         self.seconds = minutes * 60
+        self.elapsed_before = elapsed_before
         self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds trained so far, earlier runs included."""
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def state(self) -> dict:
+        return {"args": {"minutes": self.seconds / 60}, "attributes": {"elapsed_before": self.elapsed()}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start > self.seconds:
+        if self.elapsed() > self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
@@ -274,7 +328,9 @@ def run_training(
 ) -> tuple[InstructCellTrainer, InstructCellProcessor, bool]:
     """Train (or resume) and return the trainer, the processor and whether the run was interrupted.
 
-    ``callbacks`` are added to the Trainer's (e.g. a wall-clock evaluation for learning curves).
+    ``callbacks`` are added to the Trainer's (e.g. a wall-clock evaluation for learning curves). With
+    ``training_args.cell_decoder_steps``, a second stage then fits the cell VAE on frozen ``<SIGNAL>`` states
+    (:func:`instructcell.cell_decoder_fitting.fit_cell_decoder`).
     """
     splits = load_splits(data_args)
     processor_dir = Path(training_args.output_dir) / PROCESSOR_DIR
@@ -308,4 +364,15 @@ def run_training(
         logger.info("Resuming from %s", checkpoint)
     torch.manual_seed(training_args.seed)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if training_args.cell_decoder_steps > 0 and not interrupt.interrupted:
+        fit_cell_decoder(
+            model.get_base_model() if model_args.use_lora else model,
+            processor,
+            splits["train"],
+            training_args,
+            steps=training_args.cell_decoder_steps,
+            learning_rate=training_args.cell_decoder_learning_rate,
+            batch_size=training_args.cell_decoder_batch_size,
+            callbacks=[interrupt],
+        )
     return trainer, processor, interrupt.interrupted

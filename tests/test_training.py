@@ -129,3 +129,81 @@ def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
         "InstructCellForConditionalGeneration")
     model = AutoModel.from_pretrained(final)
     assert model.config.n_genes == len(GENES)
+
+
+def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_path):
+    import torch
+
+    args = _args(dataset_dir, tmp_path / "run", eval_strategy="no", load_best_model_at_end=False,
+                 cell_decoder_steps=3, cell_decoder_batch_size=4)
+    from instructcell import cell_decoder_fitting
+
+    snapshots = {}
+    original = cell_decoder_fitting.fit_cell_decoder
+
+    def spy(model, *a, **kw):
+        snapshots["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return original(model, *a, **kw)
+
+    from instructcell import training
+
+    training.fit_cell_decoder = spy
+    try:
+        trainer, _, interrupted = run_training(*args)
+    finally:
+        training.fit_cell_decoder = original
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert not interrupted
+    after = trainer.model.state_dict()
+    changed = {k for k, v in snapshots["before"].items() if not torch.equal(v, after[k])}
+    assert changed and all(k.startswith("cell_vae.") for k in changed)
+    stage = tmp_path / "run" / "cell-decoder"
+    assert (stage / "checkpoint-3").is_dir()
+    # a rerun resumes the finished stage instead of training it again
+    again = cell_decoder_fitting.fit_cell_decoder(
+        trainer.model, trainer.processing_class, datasets.load_dataset(
+            "parquet", data_files=str(dataset_dir / "train.parquet"))["train"], args[2], steps=3, batch_size=4)
+    assert again.state.global_step == 3
+    assert torch.equal(trainer.model.state_dict()["cell_vae.px_r"], after["cell_vae.px_r"])
+
+
+def test_signal_states_need_one_signal_per_generation_row(dataset_dir, tmp_path):
+    from instructcell.cell_decoder_fitting import conditioned_cells
+
+    trainer, processor, _ = run_training(*_args(dataset_dir, tmp_path / "run", max_steps=1, eval_strategy="no",
+                                                load_best_model_at_end=False, save_strategy="no"))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    train = datasets.load_dataset("parquet", data_files=str(dataset_dir / "train.parquet"))["train"]
+    rows = conditioned_cells(trainer.model, processor, train)
+    assert len(rows) == 8 and len(rows[0]["condition_states"]) == trainer.model.config.text_config.d_model
+    broken = train.map(lambda row: {"response": "T cell" if row["task"] == "cpcg" else row["response"]})
+    with pytest.raises(ValueError, match="<SIGNAL> tokens but 8 target cells"):
+        conditioned_cells(trainer.model, processor, broken)
+
+
+def test_class_balanced_weights_equalize_labels_within_each_group():
+    from instructcell.training import class_balanced_weights
+
+    rows = datasets.Dataset.from_dict({
+        "task": ["cta"] * 4 + ["dsp"] * 2,
+        "dataset": ["a"] * 4 + ["b"] * 2,
+        "label": ["x", "x", "x", "y", "s", "r"],
+    })
+    weights = class_balanced_weights(rows).tolist()
+    # group "cta/a": 4 rows, 2 labels -> x: 4 / (2 * 3), y: 4 / (2 * 1); group "dsp/b": 2 / (2 * 1)
+    assert weights == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0])
+    assert sum(weights[:3]) == pytest.approx(weights[3])  # both labels of group a equally likely
+    assert sum(weights[:4]) == pytest.approx(4) and sum(weights[4:]) == pytest.approx(2)  # group shares kept
+
+
+def test_wall_clock_budget_survives_a_resume():
+    from instructcell.training import WallClockLimitCallback
+
+    callback = WallClockLimitCallback(minutes=1.0, elapsed_before=50.0)
+    state = callback.state()
+    assert state["args"] == {"minutes": 1.0} and state["attributes"]["elapsed_before"] >= 50.0
+    restored = WallClockLimitCallback(**state["args"])
+    restored.elapsed_before = 61.0  # as the Trainer restores it from the checkpoint
+    control = restored.on_step_end(None, None, type("Control", (), {"should_training_stop": False,
+                                                                      "should_save": False})())
+    assert control.should_training_stop and control.should_save
