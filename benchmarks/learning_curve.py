@@ -44,10 +44,17 @@ RECIPES = {
 
 
 class WallClockEvaluation(TrainerCallback):
-    """Score the test rows at wall-clock marks of training time; stop after the last mark."""
+    """Score the held-out rows at marks of training wall time (or of optimizer steps); stop after the last.
 
-    def __init__(self, marks_minutes: list[float], test_rows, method: str = "score"):
-        self.marks = sorted(marks_minutes)
+    Steps are the fair unit for ablations run on a busy machine (changes that cost the same per step);
+    wall time is what a user waits for.
+    """
+
+    def __init__(self, marks: list[float], test_rows, method: str = "score", unit: str = "minutes"):
+        if unit not in ("minutes", "steps"):
+            raise ValueError(f"unit must be 'minutes' or 'steps', got {unit!r}.")
+        self.marks = sorted(marks)
+        self.unit = unit
         self.test_rows = test_rows
         self.method = method
         self.results: list[dict] = []
@@ -59,15 +66,20 @@ class WallClockEvaluation(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         trained_minutes = (time.monotonic() - self.start - self.paused) / 60
-        while self.marks and trained_minutes >= self.marks[0]:
+        trained = state.global_step if self.unit == "steps" else trained_minutes
+        while self.marks and trained >= self.marks[0]:
             mark = self.marks.pop(0)
             began = time.monotonic()
             model.eval()
             predictions = model_predictions(model, processing_class, self.test_rows, method=self.method)
             model.train()
             metrics = classification_metrics(predictions, self.test_rows)
-            self.results.append({"minutes": mark, "step": state.global_step, "epoch": state.epoch, **metrics})
-            print(f"  {mark:>5.1f} min  step {state.global_step:>5}  macro-F1 {metrics['macro_f1']:.3f}", flush=True)
+            self.results.append({
+                "mark": mark, "minutes": round(trained_minutes, 2), "step": state.global_step, "epoch": state.epoch,
+                **metrics,
+            })
+            print(f"  {trained_minutes:>5.1f} min  step {state.global_step:>5}  macro-F1 {metrics['macro_f1']:.3f}",
+                  flush=True)
             self.paused += time.monotonic() - began
         if not self.marks:
             control.should_training_stop = True
@@ -76,7 +88,7 @@ class WallClockEvaluation(TrainerCallback):
 
 def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -> list[dict]:
     model_overrides, training_overrides = RECIPES[recipe]
-    callback = WallClockEvaluation(marks, test_rows)
+    callback = WallClockEvaluation(marks, test_rows, unit=args.unit)
     run_training(
         ModelArguments(preset=args.preset, **model_overrides),
         DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
@@ -90,14 +102,14 @@ def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -
     return callback.results
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, xlabel: str, split: str) -> None:
     datasets_ = list(results)
     figure, axes = plt.subplots(1, len(datasets_), figsize=(4.5 * len(datasets_), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets_, strict=True):
         for recipe, curve in results[dataset]["recipes"].items():
-            axis.plot([p["minutes"] for p in curve], [p["macro_f1"] for p in curve], marker="o", label=recipe)
+            axis.plot([p["mark"] for p in curve], [p["macro_f1"] for p in curve], marker="o", label=recipe)
         axis.axhline(results[dataset]["logreg"]["macro_f1"], color="grey", linestyle="--", label="logistic regression")
-        axis.set(title=dataset, xlabel="training wall time (min)", ylabel="test macro-F1", ylim=(0, 1))
+        axis.set(title=dataset, xlabel=xlabel, ylabel=f"{split} macro-F1", ylim=(0, 1))
         axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -108,7 +120,11 @@ def main() -> None:
     parser.add_argument("--dataset-dir", default="outputs/instructcell-data")
     parser.add_argument("--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat")
     parser.add_argument("--recipes", default="paper,default")
-    parser.add_argument("--minutes", default="2,5,10,20,30")
+    parser.add_argument("--minutes", default="2,5,10,20,30", help="Marks (minutes, or steps with --unit steps).")
+    parser.add_argument("--unit", choices=("minutes", "steps"), default="minutes",
+                        help="steps: compare recipes at equal optimizer steps (ablations on a busy machine).")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="Held-out rows to score: choose recipes on validation, report on test.")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="outputs/learning_curve_runs")
@@ -118,7 +134,7 @@ def main() -> None:
     results = {}
     for dataset in args.datasets.split(","):
         train_rows = load_rows(args.dataset_dir, "train", "cta", dataset)
-        test_rows = load_rows(args.dataset_dir, "test", "cta", dataset)
+        test_rows = load_rows(args.dataset_dir, args.split, "cta", dataset)
         n_genes = len((Path(args.dataset_dir) / "gene_vocab.txt").read_text().split())
         began = time.monotonic()
         logreg = classification_metrics(logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows)
@@ -129,11 +145,12 @@ def main() -> None:
             results[dataset]["recipes"][recipe] = run_recipe(recipe, dataset, args, marks, test_rows)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    header = "| dataset | recipe | " + " | ".join(f"{m:g} min" for m in marks) + " |"
+    unit = "min" if args.unit == "minutes" else "steps"
+    header = "| dataset | recipe | " + " | ".join(f"{m:g} {unit}" for m in marks) + " |"
     lines = [header, "|" + "---|" * (len(marks) + 2)]
     for dataset, result in results.items():
         for recipe, curve in result["recipes"].items():
-            scores = {p["minutes"]: f"{p['macro_f1']:.3f}" for p in curve}
+            scores = {p["mark"]: f"{p['macro_f1']:.3f}" for p in curve}
             lines.append(f"| {dataset} | {recipe} | " + " | ".join(scores.get(m, "-") for m in marks) + " |")
         lines.append(f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
                      + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks) + " |")
@@ -141,7 +158,8 @@ def main() -> None:
     print(table)
     output.with_suffix(".md").write_text(table + "\n")
     output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, output.with_suffix(".png"))
+    xlabel = "training wall time (min)" if args.unit == "minutes" else "optimizer steps"
+    plot(results, output.with_suffix(".png"), xlabel, args.split)
 
 
 if __name__ == "__main__":
