@@ -141,7 +141,9 @@ def model_predictions(
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = rows[start : start + batch_size]
         batch = collator(chunk)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "cell_values") if k in batch}
+        inputs = {
+            k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "cell_values") if k in batch
+        }
         if method == "generate":
             sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
             texts = processor.post_process_generation(sequences)
@@ -357,8 +359,8 @@ def evaluate_generation(
         chunk = requests.select(range(offset, min(offset + batch_size, len(requests))))
         batch = collator(list(chunk))
         output = model.generate_cells(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            input_ids=batch["input_ids"].to(model.device),
+            attention_mask=batch["attention_mask"].to(model.device),
             num_cells=generated_per_request,
             seed=seed + k,
             max_new_tokens=max_new_tokens,

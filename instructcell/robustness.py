@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datasets_builder.builder import example_key, option_order
-from datasets_builder.templates import Template, TemplateBank, render
+from datasets_builder.templates import SIGNAL_TOKEN, Template, TemplateBank, render
 from instructcell_eval.classification_metrics import cell_classification_metrics
 
 __all__ = [
@@ -63,12 +63,12 @@ def render_row(row: Mapping[str, Any], template: Template, output: str | None = 
     Parameters
     ----------
     row : mapping
-        A CTA/DSP builder row (``task``, ``variant``, ``dataset``, ``cell_id``, ``label``, ``choices`` and the
+        A builder row (``task``, ``variant``, ``dataset``, ``cell_id``, ``label``, ``choices`` and the
         metadata columns).
     template : Template
         The template to render with (same task and variant as the row).
     output : str, optional
-        The response's ``{output}``; default the row's label.
+        The response's ``{output}``; default the row's label (CTA/DSP) or ``<SIGNAL>`` (CPCG).
 
     Returns
     -------
@@ -83,7 +83,10 @@ def render_row(row: Mapping[str, Any], template: Template, output: str | None = 
     key = example_key(row["task"], row["variant"], row["dataset"], row["cell_id"])
     options = option_order(list(row["choices"]), key) if template.has_choices else []
     metadata = {name: row.get(name) or "" for name in _METADATA}
-    return render(template, metadata, row["label"] if output is None else output, options)
+    default = row["label"]
+    if row["task"] == "cpcg":  # as the builder: the instruction names the cell type, the answer is <SIGNAL>
+        metadata["cell_type"], default = row["label"], SIGNAL_TOKEN
+    return render(template, metadata, default if output is None else output, options)
 
 
 def answer_texts(row: Mapping[str, Any], template: Template) -> list[str]:
