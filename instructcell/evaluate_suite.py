@@ -134,6 +134,8 @@ class EvaluationConfig:
         ``cpu``, ``cuda``...; default the first GPU when there is one.
     progress : bool
         Show progress bars.
+    extra : dict
+        Stored as is under ``run`` in ``metrics.json`` (e.g. ``{"command": ...}``).
     """
 
     model: str | os.PathLike
