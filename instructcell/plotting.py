@@ -66,7 +66,10 @@ def plot_confusion(path: Path, result: ClassificationResult) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
     for ax, (title, preds) in zip(axes, panels, strict=True):
         pairs = [(r, p) for r, p in zip(result.references, preds, strict=True) if p in labels]
-        matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
+        if pairs:
+            matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
+        else:  # nothing answered (e.g. greedy answers naming no label): an empty matrix
+            matrix = np.zeros((len(labels), len(labels)), dtype=int)
         totals = matrix.sum(axis=1, keepdims=True)
         fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
         ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
