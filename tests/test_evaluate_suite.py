@@ -43,7 +43,9 @@ N_TEST = 8
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(task: str, split: str, n: int, seed: int, bank: TemplateBank) -> list[dict]:
+def _rows(
+    task: str, split: str, n: int, seed: int, bank: TemplateBank, variant: str = "instruct"
+) -> list[dict]:
     """Rows as the builder writes them: label i % 2, label-specific marker genes, a template of the split."""
     rng = np.random.default_rng(seed)
     labels = LABELS[task]
@@ -62,9 +64,9 @@ def _rows(task: str, split: str, n: int, seed: int, bank: TemplateBank) -> list[
         cell = CellRecord(
             f"{split}_{i}", label, metadata, nonzero.astype(np.int32), counts[nonzero].astype(np.float32)
         )
-        key = example_key(task, "instruct", source.name, cell.obs_name)
-        template = bank.choose(task, "instruct", split, key)
-        rows.append(make_example(source, "instruct", cell, split, template, list(labels), key))
+        key = example_key(task, variant, source.name, cell.obs_name)
+        template = bank.choose(task, variant, split, key)
+        rows.append(make_example(source, variant, cell, split, template, list(labels), key))
     return rows
 
 
@@ -74,6 +76,17 @@ def data_dir(tmp_path_factory) -> Path:
     bank = TemplateBank.load()
     for split, n, seed in (("train", 16, 0), ("test", N_TEST, 1)):
         rows = [row for k, task in enumerate(LABELS) for row in _rows(task, split, n, seed + 10 * k, bank)]
+        datasets.Dataset.from_list(rows, features=FEATURES).to_parquet(str(root / f"{split}.parquet"))
+    write_gene_vocab(GENES, root / "gene_vocab.txt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def chat_data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("suite-chat-data")
+    bank = TemplateBank.load()
+    for split, n, seed in (("train", 8, 0), ("test", 4, 1)):
+        rows = _rows("cta", split, n, seed, bank, variant="chat")
         datasets.Dataset.from_list(rows, features=FEATURES).to_parquet(str(root / f"{split}.parquet"))
     write_gene_vocab(GENES, root / "gene_vocab.txt")
     return root
@@ -190,6 +203,23 @@ def test_accuracy_and_template_spread_from_fixed_predictions(model_dir, data_dir
             values = np.array([hand[i] for i in ids])
             assert result["summary"][group]["accuracy"]["mean"] == pytest.approx(values.mean())
             assert result["summary"][group]["accuracy"]["sd"] == pytest.approx(values.std(ddof=1))
+
+
+def test_chat_variant_scores_whole_responses_and_parses_greedy_answers(model_dir, chat_data_dir, tmp_path):
+    rows = list(datasets.load_dataset("parquet", data_files=str(chat_data_dir / "test.parquet"))["train"])
+    lookup = robustness.template_lookup(TemplateBank.load())
+    for row in rows:
+        texts = robustness.answer_texts(row, lookup[(row["template_id"], "chat")])
+        assert texts[row["choices"].index(row["label"])] == row["response"]  # the stored chat answer
+        assert all(choice in text for choice, text in zip(row["choices"], texts, strict=True))
+    config = _config(model_dir, chat_data_dir, tmp_path / "score", variant="chat", robustness=True)
+    metrics = run_evaluation(config)
+    assert metrics["cta"]["toy_pbmc"]["answered_rate"] == 1.0 and metrics["cta"]["toy_pbmc"]["n"] == 4
+    ids = metrics["robustness"]["templates"]["cta"]
+    assert all(lookup[(i, "chat")].response != "{output}" for group in ids.values() for i in group)
+    config = _config(model_dir, chat_data_dir, tmp_path / "generate", variant="chat", method="generate")
+    entry = run_evaluation(config)["cta"]["toy_pbmc"]
+    assert entry["method"] == "generate" and 0.0 <= entry["answered_rate"] <= 1.0
 
 
 def test_masked_saliency_hand_made_case():
