@@ -4,7 +4,14 @@
 """
 
 from .anndata_source import AnnDataReader, AnnDataSource, CellRecord, densify
-from .builder import FEATURES, InstructCellBuilderConfig, InstructCellDatasetBuilder, make_example
+from .builder import (
+    FEATURES,
+    InstructCellBuilderConfig,
+    InstructCellDatasetBuilder,
+    example_key,
+    make_example,
+    option_order,
+)
 from .gene_vocab import GENE_VOCAB_FILENAME, read_gene_vocab, write_gene_vocab
 from .splits import SPLITS, split_of, template_split_of
 from .templates import CELL_TOKEN, SIGNAL_TOKEN, Template, TemplateBank, render
@@ -23,7 +30,9 @@ __all__ = [
     "Template",
     "TemplateBank",
     "densify",
+    "example_key",
     "make_example",
+    "option_order",
     "read_gene_vocab",
     "render",
     "split_of",

@@ -118,6 +118,37 @@ def _fingerprint(paths: Sequence[str | os.PathLike]) -> str:
     return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
 
 
+def example_key(task: str, variant: str, dataset: str, cell_id: str) -> str:
+    """Return the unique key of one example: ``"<task>/<variant>/<dataset>/<cell_id>"``.
+
+    It seeds the template choice (:meth:`~datasets_builder.templates.TemplateBank.choose`) and the order of
+    the options in the prompt (:func:`option_order`).
+    """
+    return f"{task}/{variant}/{dataset}/{cell_id}"
+
+
+def option_order(choices: Sequence[str], key: str) -> list[str]:
+    """Return the label options in the order an example with key ``key`` lists them in its prompt.
+
+    A permutation of ``choices`` seeded by ``sha1(key + "/choices")``: the same for every template, so a
+    cell's options read the same whichever template renders it.
+
+    Parameters
+    ----------
+    choices
+        The dataset's label set, length ``n_labels``.
+    key
+        The example key (:func:`example_key`).
+
+    Returns
+    -------
+    list of str
+        The ``n_labels`` labels in prompt order.
+    """
+    rng = np.random.default_rng(int(hashlib.sha1(f"{key}/choices".encode()).hexdigest(), 16) % 2**63)
+    return [choices[i] for i in rng.permutation(len(choices))]
+
+
 def make_example(
     source: AnnDataSource,
     variant: str,
@@ -148,10 +179,7 @@ def make_example(
             (cell.gene_indices, cell.gene_counts),
             (empty_indices, empty_counts),
         )
-    options: list[str] = []
-    if template.has_choices:
-        rng = np.random.default_rng(int(hashlib.sha1(f"{key}/choices".encode()).hexdigest(), 16) % 2**63)
-        options = [choices[i] for i in rng.permutation(len(choices))]
+    options = option_order(choices, key) if template.has_choices else []
     instruction, response = render(template, metadata, output, options)
     return {
         "task": source.task,
@@ -246,7 +274,7 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
             for cell in reader:
                 if split_of(source.name, cell.obs_name) != split:
                     continue
-                key = f"{source.task}/{variant}/{source.name}/{cell.obs_name}"
+                key = example_key(source.task, variant, source.name, cell.obs_name)
                 template = bank.choose(source.task, variant, split, key)
                 yield key, make_example(source, variant, cell, split, template, choices, key)
 

@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import yaml
-from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from datasets_builder.collator import DataCollatorForInstructCell
-from instructcell.demo_report import ClassificationResult, GenerationResult, Request, write_demo_report
-from instructcell.evaluation import logistic_regression_predictions, model_predictions
+from instructcell import evaluation
+from instructcell.demo_report import Request, write_demo_report
+from instructcell.evaluation import cap_rows, select_rows
 from instructcell.hub import save_for_hub
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
@@ -212,34 +211,6 @@ def train(recipe: dict[str, Any], data: Path, out: Path, train_minutes: float) -
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def cap_rows(rows: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
-    """At most ``n`` rows, a seeded random subset when there are more."""
-    return rows.shuffle(seed=seed).select(range(n)) if len(rows) > n else rows
-
-
-def sparse_cells(rows, prefix: str, n_genes: int) -> sp.csr_matrix:
-    """``(n_rows, n_genes)`` CSR counts of the rows' ``input`` or ``target`` cells."""
-    indices, counts = rows[f"{prefix}_gene_indices"], rows[f"{prefix}_gene_counts"]
-    indptr = np.cumsum([0] + [len(i) for i in indices])
-    return sp.csr_matrix(
-        (
-            np.concatenate([np.asarray(c, np.float32) for c in counts]),
-            np.concatenate([np.asarray(i, np.int64) for i in indices]),
-            indptr,
-        ),
-        shape=(len(indices), n_genes),
-    )
-
-
-def predictions_with_progress(model, processor, rows, method: str, desc: str, batch_size: int = 64) -> list:
-    """:func:`model_predictions` in batches under a progress bar."""
-    out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
-        out.extend(model_predictions(model, processor, chunk, method=method, batch_size=batch_size))
-    return out
-
-
 @torch.inference_mode()
 def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 32) -> str:
     """Return the model's raw greedy answer to one row's instruction."""
@@ -254,20 +225,14 @@ def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 3
 
 def evaluate_classification(model, processor, train, test, task, dataset, settings, seed):
     """Label scoring, greedy answers and the logistic regression on one CTA/DSP dataset's test cells."""
-    n_genes = len(processor.feature_extractor.gene_names)
-    rows = cap_rows(
-        test.filter(lambda r: r["task"] == task and r["dataset"] == dataset), settings["max_test_cells"], seed
-    )
-    train_rows = train.filter(lambda r: r["task"] == task and r["dataset"] == dataset)
+    rows = cap_rows(select_rows(test, task, dataset), settings["max_test_cells"], seed)
     start = time.time()
-    score = predictions_with_progress(model, processor, rows, "score", f"{task} {dataset} score")
-    greedy = predictions_with_progress(model, processor, rows, "generate", f"{task} {dataset} greedy")
-    logreg = logistic_regression_predictions(train_rows, rows, n_genes, seed=seed)
-    result = ClassificationResult(
-        task, dataset, rows["label"], rows[0]["choices"], {"score": score, "generate": greedy}, logreg
+    result = evaluation.evaluate_classification(
+        model, processor, select_rows(train, task, dataset), rows, task, dataset, ("score", "generate"), seed
     )
+    score = result.predictions["score"]
     accuracy = np.mean([p == t for p, t in zip(score, rows["label"], strict=True)])
-    logreg_accuracy = np.mean([p == t for p, t in zip(logreg, rows["label"], strict=True)])
+    logreg_accuracy = np.mean([p == t for p, t in zip(result.logreg, rows["label"], strict=True)])
     logger.info(
         "%s %s: accuracy %.3f (logreg %.3f) on %d test cells, %.0f s",
         task,
@@ -288,97 +253,37 @@ def evaluate_classification(model, processor, train, test, task, dataset, settin
     return result, request
 
 
-@torch.inference_mode()
 def evaluate_generation(model, processor, train, test, dataset, settings, seed):
     """Generate cells for the test split's CPCG requests of one dataset; real test and training references."""
-    n_genes = len(processor.feature_extractor.gene_names)
-    per_request = int(settings["generated_per_request"])
-    max_requests = max(1, settings["max_generated_per_label"] // per_request)
-    rows = cap_rows(
-        test.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset),
-        settings["max_test_cells"],
-        seed,
-    )
-    seen: Counter = Counter()
-    keep = []
-    for i, label in enumerate(rows["label"]):  # at most max_generated_per_label generated cells per type
-        if seen[label] < max_requests:
-            seen[label] += 1
-            keep.append(i)
-    requests = rows.select(keep)
-    collator = DataCollatorForInstructCell(processor)
-    generated, generated_labels, n_signal, example = [], [], 0, None
+    rows = cap_rows(select_rows(test, "cpcg", dataset), settings["max_test_cells"], seed)
     start = time.time()
-    batch_size = 32
-    for k, offset in enumerate(
-        tqdm(range(0, len(requests), batch_size), desc=f"cpcg {dataset} generate", leave=False)
-    ):
-        chunk = requests.select(range(offset, min(offset + batch_size, len(requests))))
-        batch = collator(list(chunk))
-        output = model.generate_cells(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            num_cells=per_request,
-            seed=seed + k,
-            max_new_tokens=16,
-        )
-        n_signal += int(output.has_signal.sum())
-        generated.append(sp.csr_matrix(output.cell_values.cpu().numpy().astype(np.float32)))
-        generated_labels += [chunk[int(i)]["label"] for i in output.request_index.tolist()]
-        if example is None:
-            answer = processor.post_process_generation(output.sequences[:1], skip_special_tokens=False)[0]
-            mine = output.request_index == 0
-            library = output.cell_values[mine].sum(-1).float()
-            example = Request(
-                "generate cells of a requested type",
-                dataset,
-                chunk[0]["instruction"],
-                answer["text"]
-                .replace(processor.tokenizer.pad_token or "\0", "")
-                .replace(processor.tokenizer.eos_token or "\0", "")
-                .strip(),
-                f"{int(mine.sum())} cell(s) of requested type {chunk[0]['label']!r}"
-                + (f", total counts {library.mean():.0f}" if len(library) else " (no <SIGNAL>: no cells)"),
-            )
-    generated = sp.vstack(generated).tocsr() if generated else sp.csr_matrix((0, n_genes))
-    real = sparse_cells(rows, "target", n_genes)
-    # reference: real training cells of the requested types, as many per type as were requested (what a
-    # perfect generator, which answers every request, would return; = generated when all answered <SIGNAL>)
-    requested = Counter(label for label in requests["label"] for _ in range(per_request))
-    rng = np.random.default_rng(seed)
-    train_rows = train.filter(lambda r: r["task"] == "cpcg" and r["dataset"] == dataset)
-    by_label = defaultdict(list)
-    for i, label in enumerate(train_rows["label"]):
-        by_label[label].append(i)
-    picks, reference_labels = [], []
-    for label, count in sorted(requested.items()):
-        pool = by_label.get(label, [])
-        if not pool:
-            continue
-        chosen = rng.choice(pool, size=count, replace=count > len(pool))
-        picks += chosen.tolist()
-        reference_labels += [label] * count
-    reference = sparse_cells(train_rows.select(picks), "target", n_genes) if picks else None
+    result, example = evaluation.evaluate_generation(
+        model,
+        processor,
+        select_rows(train, "cpcg", dataset),
+        rows,
+        dataset,
+        max_generated_per_label=settings["max_generated_per_label"],
+        generated_per_request=int(settings["generated_per_request"]),
+        seed=seed,
+    )
     logger.info(
         "cpcg %s: %d/%d requests answered with <SIGNAL>, %d cells generated, %.0f s",
         dataset,
-        n_signal,
-        len(requests),
-        generated.shape[0],
+        result.n_answered_with_signal,
+        result.n_requests,
+        result.generated.shape[0],
         time.time() - start,
     )
-    result = GenerationResult(
-        dataset,
-        real,
-        rows["label"],
-        generated,
-        generated_labels,
-        reference,
-        reference_labels,
-        n_requests=len(requests),
-        n_answered_with_signal=n_signal,
+    detail = f"{example['n_cells']} cell(s) of requested type {example['label']!r}"
+    if example["mean_total_counts"] is None:
+        detail += " (no <SIGNAL>: no cells)"
+    else:
+        detail += f", total counts {example['mean_total_counts']:.0f}"
+    request = Request(
+        "generate cells of a requested type", dataset, example["instruction"], example["answer"], detail
     )
-    return result, example
+    return result, request
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -18,10 +18,7 @@ plus extra keys (``n``, ``answered_rate``, the greedy-decoding metrics under ``g
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +35,9 @@ from instructcell_eval.generation_metrics import (
     knn_bandwidth,
 )
 
+from .plotting import plot_confusion, plot_umap
+from .reporting import fmt, json_default, publish, safe_name, staging_dir
+
 __all__ = [
     "CLASSIFICATION_KEYS",
     "GENERATION_KEYS",
@@ -46,7 +46,9 @@ __all__ = [
     "Request",
     "check_targets",
     "classification_entry",
+    "classification_table",
     "generation_entry",
+    "generation_table",
     "write_demo_report",
 ]
 
@@ -231,7 +233,7 @@ def check_targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "dataset": dataset,
                 "metric": "pknn_k10",
                 "value": value,
-                "target": f"reference {_fmt(reference)} ± {PKNN_K10_TOLERANCE}",
+                "target": f"reference {fmt(reference)} ± {PKNN_K10_TOLERANCE}",
                 "met": met,
             }
         )
@@ -254,108 +256,74 @@ def check_targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "dataset": dataset,
                 "metric": "mmd",
                 "value": value,
-                "target": f"<= reference {_fmt(reference)} + {MMD_MARGIN}",
+                "target": f"<= reference {fmt(reference)} + {MMD_MARGIN}",
                 "met": met,
             }
         )
     return checks
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _no_mark(task: str, dataset: str, metric: str) -> str:
+    return ""
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+def classification_table(
+    metrics: Mapping[str, Any], mark: Callable[[str, str, str], str] = _no_mark
+) -> list[str]:
+    """Markdown table of the CTA/DSP entries of ``metrics``: the model's headline method and the baseline.
+
+    Parameters
+    ----------
+    metrics : dict
+        ``{"cta": {dataset: entry}, "dsp": {...}}`` with entries from :func:`classification_entry`.
+    mark : callable, optional
+        ``mark(task, dataset, metric)`` returns text appended to a value (e.g. "(target met)").
+
+    Returns
+    -------
+    list of str
+        Table lines; a greedy-accuracy column appears when some entry also holds ``generate`` metrics
+        beside a ``score`` headline.
+    """
+    entries = [(task, d, e) for task in ("cta", "dsp") for d, e in metrics.get(task, {}).items()]
+    greedy_column = any("generate" in e and e.get("method") != "generate" for _, _, e in entries)
+    header = "| task | dataset | n | method | accuracy | macro F1 | weighted F1 | answered |"
+    if greedy_column:
+        header += " greedy accuracy |"
+    header += " logreg accuracy | logreg macro F1 | logreg weighted F1 |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for task, dataset, entry in entries:
+        log = entry["logreg"]
+        row = (
+            f"| {task.upper()} | {dataset} | {entry.get('n', '')} | {entry.get('method', '')} "
+            f"| {fmt(entry['accuracy'])}{mark(task, dataset, 'accuracy')} | {fmt(entry['macro_f1'])} "
+            f"| {fmt(entry['weighted_f1'])} | {fmt(entry.get('answered_rate'))} |"
+        )
+        if greedy_column:
+            row += f" {fmt(entry.get('generate', {}).get('accuracy'))} |"
+        row += f" {fmt(log['accuracy'])} | {fmt(log['macro_f1'])} | {fmt(log['weighted_f1'])} |"
+        lines.append(row)
+    return lines
 
 
-def _plot_confusion(path: Path, result: ClassificationResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
-    labels = list(result.label_set)
-    method = next(iter(result.predictions))
-    panels = [
-        (f"InstructCell ({method})", result.predictions[method]),
-        ("logistic regression", result.logreg),
+def generation_table(
+    metrics: Mapping[str, Any], mark: Callable[[str, str, str], str] = _no_mark
+) -> list[str]:
+    """Markdown table of the CPCG entries of ``metrics`` (:func:`generation_entry`); reference in brackets."""
+    lines = [
+        "| dataset | generated / requests | answered `<SIGNAL>` | MMD (ref) | ΔsKNN (ref) | pKNN (ref) "
+        "| pKNN K=10 (ref) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    size = max(4.0, 0.45 * len(labels) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
-    for ax, (title, preds) in zip(axes, panels, strict=True):
-        # unanswered predictions (None / outside the label set) are left out of the matrix
-        pairs = [(r, p) for r, p in zip(result.references, preds, strict=True) if p in labels]
-        matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
-        totals = matrix.sum(axis=1, keepdims=True)
-        fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
-        ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(labels)):
-            for j in range(len(labels)):
-                if matrix[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        str(matrix[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if fractions[i, j] > 0.5 else "black",
-                    )
-        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        accuracy = np.mean([r == p for r, p in zip(result.references, preds, strict=True)])
-        ax.set_title(f"{title}: accuracy {accuracy:.3f}", fontsize=9)
-    fig.suptitle(
-        f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10
-    )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.ndarray]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("real test cells", coords["real"], np.asarray(result.real_labels).astype(str)),
-        ("generated cells", coords["generated"], np.asarray(result.generated_labels).astype(str)),
-        (
-            "reference: real training cells",
-            coords["reference"],
-            np.asarray(result.reference_labels).astype(str),
-        ),
-    ]
-    labels = sorted(set(panels[0][2]) | set(panels[1][2]) | set(panels[2][2]))
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, constrained_layout=True)
-    real_xy = coords["real"]
-    for ax, (title, xy, point_labels) in zip(axes, panels, strict=True):
-        ax.scatter(real_xy[:, 0], real_xy[:, 1], s=6, c="lightgrey", linewidths=0)
-        for label in labels:
-            mask = point_labels == label
-            if mask.any():
-                ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colors[label], label=label, linewidths=0)
-        ax.set_title(f"{title} (n={len(xy)})", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].set_ylabel("UMAP 2 (fitted on real test cells)")
-    axes[1].set_xlabel("UMAP 1")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label], label=label) for label in labels]
-    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle(f"CPCG {result.dataset}: real vs generated cells, coloured by cell type", fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for dataset, entry in metrics.get("cpcg", {}).items():
+        ref = entry["reference"]
+        cells = [f"{fmt(entry[k])}{mark('cpcg', dataset, k)} ({fmt(ref[k])})" for k in GENERATION_KEYS]
+        lines.append(
+            f"| {dataset} | {entry['n_generated']} / {entry['n_requests']} | {fmt(entry['signal_rate'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def _report_markdown(
@@ -413,21 +381,7 @@ def _report_markdown(
         "(log-normalized counts) and predicts the same test cells."
     )
     lines.append("")
-    header = (
-        "| task | dataset | n | accuracy | macro F1 | weighted F1 | greedy accuracy "
-        "| logreg accuracy | logreg macro F1 | logreg weighted F1 |"
-    )
-    lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for task in ("cta", "dsp"):
-        for dataset, entry in metrics.get(task, {}).items():
-            greedy = entry.get("generate", {}).get("accuracy")
-            log = entry["logreg"]
-            lines.append(
-                f"| {task.upper()} | {dataset} | {entry.get('n', '')} | {_fmt(entry['accuracy'])}"
-                f"{mark(task, dataset, 'accuracy')} | {_fmt(entry['macro_f1'])} "
-                f"| {_fmt(entry['weighted_f1'])} | {_fmt(greedy)} | {_fmt(log['accuracy'])} "
-                f"| {_fmt(log['macro_f1'])} | {_fmt(log['weighted_f1'])} |"
-            )
+    lines += classification_table(metrics, mark)
     if not metrics.get("dsp"):
         lines += [
             "",
@@ -442,25 +396,13 @@ def _report_markdown(
         "test cells; KNN metrics averaged over K = 5, 10, 25, 50."
     )
     lines.append("")
-    lines += [
-        "| dataset | generated / requests | answered `<SIGNAL>` | MMD (ref) | ΔsKNN (ref) | pKNN (ref) "
-        "| pKNN K=10 (ref) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for dataset, entry in metrics.get("cpcg", {}).items():
-        ref = entry["reference"]
-        cells = [f"{_fmt(entry[k])}{mark('cpcg', dataset, k)} ({_fmt(ref[k])})" for k in GENERATION_KEYS]
-        lines.append(
-            f"| {dataset} | {entry['n_generated']} / {entry['n_requests']} | {_fmt(entry['signal_rate'])} | "
-            + " | ".join(cells)
-            + " |"
-        )
+    lines += generation_table(metrics, mark)
     lines += ["", "## Targets (issue 7)", ""]
     if checks:
         for c in checks:
             status = "met" if c["met"] else "**MISSED**"
             lines.append(
-                f"- {c['task'].upper()} {c['dataset']} {c['metric']} = {_fmt(c['value'])} "
+                f"- {c['task'].upper()} {c['dataset']} {c['metric']} = {fmt(c['value'])} "
                 f"(target {c['target']}): {status}"
             )
     else:
@@ -471,15 +413,6 @@ def _report_markdown(
             lines.append(f"![{title}]({path})")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _publish(tmp: Path, out_dir: Path, names: Sequence[str]) -> None:
-    """Move ``names`` from ``tmp`` into ``out_dir``, replacing older results; metrics.json goes last."""
-    for name in sorted(names, key=lambda n: n == "metrics.json"):
-        target = out_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
 
 
 def write_demo_report(
@@ -517,9 +450,7 @@ def write_demo_report(
     """
     start_time = time.time() if start_time is None else start_time
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
-    try:
+    with staging_dir(out_dir) as tmp:
         (tmp / "figures").mkdir()
         metrics: dict[str, Any] = {"wall_seconds": 0.0, "cta": {}, "dsp": {}, "cpcg": {}}
         figures: dict[str, list[str]] = {}
@@ -527,14 +458,14 @@ def write_demo_report(
             if result.task not in ("cta", "dsp"):
                 raise ValueError(f"Classification task must be 'cta' or 'dsp', got {result.task!r}.")
             metrics[result.task][result.dataset] = classification_entry(result)
-            name = f"figures/confusion_{result.task}_{_safe(result.dataset)}.png"
-            _plot_confusion(tmp / name, result)
+            name = f"figures/confusion_{result.task}_{safe_name(result.dataset)}.png"
+            plot_confusion(tmp / name, result)
             figures.setdefault(f"{result.task.upper()} {result.dataset} confusion matrix", []).append(name)
         for result in generation:
             entry, coords = generation_entry(result, embedding_factory())
             metrics["cpcg"][result.dataset] = entry
-            name = f"figures/umap_cpcg_{_safe(result.dataset)}.png"
-            _plot_umap(tmp / name, result, coords)
+            name = f"figures/umap_cpcg_{safe_name(result.dataset)}.png"
+            plot_umap(tmp / name, result, coords)
             figures.setdefault(f"CPCG {result.dataset} UMAP", []).append(name)
         checks = check_targets(metrics)
         metrics["targets"] = checks
@@ -553,18 +484,7 @@ def write_demo_report(
             metrics["run"] = dict(run_info)
         metrics["wall_seconds"] = round(time.time() - start_time, 1)
         (tmp / "report.md").write_text(_report_markdown(metrics, requests, figures, checks))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
-        _publish(tmp, out_dir, ["figures", "report.md", "metrics.json"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default) + "\n")
+        publish(tmp, out_dir, ["figures", "report.md", "metrics.json"])
     return metrics
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"Cannot write {type(value).__name__} to metrics.json.")

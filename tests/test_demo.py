@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from stubs import PCAEmbedding
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -18,21 +19,6 @@ from instructcell.demo_report import (  # noqa: E402  (after the skips: needs th
 
 CLASSIFICATION_KEYS = {"accuracy", "macro_f1", "weighted_f1"}
 GENERATION_KEYS = {"mmd", "delta_sknn", "pknn", "pknn_k10"}
-
-
-class PCAEmbedding:
-    """Stand-in for the PCA + UMAP embedding (no numba start-up in a unit test)."""
-
-    def fit(self, counts):
-        x = np.log1p(np.asarray(counts, dtype=float))
-        self.mean_ = x.mean(0)
-        _, _, vt = np.linalg.svd(x - self.mean_, full_matrices=False)
-        self.components_ = vt[:2]
-        self.real_embedding_ = self.transform(counts)
-        return self
-
-    def transform(self, counts):
-        return (np.log1p(np.asarray(counts, dtype=float)) - self.mean_) @ self.components_.T
 
 
 def cells(labels, rng, n_genes=12):

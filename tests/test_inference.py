@@ -134,6 +134,16 @@ def test_gene_saliency_ranks_genes(pipe, h5ad):
         inference.gene_saliency(pipe, anndata.read_h5ad(h5ad)[:1], "NK cell", labels=LABELS)
 
 
+def test_gene_saliency_masked_protocol(pipe, h5ad):
+    adata = anndata.read_h5ad(h5ad)[:4]
+    frame = inference.gene_saliency(pipe, adata, "B cell", labels=LABELS, top_k=40, method="masked")
+    assert frame["saliency"].between(0, 1).all() and frame["saliency"].iloc[0] > 0
+    # genes of the vocabulary absent from the file (zero-filled) or never expressed get no saliency
+    assert (frame.loc[frame["mean_count"] == 0, "saliency"] == 0).all()
+    with pytest.raises(ValueError, match="method"):
+        inference.gene_saliency(pipe, adata, "B cell", labels=LABELS, method="smoothgrad")
+
+
 def test_cli_annotate_predict_generate(model_dir, h5ad, tmp_path):
     out = io.StringIO()
     assert (

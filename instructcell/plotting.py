@@ -1,0 +1,285 @@
+"""Figures of the evaluation reports (matplotlib, Agg): confusion matrices, UMAPs, dot plots, heatmaps.
+
+Every function takes plain data (no model), writes one PNG to ``path`` and closes its figure. Used by
+``instructcell.demo_report`` (``make demo``) and ``instructcell.evaluate_suite`` (``examples/evaluate.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .demo_report import ClassificationResult, GenerationResult
+
+__all__ = [
+    "plot_confusion",
+    "plot_marker_dotplot",
+    "plot_robustness",
+    "plot_saliency_heatmap",
+    "plot_umap",
+]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label_colors(plt, labels: Sequence[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def plot_confusion(path: Path, result: ClassificationResult) -> None:
+    """Confusion matrices of the model's headline method and of the logistic regression, side by side.
+
+    Rows are true labels, columns predicted ones; cells show counts, shaded by the fraction of the row.
+    Unanswered predictions (None / outside the label set) are left out of the matrix but count as wrong in
+    the accuracy of the title.
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    result : ClassificationResult
+        ``predictions`` (first method = headline), ``logreg``, ``references`` and ``label_set``.
+    """
+    plt = _pyplot()
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(result.label_set)
+    method = next(iter(result.predictions))
+    panels = [
+        (f"InstructCell ({method})", result.predictions[method]),
+        ("logistic regression", result.logreg),
+    ]
+    size = max(4.0, 0.45 * len(labels) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
+    for ax, (title, preds) in zip(axes, panels, strict=True):
+        pairs = [(r, p) for r, p in zip(result.references, preds, strict=True) if p in labels]
+        if pairs:
+            matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
+        else:  # nothing answered (e.g. greedy answers naming no label): an empty matrix
+            matrix = np.zeros((len(labels), len(labels)), dtype=int)
+        totals = matrix.sum(axis=1, keepdims=True)
+        fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+        ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if matrix[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if fractions[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        accuracy = np.mean([r == p for r, p in zip(result.references, preds, strict=True)])
+        ax.set_title(f"{title}: accuracy {accuracy:.3f}", fontsize=9)
+    fig.suptitle(
+        f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.ndarray]) -> None:
+    """Real test cells, generated cells and the training-cell reference in the real cells' UMAP.
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    result : GenerationResult
+        Labels of the three cell sets.
+    coords : dict of str to numpy.ndarray
+        ``real``, ``generated``, ``reference``: ``(n, 2)`` coordinates from
+        :func:`instructcell.demo_report.generation_entry` (UMAP fitted on the real cells, the others mapped
+        in with ``transform``).
+    """
+    plt = _pyplot()
+    panels = [
+        ("real test cells", coords["real"], np.asarray(result.real_labels).astype(str)),
+        ("generated cells", coords["generated"], np.asarray(result.generated_labels).astype(str)),
+        (
+            "reference: real training cells",
+            coords["reference"],
+            np.asarray(result.reference_labels).astype(str),
+        ),
+    ]
+    labels = sorted(set(panels[0][2]) | set(panels[1][2]) | set(panels[2][2]))
+    colors = _label_colors(plt, labels)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, constrained_layout=True)
+    real_xy = coords["real"]
+    for ax, (title, xy, point_labels) in zip(axes, panels, strict=True):
+        ax.scatter(real_xy[:, 0], real_xy[:, 1], s=6, c="lightgrey", linewidths=0)
+        for label in labels:
+            mask = point_labels == label
+            if mask.any():
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colors[label], label=label, linewidths=0)
+        ax.set_title(f"{title} (n={len(xy)})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel("UMAP 2 (fitted on real test cells)")
+    axes[1].set_xlabel("UMAP 1")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label], label=label) for label in labels]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(f"CPCG {result.dataset}: real vs generated cells, coloured by cell type", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_marker_dotplot(path: Path, stats: pd.DataFrame, title: str) -> None:
+    """Dot plot of marker genes: each label's real and generated cells over all labels' markers.
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    stats : pandas.DataFrame
+        One row per (``group_label``, ``source``, ``gene``) with ``marker_of`` (the label whose marker the
+        gene is), ``fraction`` (fraction of the group's cells with a positive count, the dot size) and
+        ``mean`` (mean log-normalized expression, the colour). ``source`` is ``"real"`` or ``"generated"``.
+        Row order of the plot follows the first appearance of ``group_label``; columns follow the first
+        appearance of (``marker_of``, ``gene``).
+    title : str
+        Figure title.
+    """
+    plt = _pyplot()
+    required = {"group_label", "source", "gene", "marker_of", "fraction", "mean"}
+    missing = sorted(required - set(stats.columns))
+    if missing:
+        raise ValueError(f"Dot-plot statistics lack the columns {missing}.")
+    if stats.empty:
+        raise ValueError("No dot-plot statistics to plot (no label had marker genes).")
+    columns = list(dict.fromkeys(zip(stats["marker_of"], stats["gene"], strict=True)))
+    groups = list(dict.fromkeys(stats["group_label"]))
+    sources = [s for s in ("real", "generated") if s in set(stats["source"])]
+    rows = [(g, s) for g in groups for s in sources]
+    col_index = {key: i for i, key in enumerate(columns)}
+    row_index = {key: i for i, key in enumerate(rows)}
+    x = [col_index[(m, g)] for m, g in zip(stats["marker_of"], stats["gene"], strict=True)]
+    y = [row_index[(g, s)] for g, s in zip(stats["group_label"], stats["source"], strict=True)]
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 0.32 * len(columns) + 4.0), max(3.5, 0.3 * len(rows) + 1.8)),
+        constrained_layout=True,
+    )
+    dots = ax.scatter(
+        x,
+        y,
+        s=12 + 220 * stats["fraction"].to_numpy(dtype=float),
+        c=stats["mean"].to_numpy(dtype=float),
+        cmap="Reds",
+        vmin=0,
+        edgecolors="grey",
+        linewidths=0.3,
+    )
+    ax.set_xticks(range(len(columns)), [g for _, g in columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{g} · {s}" for g, s in rows], fontsize=7)
+    ax.set_xlim(-0.7, len(columns) - 0.3)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    # shade the rows of generated cells and separate the marker blocks of each label
+    for i, (_, source) in enumerate(rows):
+        if source == "generated":
+            ax.axhspan(i - 0.5, i + 0.5, color="0.94", zorder=0)
+    owners = [m for m, _ in columns]
+    for i in range(1, len(owners)):
+        if owners[i] != owners[i - 1]:
+            ax.axvline(i - 0.5, color="0.75", lw=0.6)
+    fig.colorbar(dots, ax=ax, shrink=0.5, label="mean log-normalized expression")
+    for fraction in (0.25, 0.5, 1.0):
+        ax.scatter([], [], s=12 + 220 * fraction, c="white", edgecolors="grey", label=f"{fraction:.0%}")
+    ax.legend(
+        title="fraction expressing",
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
+        title_fontsize=7,
+        frameon=False,
+        labelspacing=1.2,
+    )
+    ax.set_xlabel("top marker genes of each label (ranked on the real test cells)")
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_saliency_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
+    """Heatmap of mean saliency: labels (rows) x the union of their top genes (columns).
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    table : pandas.DataFrame
+        ``(n_labels, n_genes)`` mean normalized saliency, index = labels, columns = genes in plot order.
+    title : str
+        Figure title.
+    """
+    plt = _pyplot()
+    if table.empty:
+        raise ValueError("No saliency values to plot.")
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 0.2 * table.shape[1] + 3.5), max(3.0, 0.35 * table.shape[0] + 2.0)),
+        constrained_layout=True,
+    )
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(table.shape[1]), list(table.columns), rotation=90, fontsize=6)
+    ax.set_yticks(range(table.shape[0]), list(table.index), fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.7, label="mean normalized saliency")
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_robustness(path: Path, per_template: pd.DataFrame, title: str) -> None:
+    """Per-template accuracy and macro-F1, one point per template, grouped by options in the prompt.
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    per_template : pandas.DataFrame
+        Columns ``group`` (e.g. ``"with options"``), ``accuracy`` and ``macro_f1``; one row per template.
+    title : str
+        Figure title.
+    """
+    plt = _pyplot()
+    groups = list(dict.fromkeys(per_template["group"]))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), constrained_layout=True)
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, ("accuracy", "macro_f1"), strict=True):
+        for i, group in enumerate(groups):
+            values = per_template.loc[per_template["group"] == group, metric].to_numpy(dtype=float)
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=14, alpha=0.7)
+            ax.errorbar(
+                i + 0.3,
+                values.mean(),
+                yerr=values.std(ddof=1) if len(values) > 1 else 0,
+                fmt="o",
+                color="black",
+                capsize=4,
+            )
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_xlim(-0.5, len(groups) - 0.3)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(axis="y", color="0.9")
+    fig.suptitle(f"{title}\none point per test template; black: mean ± sd", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
