@@ -36,6 +36,14 @@ RECIPES = {
         {"alignment_loss_weight": 1.0},
         {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50, "class_balanced_sampling": True},
     ),
+    "default+label_set_negatives": (
+        {"alignment_loss_weight": 1.0, "alignment_label_set_negatives": True},
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
+    ),
+    "default+standardize": (
+        {"alignment_loss_weight": 1.0, "standardize_genes": True},
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
+    ),
     "default+gene_dropout": (
         {"alignment_loss_weight": 1.0, "gene_dropout": 0.3},
         {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},

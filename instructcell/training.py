@@ -61,7 +61,14 @@ class ModelArguments:
     alignment_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."}
     )
+    alignment_label_set_negatives: bool = field(
+        default=False,
+        metadata={"help": "Contrast each cell with every label of its label set, not only the batch's labels."},
+    )
     gene_dropout: float = field(default=0.0, metadata={"help": "Training dropout on the cell encoder's gene inputs."})
+    standardize_genes: bool = field(
+        default=False, metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."}
+    )
     vae_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."})
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -190,6 +197,7 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["gene_dropout"] = model_args.gene_dropout
+    overrides["standardize_genes"] = model_args.standardize_genes
     config = config_for_processor(model_args.preset, processor, **overrides)
     model = InstructCellForConditionalGeneration(config)
     if model_args.backbone is not None:
@@ -304,10 +312,15 @@ class SaveOnInterruptCallback(TrainerCallback):
         return control
 
 
-def library_prior_counts(train: datasets.Dataset, processor: InstructCellProcessor, n_rows: int = 4096):
-    """Dense counts ``(n, n_genes)`` of up to ``n_rows`` training target (else input) cells."""
-    prefix = "target" if any(len(idx) for idx in train[:256]["target_gene_indices"]) else "input"
-    rows = [row for row in train.select(range(min(n_rows, len(train)))) if len(row[f"{prefix}_gene_indices"])]
+def training_cells(
+    train: datasets.Dataset, processor: InstructCellProcessor, prefix: str, n_rows: int = 4096
+) -> torch.Tensor | None:
+    """Dense counts ``(n, n_genes)`` of the ``prefix`` ("input" or "target") cells among the first ``n_rows``
+    shuffled training rows; None when there are none."""
+    sample = train.shuffle(seed=0).select(range(min(n_rows, len(train))))
+    rows = [row for row in sample if len(row[f"{prefix}_gene_indices"])]
+    if not rows:
+        return None
     collated = DataCollatorForInstructCell(processor)(rows)
     return collated["target_cell_values" if prefix == "target" else "cell_values"]
 
@@ -341,9 +354,15 @@ def run_training(
         if training_args.process_index == 0:
             processor.save_pretrained(processor_dir)
     model = build_model(model_args, processor)
-    cell_vae = model.get_base_model().cell_vae if model_args.use_lora else model.cell_vae
-    if "cpcg" in data_args.tasks:
-        cell_vae.set_library_prior(library_prior_counts(splits["train"], processor))
+    base_model = model.get_base_model() if model_args.use_lora else model
+    targets = training_cells(splits["train"], processor, "target")
+    if targets is not None:
+        base_model.cell_vae.set_library_prior(targets)
+    if model_args.standardize_genes:
+        inputs = training_cells(splits["train"], processor, "input")
+        if inputs is None:
+            raise ValueError("standardize_genes needs training rows with input cells (CTA or DSP).")
+        base_model.cell_encoder.set_gene_statistics(inputs)
     interrupt = SaveOnInterruptCallback()
     callbacks = [interrupt, *callbacks]
     if training_args.max_train_minutes:
@@ -354,7 +373,9 @@ def run_training(
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
         data_collator=DataCollatorForInstructCell(
-            processor, with_cell_captions=model_args.alignment_loss_weight > 0
+            processor,
+            with_cell_captions=model_args.alignment_loss_weight > 0,
+            with_label_set_negatives=model_args.alignment_label_set_negatives,
         ),
         processing_class=processor,
         callbacks=callbacks,
@@ -366,7 +387,7 @@ def run_training(
     trainer.train(resume_from_checkpoint=checkpoint)
     if training_args.cell_decoder_steps > 0 and not interrupt.interrupted:
         fit_cell_decoder(
-            model.get_base_model() if model_args.use_lora else model,
+            base_model,
             processor,
             splits["train"],
             training_args,

@@ -68,6 +68,10 @@ class InstructCellConfig(PreTrainedConfig):
         ``None`` keeps raw counts.
     log1p : bool
         Apply ``log(1 + x)`` to the (normalized) counts before the cell MLP.
+    standardize_genes : bool
+        Then center and scale every gene by training-set statistics, clipped to [-10, 10]
+        (``scanpy.pp.scale(max_value=10)``); the statistics are buffers saved with the weights, set by
+        ``cell_encoder.set_gene_statistics`` before training. False is the paper's model.
     vae_n_latent, vae_n_hidden, vae_n_layers : int
         Latent size, hidden width and hidden layers of the VAE encoder and decoder.
     vae_n_condition : int
@@ -136,6 +140,7 @@ class InstructCellConfig(PreTrainedConfig):
     use_language_projection: bool = True
     target_sum: float | None = 1e4
     log1p: bool = True
+    standardize_genes: bool = False
     vae_n_latent: int = 256
     vae_n_hidden: int = 1024
     vae_n_layers: int = 4

@@ -73,6 +73,30 @@ class InstructCellCellEncoder(nn.Module):
             torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
         )
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        if config.standardize_genes:
+            self.register_buffer("gene_mean", torch.zeros(config.n_genes))
+            self.register_buffer("gene_std", torch.ones(config.n_genes))
+
+    @torch.no_grad()
+    def set_gene_statistics(self, cell_values: torch.Tensor) -> None:
+        """Per-gene mean and standard deviation of the normalized training cells (``standardize_genes``).
+
+        Parameters
+        ----------
+        cell_values : torch.Tensor
+            Raw training counts, shape ``(n_cells, n_genes)``; genes that never vary get a scale of 1.
+        """
+        if not self.config.standardize_genes:
+            raise ValueError("This model was built with standardize_genes=False: it has no gene statistics.")
+        if cell_values.dim() != 2 or cell_values.shape[-1] != self.config.n_genes or cell_values.shape[0] < 2:
+            raise ValueError(
+                f"Need raw counts of at least 2 cells, shape (n_cells, {self.config.n_genes}); "
+                f"got {tuple(cell_values.shape)}."
+            )
+        values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p).double()
+        std = values.std(dim=0, unbiased=False)
+        self.gene_mean.copy_(values.mean(dim=0))
+        self.gene_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def get_kv_tokens(self, cell_values: torch.Tensor) -> torch.Tensor:
         """Residual-MLP key/value tokens.
@@ -94,6 +118,8 @@ class InstructCellCellEncoder(nn.Module):
             )
         first_linear = self.mlp[0].linear
         values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p)
+        if self.config.standardize_genes:
+            values = ((values - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)
         hidden = self.mlp(self.gene_dropout(values.to(first_linear.weight.dtype)))
         return hidden.view(cell_values.shape[0], self.config.num_kv_tokens, -1)
 

@@ -233,3 +233,53 @@ def test_alignment_also_contrasts_signal_states_with_requested_labels(tester):
     out.loss.backward()
     decoder_grads = [p.grad for n, p in model.named_parameters() if "decoder" in n and "language_model" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in decoder_grads)
+
+
+def test_standardized_genes_use_saved_training_statistics(tester, tmp_path):
+    from dataclasses import replace
+
+    from modeling_instructcell.modeling_cell_encoder import normalize_counts
+
+    torch.manual_seed(0)
+    model = InstructCellForConditionalGeneration(replace(tester.config, standardize_genes=True)).eval()
+    train = torch.tensor(tester.make_counts(50, seed=1), dtype=torch.float32)
+    train[:, 5] = 0  # a gene that never varies keeps a scale of 1
+    model.cell_encoder.set_gene_statistics(train)
+    normalized = normalize_counts(train, model.config.target_sum, model.config.log1p)
+    torch.testing.assert_close(model.cell_encoder.gene_mean, normalized.mean(0).double().to(torch.float32))
+    assert model.cell_encoder.gene_std[5] == 1.0
+    cells = torch.tensor(tester.make_counts(4, seed=2), dtype=torch.float32)
+    expected_input = ((normalize_counts(cells, 1e4, True) - model.cell_encoder.gene_mean) / model.cell_encoder.gene_std)
+    expected = model.cell_encoder.mlp(expected_input.clamp(-10, 10))
+    torch.testing.assert_close(model.cell_encoder.get_kv_tokens(cells).flatten(1), expected)
+    model.save_pretrained(tmp_path)
+    reloaded = InstructCellForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.cell_encoder.gene_std, model.cell_encoder.gene_std, rtol=0, atol=0)
+    plain = tester.make_model()
+    with pytest.raises(ValueError, match="standardize_genes=False"):
+        plain.cell_encoder.set_gene_statistics(train)
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        model.cell_encoder.set_gene_statistics(train[:1])
+
+
+def test_label_set_negatives_make_labels_absent_from_the_batch_count(tester):
+    tester.config.alignment_loss_weight = 1.0
+    model = InstructCellForConditionalGeneration(tester.config).eval()
+    batch = tester.processor(text="What cell type is this? {input}", cells=tester.make_counts(2),
+                             text_target=["This is a T cell."] * 2, cell_captions=["T cell", "T cell"],
+                             caption_choices=["B cell", "T cell", "liver"])
+    embeds = model.get_cell_features(batch["cell_values"])
+    # one distinct label in the batch: picking it among itself costs nothing
+    assert model.cell_caption_alignment_loss(embeds, batch["cell_caption_ids"]).item() == pytest.approx(0.0, abs=1e-6)
+    loss = model.cell_caption_alignment_loss(embeds, batch["cell_caption_ids"], batch["caption_choice_ids"])
+    table = model.get_input_embeddings().weight
+    vectors = []
+    for text in ("B cell", "T cell", "liver"):
+        ids = tester.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        vectors.append(table[ids].mean(0))
+    labels = torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
+    cells = torch.nn.functional.normalize(embeds.mean(1), dim=-1)
+    expected = torch.nn.functional.cross_entropy(cells @ labels.T / model.config.alignment_temperature,
+                                                 torch.tensor([1, 1]))
+    torch.testing.assert_close(loss, expected)
+    assert batch["caption_choice_ids"].shape[0] == 3
