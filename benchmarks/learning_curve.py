@@ -7,7 +7,8 @@
 For each CTA dataset and recipe, trains the small preset (instruct variant, CTA only, hash split) and
 pauses at each wall-clock mark to score the test split (evaluation time is not counted as training time).
 Logistic regression on log-normalized counts is fitted on the same training cells in the same run.
-Prints a markdown table and writes ``<output>.md``, ``<output>.json`` and ``<output>.png``.
+Prints a markdown table and writes ``<output>.md``, ``<output>.json``, ``<output>.png`` and, per dataset, the
+gradient norm reaching each module group (``<output>_<dataset>_gradients.png``, :mod:`instructcell.diagnostics`).
 """
 
 import argparse
@@ -21,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from transformers import TrainerCallback
 
+from instructcell.diagnostics import GradientNormRecorder, plot_gradient_norms
 from instructcell.evaluation import classification_metrics, load_rows, logistic_regression_predictions, model_predictions
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
@@ -94,9 +96,11 @@ class WallClockEvaluation(TrainerCallback):
         return control
 
 
-def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -> list[dict]:
+def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -> tuple[list[dict], list[dict]]:
+    """Train one recipe; return its learning curve and its per-module gradient norms."""
     model_overrides, training_overrides = RECIPES[recipe]
     callback = WallClockEvaluation(marks, test_rows, unit=args.unit)
+    gradients = GradientNormRecorder(every=10)
     run_training(
         ModelArguments(preset=args.preset, **model_overrides),
         DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
@@ -105,9 +109,9 @@ def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -
             num_train_epochs=1000, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
             disable_tqdm=True, logging_steps=50, seed=args.seed, **training_overrides,
         ),
-        callbacks=[callback],
+        callbacks=[callback, gradients],
     )
-    return callback.results
+    return callback.results, gradients.records
 
 
 def plot(results: dict, path: Path, xlabel: str, split: str) -> None:
@@ -147,10 +151,12 @@ def main() -> None:
         began = time.monotonic()
         logreg = classification_metrics(logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows)
         logreg["seconds"] = round(time.monotonic() - began, 1)
-        results[dataset] = {"logreg": logreg, "recipes": {}}
+        results[dataset] = {"logreg": logreg, "recipes": {}, "gradient_norms": {}}
         for recipe in args.recipes.split(","):
             print(f"{dataset} / {recipe}", flush=True)
-            results[dataset]["recipes"][recipe] = run_recipe(recipe, dataset, args, marks, test_rows)
+            curve, gradients = run_recipe(recipe, dataset, args, marks, test_rows)
+            results[dataset]["recipes"][recipe] = curve
+            results[dataset]["gradient_norms"][recipe] = gradients
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     unit = "min" if args.unit == "minutes" else "steps"
@@ -168,6 +174,8 @@ def main() -> None:
     output.with_suffix(".json").write_text(json.dumps(results, indent=2))
     xlabel = "training wall time (min)" if args.unit == "minutes" else "optimizer steps"
     plot(results, output.with_suffix(".png"), xlabel, args.split)
+    for dataset, result in results.items():
+        plot_gradient_norms(result["gradient_norms"], output.with_name(f"{output.name}_{dataset}_gradients.png"), dataset)
 
 
 if __name__ == "__main__":
