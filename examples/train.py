@@ -4,13 +4,17 @@
     accelerate launch --config_file configuration/accelerate/single_cpu.yaml examples/train.py \
         configuration/train/small-instruct.yaml
 
-Arguments come from the command line or one YAML recipe (``configuration/train/*.yaml``); see ``--help``.
+Arguments come from the command line, or from a YAML recipe (``configuration/train/*.yaml``) given first and
+overridden by any flags after it (``examples/train.py recipe.yaml --max_train_minutes 10``); see ``--help``.
 Rerunning the same command resumes from the last checkpoint in ``--output_dir`` (Ctrl-C writes one first).
 The best model by validation loss is saved in the Hub layout to ``<output_dir>/final``.
 """
 
 import logging
 import sys
+from pathlib import Path
+
+import yaml
 
 from transformers import HfArgumentParser
 
@@ -18,14 +22,25 @@ from instructcell.hub import save_for_hub
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
 
+def recipe_flags(path: Path) -> list[str]:
+    """A YAML recipe of scalar arguments as command-line flags (``key: value`` -> ``--key value``)."""
+    recipe = yaml.safe_load(path.read_text()) or {}
+    unsupported = [key for key, value in recipe.items() if value is None or isinstance(value, (dict, list))]
+    if unsupported:
+        raise ValueError(
+            f"{path}: {unsupported} are not scalar `key: value` training arguments (omit a key to keep its default)."
+        )
+    return [item for key, value in recipe.items() for item in (f"--{key}", str(value))]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)  # per-batch gene alignment notes
     parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(sys.argv[1])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    argv = sys.argv[1:]
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = recipe_flags(Path(argv[0])) + argv[1:]  # later flags win
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     trainer, processor, interrupted = run_training(model_args, data_args, training_args)
     if interrupted:
         print(f"Interrupted: rerun the same command to resume from the checkpoint in {training_args.output_dir}.")

@@ -114,13 +114,17 @@ def test_predict_with_generate_returns_ids(dataset_dir, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
-    output = tmp_path / "launched"
+    output, overridden = tmp_path / "launched", tmp_path / "overridden"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"dataset_dir: {dataset_dir}\noutput_dir: {overridden}\npreset: tiny\ntokenizer_vocab_size: 200\n"
+        "max_steps: 2\nsave_strategy: 'no'\neval_strategy: 'no'\nload_best_model_at_end: false\n"
+        "disable_tqdm: true\nper_device_train_batch_size: 4\n"
+    )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(REPO / "configuration" / "accelerate" / "single_cpu.yaml"), str(REPO / "examples" / "train.py"),
-        "--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny",
-        "--tokenizer_vocab_size", "200", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
-        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--per_device_train_batch_size", "4",
+        str(recipe), "--output_dir", str(output),  # flags after the recipe override it
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -129,6 +133,7 @@ def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
         "InstructCellForConditionalGeneration")
     model = AutoModel.from_pretrained(final)
     assert model.config.n_genes == len(GENES)
+    assert not overridden.exists()
 
 
 def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_path):
