@@ -4,6 +4,9 @@
         --datasets bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat \
         --minutes 2,5,10,20,30 --output benchmarks/results/learning_curve
 
+Recipes can also run side by side, one per core (``--recipes paper --threads 1 --output a`` and
+``--recipes default --threads 1 --output b`` at once), then ``--merge a.json,b.json --output ...``.
+
 For each CTA dataset and recipe, trains the small preset (instruct variant, CTA only, hash split) and
 pauses at each wall-clock mark to score the test split (evaluation time is not counted as training time).
 Logistic regression on log-normalized counts is fitted on the same training cells in the same run.
@@ -20,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 from transformers import TrainerCallback
 
 from instructcell.diagnostics import GradientNormRecorder, plot_gradient_norms
@@ -30,24 +34,13 @@ from instructcell.training import DataArguments, InstructCellTrainingArguments, 
 RECIPES = {
     "paper": ({"alignment_loss_weight": 0.0}, {"optim": "adafactor", "learning_rate": 1e-3}),
     "default": (
-        {"alignment_loss_weight": 1.0},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
-    ),
-    # ablations of the default recipe
-    "default+balanced": (
-        {"alignment_loss_weight": 1.0},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50, "class_balanced_sampling": True},
-    ),
-    "default+label_set_negatives": (
-        {"alignment_loss_weight": 1.0, "alignment_label_set_negatives": True},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
-    ),
-    "default+standardize": (
         {"alignment_loss_weight": 1.0, "standardize_genes": True},
         {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
     ),
-    "default+gene_dropout": (
-        {"alignment_loss_weight": 1.0, "gene_dropout": 0.3},
+    # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
+    # gene dropout, label-set negatives in the contrastive loss
+    "default-standardize": (
+        {"alignment_loss_weight": 1.0},
         {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
     ),
 }
@@ -127,6 +120,43 @@ def plot(results: dict, path: Path, xlabel: str, split: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def write_outputs(results: dict, unit: str, split: str, output: Path) -> str:
+    """Write ``<output>.md/.json/.png`` and the gradient plots; return the markdown table."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    marks = sorted({p["mark"] for result in results.values() for curve in result["recipes"].values() for p in curve})
+    label = "min" if unit == "minutes" else "steps"
+    header = "| dataset | recipe | " + " | ".join(f"{m:g} {label}" for m in marks) + " |"
+    lines = [header, "|" + "---|" * (len(marks) + 2)]
+    for dataset, result in results.items():
+        for recipe, curve in result["recipes"].items():
+            scores = {p["mark"]: f"{p['macro_f1']:.3f}" for p in curve}
+            lines.append(f"| {dataset} | {recipe} | " + " | ".join(scores.get(m, "-") for m in marks) + " |")
+        lines.append(f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
+                     + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks) + " |")
+    table = "\n".join(lines)
+    output.with_suffix(".md").write_text(table + "\n")
+    output.with_suffix(".json").write_text(json.dumps({"unit": unit, "split": split, "results": results}, indent=2))
+    xlabel = "training wall time (min)" if unit == "minutes" else "optimizer steps"
+    plot(results, output.with_suffix(".png"), xlabel, split)
+    for dataset, result in results.items():
+        plot_gradient_norms(result["gradient_norms"], output.with_name(f"{output.name}_{dataset}_gradients.png"), dataset)
+    return table
+
+
+def merge_runs(paths: list[Path]) -> tuple[dict, str, str]:
+    """Combine the JSON of runs made side by side (e.g. one recipe per core) into one result."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    if len({(run["unit"], run["split"]) for run in runs}) != 1:
+        raise ValueError(f"{[str(p) for p in paths]} mix units or splits; merge runs made with the same settings.")
+    merged: dict = {}
+    for run in runs:
+        for dataset, result in run["results"].items():
+            target = merged.setdefault(dataset, {"logreg": result["logreg"], "recipes": {}, "gradient_norms": {}})
+            target["recipes"].update(result["recipes"])
+            target["gradient_norms"].update(result["gradient_norms"])
+    return merged, runs[0]["unit"], runs[0]["split"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", default="outputs/instructcell-data")
@@ -139,9 +169,19 @@ def main() -> None:
                         help="Held-out rows to score: choose recipes on validation, report on test.")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (e.g. 1 per recipe when recipes run side by side, one per core).")
     parser.add_argument("--work-dir", default="outputs/learning_curve_runs")
     parser.add_argument("--output", default="benchmarks/results/learning_curve")
+    parser.add_argument("--merge", default=None,
+                        help="Comma-separated JSON outputs of earlier runs to combine into --output (no training).")
     args = parser.parse_args()
+    if args.merge:
+        results, unit, split = merge_runs([Path(p) for p in args.merge.split(",")])
+        print(write_outputs(results, unit, split, Path(args.output)))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     marks = [float(m) for m in args.minutes.split(",")]
     results = {}
     for dataset in args.datasets.split(","):
@@ -157,25 +197,7 @@ def main() -> None:
             curve, gradients = run_recipe(recipe, dataset, args, marks, test_rows)
             results[dataset]["recipes"][recipe] = curve
             results[dataset]["gradient_norms"][recipe] = gradients
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    unit = "min" if args.unit == "minutes" else "steps"
-    header = "| dataset | recipe | " + " | ".join(f"{m:g} {unit}" for m in marks) + " |"
-    lines = [header, "|" + "---|" * (len(marks) + 2)]
-    for dataset, result in results.items():
-        for recipe, curve in result["recipes"].items():
-            scores = {p["mark"]: f"{p['macro_f1']:.3f}" for p in curve}
-            lines.append(f"| {dataset} | {recipe} | " + " | ".join(scores.get(m, "-") for m in marks) + " |")
-        lines.append(f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
-                     + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks) + " |")
-    table = "\n".join(lines)
-    print(table)
-    output.with_suffix(".md").write_text(table + "\n")
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    xlabel = "training wall time (min)" if args.unit == "minutes" else "optimizer steps"
-    plot(results, output.with_suffix(".png"), xlabel, args.split)
-    for dataset, result in results.items():
-        plot_gradient_norms(result["gradient_norms"], output.with_name(f"{output.name}_{dataset}_gradients.png"), dataset)
+    print(write_outputs(results, args.unit, args.split, Path(args.output)))
 
 
 if __name__ == "__main__":

@@ -40,16 +40,11 @@ class DataCollatorForInstructCell:
     with_cell_captions : bool
         Also return ``cell_caption_ids`` and ``target_caption_ids`` (each input and target cell's label text)
         for the alignment loss.
-    with_label_set_negatives : bool
-        With ``with_cell_captions``, also return ``caption_choice_ids``: every label of the rows' label sets
-        (``choices``), so that the alignment loss contrasts each cell with its whole label set, not only with
-        the labels that happen to be in the batch (rare labels are otherwise seldom negatives).
     """
 
     processor: InstructCellProcessor
     max_length: int | None = None
     with_cell_captions: bool = False
-    with_label_set_negatives: bool = False
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> BatchFeature:
         """Collate rows into model inputs.
@@ -58,12 +53,10 @@ class DataCollatorForInstructCell:
         ``(n_input_cells, n_genes)`` and ``target_cell_values`` ``(n_target_cells, n_genes)``.
         """
         n_genes = self.processor.feature_extractor.vocab_size
-        cell_captions = target_captions = caption_choices = None
+        cell_captions = target_captions = None
         if self.with_cell_captions:
             cell_captions = [row["label"] for row in rows if len(row["input_gene_indices"]) > 0] or None
             target_captions = [row["label"] for row in rows if len(row["target_gene_indices"]) > 0] or None
-            if self.with_label_set_negatives:
-                caption_choices = sorted({choice for row in rows for choice in row.get("choices") or ()}) or None
         return self.processor(
             text=[row["instruction"] for row in rows],
             cells=_stack_cells(rows, "input", n_genes),
@@ -71,7 +64,6 @@ class DataCollatorForInstructCell:
             target_cells=_stack_cells(rows, "target", n_genes),
             cell_captions=cell_captions,
             target_captions=target_captions,
-            caption_choices=caption_choices,
             truncation=self.max_length is not None,
             max_length=self.max_length,
         )

@@ -8,14 +8,12 @@ a wall-clock budget and for saving a checkpoint when the job is interrupted.
 import logging
 import signal
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import WeightedRandomSampler
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -61,11 +59,6 @@ class ModelArguments:
     alignment_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."}
     )
-    alignment_label_set_negatives: bool = field(
-        default=False,
-        metadata={"help": "Contrast each cell with every label of its label set, not only the batch's labels."},
-    )
-    gene_dropout: float = field(default=0.0, metadata={"help": "Training dropout on the cell encoder's gene inputs."})
     standardize_genes: bool = field(
         default=False, metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."}
     )
@@ -120,11 +113,6 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
     )
     cell_decoder_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW lr of that stage."})
     cell_decoder_batch_size: int = field(default=64, metadata={"help": "Batch size of that stage."})
-    class_balanced_sampling: bool = field(
-        default=False,
-        metadata={"help": "Draw training rows so that every label of a (task, dataset) is equally frequent; "
-                  "each (task, dataset) keeps its share of the rows."},
-    )
 
 
 def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
@@ -196,7 +184,6 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
         overrides["text_config"] = backbone.config.to_dict()
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
-    overrides["gene_dropout"] = model_args.gene_dropout
     overrides["standardize_genes"] = model_args.standardize_genes
     config = config_for_processor(model_args.preset, processor, **overrides)
     model = InstructCellForConditionalGeneration(config)
@@ -214,36 +201,12 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
     return model
 
 
-def class_balanced_weights(train: datasets.Dataset) -> torch.Tensor:
-    """Sampling weight per row, ``(n_rows,)``: ``1 / count(label)`` within the row's (task, dataset) group,
-    scaled so that every group keeps its total weight (its share of the rows)."""
-    groups = list(zip(train["task"], train["dataset"], strict=True))
-    labels = train["label"]
-    group_size = Counter(groups)
-    label_count = Counter(zip(groups, labels, strict=True))
-    labels_in_group = Counter(group for group, _ in label_count)
-    weights = [
-        group_size[group] / (labels_in_group[group] * label_count[(group, label)])
-        for group, label in zip(groups, labels, strict=True)
-    ]
-    return torch.tensor(weights, dtype=torch.double)
-
-
 class InstructCellTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log), and
-    optionally samples rows class-balanced (``class_balanced_sampling``)."""
+    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
-
-    def _get_train_sampler(self, train_dataset=None):
-        train_dataset = self.train_dataset if train_dataset is None else train_dataset
-        if not getattr(self.args, "class_balanced_sampling", False):
-            return super()._get_train_sampler(train_dataset)
-        generator = torch.Generator().manual_seed(self.args.seed)
-        weights = class_balanced_weights(train_dataset)
-        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -375,7 +338,6 @@ def run_training(
         data_collator=DataCollatorForInstructCell(
             processor,
             with_cell_captions=model_args.alignment_loss_weight > 0,
-            with_label_set_negatives=model_args.alignment_label_set_negatives,
         ),
         processing_class=processor,
         callbacks=callbacks,

@@ -55,9 +55,6 @@ class InstructCellConfig(PreTrainedConfig):
         t, the number of key/value tokens the residual MLP makes from one cell.
     cell_mlp_num_blocks : int
         Residual MLP blocks of the cell encoder (the first maps genes to t tokens and has no residual).
-    gene_dropout : float
-        Training-time dropout on the normalized gene values entering the cell MLP (0 = the paper's model):
-        an augmentation that keeps the encoder from memorizing individual genes of few cells.
     cell_mlp_dropout : float
         Dropout after each MLP block but the last.
     use_language_projection : bool
@@ -136,7 +133,6 @@ class InstructCellConfig(PreTrainedConfig):
     num_kv_tokens: int = 6
     cell_mlp_num_blocks: int = 3
     cell_mlp_dropout: float = 0.1
-    gene_dropout: float = 0.0
     use_language_projection: bool = True
     target_sum: float | None = 1e4
     log1p: bool = True

@@ -68,7 +68,6 @@ class InstructCellCellEncoder(nn.Module):
             dropout = 0.0 if is_last else config.cell_mlp_dropout
             blocks.append(InstructCellResidualBlock(kv_width, kv_width, dropout, residual=True))
         self.mlp = nn.Sequential(*blocks)
-        self.gene_dropout = nn.Dropout(config.gene_dropout)
         self.query_tokens = nn.Parameter(
             torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
         )
@@ -120,7 +119,7 @@ class InstructCellCellEncoder(nn.Module):
         values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p)
         if self.config.standardize_genes:
             values = ((values - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)
-        hidden = self.mlp(self.gene_dropout(values.to(first_linear.weight.dtype)))
+        hidden = self.mlp(values.to(first_linear.weight.dtype))
         return hidden.view(cell_values.shape[0], self.config.num_kv_tokens, -1)
 
     def forward(self, cell_values: torch.Tensor) -> torch.Tensor:

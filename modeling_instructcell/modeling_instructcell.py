@@ -320,7 +320,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         target_cell_values: torch.FloatTensor | None = None,
         cell_caption_ids: torch.LongTensor | None = None,
         target_caption_ids: torch.LongTensor | None = None,
-        caption_choice_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> InstructCellForConditionalGenerationModelOutput:
@@ -347,9 +346,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         target_caption_ids : torch.LongTensor, optional
             Token ids of each target cell's label text ``(n_signals, label_len)``; aligns the ``<SIGNAL>``
             states that condition the VAE with the requested label in the same way.
-        caption_choice_ids : torch.LongTensor, optional
-            ``(n_choices, choice_len)``, ``-100``-padded: more label texts to contrast against (e.g. every label
-            of the batch's label sets), so that a label absent from the batch is still a negative.
         inputs_embeds : torch.FloatTensor, optional
             ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
         **kwargs
@@ -404,11 +400,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if self.config.alignment_loss_weight > 0:
             parts = []
             if cell_caption_ids is not None and cell_embeds is not None:
-                parts.append(self.cell_caption_alignment_loss(cell_embeds, cell_caption_ids, caption_choice_ids))
+                parts.append(self.cell_caption_alignment_loss(cell_embeds, cell_caption_ids))
             if target_caption_ids is not None and signal_states is not None:
-                parts.append(
-                    self.cell_caption_alignment_loss(signal_states.unsqueeze(1), target_caption_ids, caption_choice_ids)
-                )
+                parts.append(self.cell_caption_alignment_loss(signal_states.unsqueeze(1), target_caption_ids))
             if parts:
                 alignment_loss = torch.stack(parts).sum()
                 alignment_term = self.config.alignment_loss_weight * alignment_loss
@@ -427,12 +421,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             language_model_outputs=outputs,
         )
 
-    def cell_caption_alignment_loss(
-        self,
-        cell_embeds: torch.Tensor,
-        cell_caption_ids: torch.LongTensor,
-        caption_choice_ids: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
+    def cell_caption_alignment_loss(self, cell_embeds: torch.Tensor, cell_caption_ids: torch.LongTensor) -> torch.Tensor:
         """Contrast each cell with the labels of the batch (supervised, label text as the other modality).
 
         Parameters
@@ -441,27 +430,18 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             ``(n_cells, num_query_tokens, hidden_size)`` from :meth:`get_cell_features`.
         cell_caption_ids : torch.LongTensor
             ``(n_cells, label_len)`` token ids of each cell's label, ``-100``-padded.
-        caption_choice_ids : torch.LongTensor, optional
-            ``(n_choices, choice_len)`` more candidate labels, ``-100``-padded.
 
         Returns
         -------
         torch.Tensor
-            Scalar cross-entropy of picking each cell's own label among the distinct labels of the batch and of
-            ``caption_choice_ids``.
+            Scalar cross-entropy of picking each cell's own label among the batch's distinct labels.
         """
         if cell_caption_ids.shape[0] != cell_embeds.shape[0]:
             raise ValueError(
                 f"Got {cell_caption_ids.shape[0]} cell labels for {cell_embeds.shape[0]} cells; pass one label per cell."
             )
         label_mask = cell_caption_ids != IGNORE_INDEX
-        candidates = cell_caption_ids
-        if caption_choice_ids is not None:
-            width = max(cell_caption_ids.shape[1], caption_choice_ids.shape[1])
-            pad = lambda ids: nn.functional.pad(ids, (0, width - ids.shape[1]), value=IGNORE_INDEX)  # noqa: E731
-            candidates = torch.cat([pad(cell_caption_ids), pad(caption_choice_ids.to(cell_caption_ids.device))])
-        distinct, inverse = torch.unique(candidates, dim=0, return_inverse=True)
-        label_index = inverse[: cell_caption_ids.shape[0]]
+        distinct, label_index = torch.unique(cell_caption_ids, dim=0, return_inverse=True)
         distinct_mask = (distinct != IGNORE_INDEX).unsqueeze(-1)
         token_embeds = self.get_input_embeddings()(distinct.clamp_min(0)) * distinct_mask
         label_vectors = token_embeds.sum(1) / distinct_mask.sum(1).clamp_min(1)

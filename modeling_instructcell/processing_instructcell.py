@@ -225,7 +225,6 @@ class InstructCellProcessor(ProcessorMixin):
         target_cells: Any = None,
         cell_captions: Sequence[str] | None = None,
         target_captions: Sequence[str] | None = None,
-        caption_choices: Sequence[str] | None = None,
         gene_names: Sequence[str] | None = None,
         layer: str | None = None,
         padding: bool | str = True,
@@ -254,9 +253,6 @@ class InstructCellProcessor(ProcessorMixin):
             The label text of each input cell, for the alignment loss; returned as ``cell_caption_ids``.
         target_captions : list of str, optional
             The label text of each target cell (one per ``<SIGNAL>``); returned as ``target_caption_ids``.
-        caption_choices : list of str, optional
-            More label texts the alignment loss contrasts against (e.g. the label sets of the batch's
-            datasets); returned as ``caption_choice_ids``.
         gene_names : list of str, optional
             Gene names of array inputs without names.
         layer : str, optional
@@ -303,8 +299,6 @@ class InstructCellProcessor(ProcessorMixin):
             data["cell_caption_ids"] = self._encode_captions(cell_captions, return_tensors)
         if target_captions is not None:
             data["target_caption_ids"] = self._encode_captions(target_captions, return_tensors)
-        if caption_choices:
-            data["caption_choice_ids"] = self._encode_captions(caption_choices, return_tensors)
         if target_cells is not None:
             target = self.feature_extractor(target_cells, gene_names=gene_names, layer=layer, return_tensors="np")
             data["target_cell_values"] = target["cell_values"]

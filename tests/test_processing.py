@@ -122,20 +122,3 @@ def test_collator_densifies_and_matches_processor(processor, tester):
     np.testing.assert_array_equal(batch["target_cell_values"].numpy(), counts[1:])
     assert batch["labels"].shape[0] == 2
 
-
-def test_collator_adds_the_rows_label_sets_as_alignment_negatives(processor, tester):
-    counts = tester.make_counts(2)
-    rows = []
-    for i, (label, choices) in enumerate([("T cell", ["T cell", "B cell"]), ("liver", ["liver", "T cell"])]):
-        nonzero = np.flatnonzero(counts[i])
-        rows.append({
-            "instruction": "What is this? <CELL>", "response": f"This is a {label}.", "label": label,
-            "choices": choices, "input_gene_indices": nonzero.tolist(),
-            "input_gene_counts": counts[i, nonzero].astype(float).tolist(),
-            "target_gene_indices": [], "target_gene_counts": [],
-        })
-    plain = DataCollatorForInstructCell(processor, with_cell_captions=True)(rows)
-    assert "caption_choice_ids" not in plain and plain["cell_caption_ids"].shape[0] == 2
-    batch = DataCollatorForInstructCell(processor, with_cell_captions=True, with_label_set_negatives=True)(rows)
-    decoded = processor.tokenizer.batch_decode(batch["caption_choice_ids"].clamp_min(0), skip_special_tokens=True)
-    assert sorted(text.strip() for text in decoded) == ["B cell", "T cell", "liver"]

@@ -186,21 +186,6 @@ def test_signal_states_need_one_signal_per_generation_row(dataset_dir, tmp_path)
         conditioned_cells(trainer.model, processor, broken)
 
 
-def test_class_balanced_weights_equalize_labels_within_each_group():
-    from instructcell.training import class_balanced_weights
-
-    rows = datasets.Dataset.from_dict({
-        "task": ["cta"] * 4 + ["dsp"] * 2,
-        "dataset": ["a"] * 4 + ["b"] * 2,
-        "label": ["x", "x", "x", "y", "s", "r"],
-    })
-    weights = class_balanced_weights(rows).tolist()
-    # group "cta/a": 4 rows, 2 labels -> x: 4 / (2 * 3), y: 4 / (2 * 1); group "dsp/b": 2 / (2 * 1)
-    assert weights == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0])
-    assert sum(weights[:3]) == pytest.approx(weights[3])  # both labels of group a equally likely
-    assert sum(weights[:4]) == pytest.approx(4) and sum(weights[4:]) == pytest.approx(2)  # group shares kept
-
-
 def test_wall_clock_budget_survives_a_resume():
     from instructcell.training import WallClockLimitCallback
 
