@@ -11,7 +11,8 @@ For each CTA dataset and recipe, trains the small preset (instruct variant, CTA 
 pauses at each wall-clock mark to score the test split (evaluation time is not counted as training time).
 Logistic regression on log-normalized counts is fitted on the same training cells in the same run.
 Prints a markdown table and writes ``<output>.md``, ``<output>.json``, ``<output>.png`` and, per dataset, the
-gradient norm reaching each module group (``<output>_<dataset>_gradients.png``, :mod:`instructcell.diagnostics`).
+gradient norm reaching each module group (``<output>_<dataset>_gradients.png``,
+:mod:`instructcell.diagnostics`).
 """
 
 import argparse
@@ -27,7 +28,12 @@ import torch
 from transformers import TrainerCallback
 
 from instructcell.diagnostics import GradientNormRecorder, plot_gradient_norms
-from instructcell.evaluation import classification_metrics, load_rows, logistic_regression_predictions, model_predictions
+from instructcell.evaluation import (
+    classification_metrics,
+    load_rows,
+    logistic_regression_predictions,
+    model_predictions,
+)
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
 # Each recipe: ModelArguments and training-argument overrides.
@@ -65,9 +71,11 @@ class WallClockEvaluation(TrainerCallback):
         self.paused = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock."""
         self.start, self.paused = time.monotonic(), 0.0
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Score the held-out rows at every mark passed (the clock pauses meanwhile)."""
         trained_minutes = (time.monotonic() - self.start - self.paused) / 60
         trained = state.global_step if self.unit == "steps" else trained_minutes
         while self.marks and trained >= self.marks[0]:
@@ -77,19 +85,29 @@ class WallClockEvaluation(TrainerCallback):
             predictions = model_predictions(model, processing_class, self.test_rows, method=self.method)
             model.train()
             metrics = classification_metrics(predictions, self.test_rows)
-            self.results.append({
-                "mark": mark, "minutes": round(trained_minutes, 2), "step": state.global_step, "epoch": state.epoch,
-                **metrics,
-            })
-            print(f"  {trained_minutes:>5.1f} min  step {state.global_step:>5}  macro-F1 {metrics['macro_f1']:.3f}",
-                  flush=True)
+            self.results.append(
+                {
+                    "mark": mark,
+                    "minutes": round(trained_minutes, 2),
+                    "step": state.global_step,
+                    "epoch": state.epoch,
+                    **metrics,
+                }
+            )
+            print(
+                f"  {trained_minutes:>5.1f} min  step {state.global_step:>5}  "
+                f"macro-F1 {metrics['macro_f1']:.3f}",
+                flush=True,
+            )
             self.paused += time.monotonic() - began
         if not self.marks:
             control.should_training_stop = True
         return control
 
 
-def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -> tuple[list[dict], list[dict]]:
+def run_recipe(
+    recipe: str, dataset: str, args, marks: list[float], test_rows
+) -> tuple[list[dict], list[dict]]:
     """Train one recipe; return its learning curve and its per-module gradient norms."""
     model_overrides, training_overrides = RECIPES[recipe]
     callback = WallClockEvaluation(marks, test_rows, unit=args.unit)
@@ -99,8 +117,14 @@ def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -
         DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
         InstructCellTrainingArguments(
             output_dir=str(Path(args.work_dir) / f"{dataset}-{recipe}"),
-            num_train_epochs=1000, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-            disable_tqdm=True, logging_steps=50, seed=args.seed, **training_overrides,
+            num_train_epochs=1000,
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
+            disable_tqdm=True,
+            logging_steps=50,
+            seed=args.seed,
+            **training_overrides,
         ),
         callbacks=[callback, gradients],
     )
@@ -108,12 +132,15 @@ def run_recipe(recipe: str, dataset: str, args, marks: list[float], test_rows) -
 
 
 def plot(results: dict, path: Path, xlabel: str, split: str) -> None:
+    """One panel per dataset: macro-F1 of each recipe against the marks, logistic regression dashed."""
     datasets_ = list(results)
     figure, axes = plt.subplots(1, len(datasets_), figsize=(4.5 * len(datasets_), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets_, strict=True):
         for recipe, curve in results[dataset]["recipes"].items():
             axis.plot([p["mark"] for p in curve], [p["macro_f1"] for p in curve], marker="o", label=recipe)
-        axis.axhline(results[dataset]["logreg"]["macro_f1"], color="grey", linestyle="--", label="logistic regression")
+        axis.axhline(
+            results[dataset]["logreg"]["macro_f1"], color="grey", linestyle="--", label="logistic regression"
+        )
         axis.set(title=dataset, xlabel=xlabel, ylabel=f"{split} macro-F1", ylim=(0, 1))
         axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
@@ -123,7 +150,9 @@ def plot(results: dict, path: Path, xlabel: str, split: str) -> None:
 def write_outputs(results: dict, unit: str, split: str, output: Path) -> str:
     """Write ``<output>.md/.json/.png`` and the gradient plots; return the markdown table."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    marks = sorted({p["mark"] for result in results.values() for curve in result["recipes"].values() for p in curve})
+    marks = sorted(
+        {p["mark"] for result in results.values() for curve in result["recipes"].values() for p in curve}
+    )
     label = "min" if unit == "minutes" else "steps"
     header = "| dataset | recipe | " + " | ".join(f"{m:g} {label}" for m in marks) + " |"
     lines = [header, "|" + "---|" * (len(marks) + 2)]
@@ -131,15 +160,22 @@ def write_outputs(results: dict, unit: str, split: str, output: Path) -> str:
         for recipe, curve in result["recipes"].items():
             scores = {p["mark"]: f"{p['macro_f1']:.3f}" for p in curve}
             lines.append(f"| {dataset} | {recipe} | " + " | ".join(scores.get(m, "-") for m in marks) + " |")
-        lines.append(f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
-                     + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks) + " |")
+        lines.append(
+            f"| {dataset} | logistic regression ({result['logreg']['seconds']} s) | "
+            + " | ".join(f"{result['logreg']['macro_f1']:.3f}" for _ in marks)
+            + " |"
+        )
     table = "\n".join(lines)
     output.with_suffix(".md").write_text(table + "\n")
-    output.with_suffix(".json").write_text(json.dumps({"unit": unit, "split": split, "results": results}, indent=2))
+    output.with_suffix(".json").write_text(
+        json.dumps({"unit": unit, "split": split, "results": results}, indent=2)
+    )
     xlabel = "training wall time (min)" if unit == "minutes" else "optimizer steps"
     plot(results, output.with_suffix(".png"), xlabel, split)
     for dataset, result in results.items():
-        plot_gradient_norms(result["gradient_norms"], output.with_name(f"{output.name}_{dataset}_gradients.png"), dataset)
+        plot_gradient_norms(
+            result["gradient_norms"], output.with_name(f"{output.name}_{dataset}_gradients.png"), dataset
+        )
     return table
 
 
@@ -147,34 +183,58 @@ def merge_runs(paths: list[Path]) -> tuple[dict, str, str]:
     """Combine the JSON of runs made side by side (e.g. one recipe per core) into one result."""
     runs = [json.loads(path.read_text()) for path in paths]
     if len({(run["unit"], run["split"]) for run in runs}) != 1:
-        raise ValueError(f"{[str(p) for p in paths]} mix units or splits; merge runs made with the same settings.")
+        raise ValueError(
+            f"{[str(p) for p in paths]} mix units or splits; merge runs made with the same settings."
+        )
     merged: dict = {}
     for run in runs:
         for dataset, result in run["results"].items():
-            target = merged.setdefault(dataset, {"logreg": result["logreg"], "recipes": {}, "gradient_norms": {}})
+            target = merged.setdefault(
+                dataset, {"logreg": result["logreg"], "recipes": {}, "gradient_norms": {}}
+            )
             target["recipes"].update(result["recipes"])
             target["gradient_norms"].update(result["gradient_norms"])
     return merged, runs[0]["unit"], runs[0]["split"]
 
 
 def main() -> None:
+    """Run the recipes (or merge earlier runs) and write the table and plots."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", default="outputs/instructcell-data")
-    parser.add_argument("--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat")
+    parser.add_argument(
+        "--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat"
+    )
     parser.add_argument("--recipes", default="paper,default")
-    parser.add_argument("--minutes", default="2,5,10,20,30", help="Marks (minutes, or steps with --unit steps).")
-    parser.add_argument("--unit", choices=("minutes", "steps"), default="minutes",
-                        help="steps: compare recipes at equal optimizer steps (ablations on a busy machine).")
-    parser.add_argument("--split", choices=("test", "validation"), default="test",
-                        help="Held-out rows to score: choose recipes on validation, report on test.")
+    parser.add_argument(
+        "--minutes", default="2,5,10,20,30", help="Marks (minutes, or steps with --unit steps)."
+    )
+    parser.add_argument(
+        "--unit",
+        choices=("minutes", "steps"),
+        default="minutes",
+        help="steps: compare recipes at equal optimizer steps (ablations on a busy machine).",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="Held-out rows to score: choose recipes on validation, report on test.",
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (e.g. 1 per recipe when recipes run side by side, one per core).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (e.g. 1 per recipe when recipes run side by side, one per core).",
+    )
     parser.add_argument("--work-dir", default="outputs/learning_curve_runs")
     parser.add_argument("--output", default="benchmarks/results/learning_curve")
-    parser.add_argument("--merge", default=None,
-                        help="Comma-separated JSON outputs of earlier runs to combine into --output (no training).")
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="Comma-separated JSON outputs of earlier runs to combine into --output (no training).",
+    )
     args = parser.parse_args()
     if args.merge:
         results, unit, split = merge_runs([Path(p) for p in args.merge.split(",")])
@@ -189,7 +249,9 @@ def main() -> None:
         test_rows = load_rows(args.dataset_dir, args.split, "cta", dataset)
         n_genes = len((Path(args.dataset_dir) / "gene_vocab.txt").read_text().split())
         began = time.monotonic()
-        logreg = classification_metrics(logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows)
+        logreg = classification_metrics(
+            logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows
+        )
         logreg["seconds"] = round(time.monotonic() - began, 1)
         results[dataset] = {"logreg": logreg, "recipes": {}, "gradient_norms": {}}
         for recipe in args.recipes.split(","):

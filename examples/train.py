@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from transformers import HfArgumentParser
 
 from instructcell.hub import save_for_hub
@@ -23,17 +22,19 @@ from instructcell.training import DataArguments, InstructCellTrainingArguments, 
 
 
 def recipe_flags(path: Path) -> list[str]:
-    """A YAML recipe of scalar arguments as command-line flags (``key: value`` -> ``--key value``)."""
+    """Turn a YAML recipe of scalar arguments into command-line flags (``key: value`` -> ``--key value``)."""
     recipe = yaml.safe_load(path.read_text()) or {}
     unsupported = [key for key, value in recipe.items() if value is None or isinstance(value, (dict, list))]
     if unsupported:
         raise ValueError(
-            f"{path}: {unsupported} are not scalar `key: value` training arguments (omit a key to keep its default)."
+            f"{path}: {unsupported} are not scalar `key: value` training arguments "
+            "(omit a key to keep its default)."
         )
     return [item for key, value in recipe.items() for item in (f"--{key}", str(value))]
 
 
 def main() -> None:
+    """Parse the recipe and flags, train (or resume) and save the model in the Hub layout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)  # per-batch gene alignment notes
     parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
@@ -43,7 +44,10 @@ def main() -> None:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     trainer, processor, interrupted = run_training(model_args, data_args, training_args)
     if interrupted:
-        print(f"Interrupted: rerun the same command to resume from the checkpoint in {training_args.output_dir}.")
+        print(
+            "Interrupted: rerun the same command to resume from the checkpoint in "
+            f"{training_args.output_dir}."
+        )
         return
     if trainer.is_world_process_zero():
         model = trainer.model

@@ -1,10 +1,10 @@
 """Second training stage: fit the cell VAE on frozen ``<SIGNAL>`` states.
 
 During joint training the VAE's condition, the language model's last hidden state at ``<SIGNAL>``, changes
-with every optimizer step, so the VAE chases a moving target and sees each CPCG cell only a few times. Measured
-on the `make demo` model (docs/learning_efficiency.md): a logistic regression on its ``<SIGNAL>`` states
-predicted the requested Kang cell type with test accuracy 1.0, yet the jointly trained VAE's cells scored
-pKNN(K=10) 0.33 (real-cell reference 0.75); 1,000 VAE steps on the frozen states (70 s) gave 0.68.
+with every optimizer step, so the VAE chases a moving target and sees each CPCG cell only a few times.
+Measured on the `make demo` model (docs/learning_efficiency.md): a logistic regression on its ``<SIGNAL>``
+states predicted the requested Kang cell type with test accuracy 1.0, yet the jointly trained VAE's cells
+scored pKNN(K=10) 0.33 (real-cell reference 0.75); 1,000 VAE steps on the frozen states (70 s) gave 0.68.
 
 So, after the main stage, :func:`fit_cell_decoder` computes every CPCG training row's ``<SIGNAL>`` state once
 (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and trains the VAE alone with a
@@ -20,9 +20,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
-from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
@@ -53,8 +53,13 @@ class FrozenConditionCellVAE(nn.Module):
         self.cell_vae = cell_vae
         self.kl_weight = kl_weight
 
-    def forward(self, condition_states: torch.Tensor, target_cell_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Negative ELBO of ``target_cell_values`` ``(n, n_genes)`` given ``condition_states`` ``(n, d_model)``."""
+    def forward(
+        self, condition_states: torch.Tensor, target_cell_values: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Return the negative ELBO of ``target_cell_values`` ``(n, n_genes)``.
+
+        ``condition_states`` is ``(n, d_model)``.
+        """
         output = self.cell_vae(target_cell_values, condition_states, kl_weight=self.kl_weight)
         return {"loss": output.loss}
 
@@ -108,7 +113,7 @@ def signal_states(
 def conditioned_cells(
     model: InstructCellForConditionalGeneration, processor: InstructCellProcessor, train: datasets.Dataset
 ) -> datasets.Dataset | None:
-    """The training rows with a target cell, with a ``condition_states`` column; None when there are none."""
+    """Return the training rows with a target cell plus a ``condition_states`` column (None if none)."""
     rows = train.filter(lambda row: len(row["target_gene_indices"]) > 0)
     if len(rows) == 0:
         return None

@@ -30,7 +30,7 @@ MODULE_GROUPS: tuple[tuple[str, str], ...] = (
 
 
 def module_group(parameter_name: str) -> str | None:
-    """The :data:`MODULE_GROUPS` name of a parameter, or None when no pattern matches."""
+    """Return the :data:`MODULE_GROUPS` name of a parameter, or None when no pattern matches."""
     for group, pattern in MODULE_GROUPS:
         if re.search(pattern, parameter_name):
             return group
@@ -49,8 +49,10 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
 
 
 class GradientNormRecorder(TrainerCallback):
-    """Record :func:`gradient_norms` every ``every`` optimizer steps (after clipping to ``max_grad_norm``:
-    clipping scales every group alike, so the groups' ratios are those of the raw gradient).
+    """Record :func:`gradient_norms` every ``every`` optimizer steps.
+
+    Norms are taken after clipping to ``max_grad_norm``: clipping scales every group alike, so the groups'
+    ratios are those of the raw gradient.
 
     ``records`` holds one dict per recorded step: ``{"step": int, <group>: norm, ...}``.
     """
@@ -62,13 +64,16 @@ class GradientNormRecorder(TrainerCallback):
         self.records: list[dict[str, float]] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Record the norms of the gradients about to be applied."""
         step = state.global_step + 1  # the step this update completes
         if model is not None and (step == 1 or step % self.every == 0):
             self.records.append({"step": step, **gradient_norms(model)})
         return control
 
 
-def plot_gradient_norms(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str = "") -> None:
+def plot_gradient_norms(
+    curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str = ""
+) -> None:
     """One panel per recipe: gradient norm of each module group against the optimizer step (log scale)."""
     figure, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 3.6), squeeze=False, sharey=True)
     for axis, (recipe, records) in zip(axes[0], curves.items(), strict=True):

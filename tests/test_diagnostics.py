@@ -9,7 +9,15 @@ from instructcell.diagnostics import GradientNormRecorder, gradient_norms, modul
 
 def test_parameter_names_map_to_module_groups(model):
     groups = {module_group(name) for name, _ in model.named_parameters()}
-    assert {"query tokens", "cell MLP", "Q-Former", "projection", "cell VAE", "LM encoder", "LM decoder"} <= groups
+    assert {
+        "query tokens",
+        "cell MLP",
+        "Q-Former",
+        "projection",
+        "cell VAE",
+        "LM encoder",
+        "LM decoder",
+    } <= groups
     assert module_group("cell_encoder.query_tokens") == "query tokens"
     assert module_group("language_model.decoder.block.0.layer.0.SelfAttention.q.weight") == "LM decoder"
     assert module_group("something_else.weight") is None
@@ -19,7 +27,11 @@ def test_gradient_norms_are_the_l2_norm_of_each_group(model, tester, tmp_path):
     model.train()
     model(**tester.task_batch()).loss.backward()
     norms = gradient_norms(model)
-    mlp = [p.grad for n, p in model.named_parameters() if n.startswith("cell_encoder.mlp.") and p.grad is not None]
+    mlp = [
+        p.grad
+        for n, p in model.named_parameters()
+        if n.startswith("cell_encoder.mlp.") and p.grad is not None
+    ]
     expected = math.sqrt(sum(float(g.pow(2).sum()) for g in mlp))
     assert norms["cell MLP"] == pytest.approx(expected)
     assert norms["query tokens"] == pytest.approx(float(model.cell_encoder.query_tokens.grad.norm()))
