@@ -706,25 +706,43 @@ def training_table(result: Mapping[str, Any]) -> str:
     return markdown_table(header, [row], numeric_from=2)
 
 
-def machine_line(info: Mapping[str, Any], load_end: Sequence[float] | None = None) -> str:
-    """Say where and with how many threads the suite ran, and how busy the machine was."""
-    load = info.get("load_average_1_5_15")
-    line = (
+def machine_line(info: Mapping[str, Any]) -> str:
+    """Say where and with how many threads the suite ran."""
+    return (
         f"Ran on {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['usable_cpus']} usable), "
         f"torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}), "
         f"OMP_NUM_THREADS={info['OMP_NUM_THREADS']}, MKL_NUM_THREADS={info['MKL_NUM_THREADS']}, "
-        f"nice {info['nice']}, load average (1, 5, 15 min) at start {load}"
-        + (f", at the end {list(load_end)}" if load_end else "")
+        f"nice {info['nice']}, load average (1, 5, 15 min) at start {info.get('load_average_1_5_15')}"
         + (f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU")
         + "."
     )
-    busiest = max([*(load or [0.0]), *(load_end or [0.0])])
-    if info.get("usable_cpus") and busiest > info["usable_cpus"]:
-        line += (
-            f" **The load average ({busiest}) exceeded the usable CPUs: other jobs competed for them, so the "
-            "timings (seconds, cells/s, steps/s) are lower bounds, not this machine's speed.**"
+
+
+def section_load(loads: Sequence[float], seconds: float) -> float:
+    """Pick the load average whose window best covers a section: 1, 5 or 15 min for its duration."""
+    one, five, fifteen = loads
+    return one if seconds <= 90 else five if seconds <= 450 else fifteen
+
+
+def load_note(run: Mapping[str, Any], section: str) -> str:
+    """Say how busy the machine was during a section; flag its timings when other jobs competed.
+
+    The load average (our own process counts about 1) is read when the section ends, over the window that
+    best matches its duration (:func:`section_load`).
+    """
+    loads = run.get("section_load", {}).get(section)
+    if loads is None:
+        return ""
+    seconds = run["section_seconds"][section]
+    load = section_load(loads, seconds)
+    cpus = run["machine"].get("usable_cpus") or 1
+    note = f"Load average during this section: {load:.2f} on {cpus} usable CPUs."
+    if load > cpus:
+        note += (
+            " **Other jobs competed for the CPUs: its timings (seconds, cells/s, steps/s) are lower bounds, "
+            "not this machine's speed.**"
         )
-    return line
+    return note
 
 
 def report_markdown(results: Mapping[str, Any]) -> str:
@@ -733,7 +751,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
     lines = [
         "# InstructCell benchmark suite",
         "",
-        machine_line(run["machine"], run.get("load_average_end")),
+        machine_line(run["machine"]),
         "",
     ]
     lines.append(f"Command: `{run['command']}`")
@@ -765,7 +783,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
             "Poisson samples of each label's mean training profile. Reference: real training cells of the "
             "requested labels (a perfect generator; closeness to it is the goal)."
         )
-        lines += ["", generation_table(results["generation"])]
+        lines += ["", generation_table(results["generation"]), "", load_note(run, "generation")]
         scvi = [
             (d, e["generators"]["scvi"])
             for d, e in results["generation"].items()
@@ -786,7 +804,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
             "length). RSS before / peak RSS: the process's resident memory before the mode and its peak "
             "during it (model and data included; the difference is what the mode itself needs)."
         )
-        lines += ["", throughput_table(t["modes"])]
+        lines += ["", throughput_table(t["modes"]), "", load_note(run, "throughput")]
     if "training" in results:
         lines += ["", "## d. Training throughput", ""]
         tr = results["training"]
@@ -796,7 +814,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
             f"{tr['n_train_rows']} training rows, recipe `{tr['recipe']}`, its cell-decoder stage off); "
             "the first step is not timed."
         )
-        lines += ["", training_table(tr)]
+        lines += ["", training_table(tr), "", load_note(run, "training")]
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -851,6 +869,7 @@ def run_suite(
             "seed": args.seed,
             "max_test_cells": args.max_test_cells,
             "section_seconds": {},
+            "section_load": {},
         },
         "skipped": {},
     }
@@ -886,9 +905,9 @@ def run_suite(
             results["skipped"].update(skipped)
         results[name] = value
         results["run"]["section_seconds"][name] = round(time.perf_counter() - began, 1)
+        if hasattr(os, "getloadavg"):
+            results["run"]["section_load"][name] = [round(x, 2) for x in os.getloadavg()]
     results["run"]["wall_seconds"] = round(time.time() - start, 1)
-    if hasattr(os, "getloadavg"):
-        results["run"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
 

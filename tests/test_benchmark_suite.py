@@ -224,11 +224,14 @@ def test_models_must_share_the_dataset_gene_vocabulary(dataset_dir, model_dir, t
         suite.load_candidates(args, GENES[::-1])
 
 
-def test_machine_line_flags_a_busy_machine():
+def test_load_note_flags_sections_that_shared_the_cpus():
     info = {"cpu": "toy CPU", "logical_cpus": 2, "usable_cpus": 2, "torch_threads": 1,
             "torch_interop_threads": 1, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nice": 19,
             "load_average_1_5_15": [0.5, 0.4, 0.3]}
-    quiet = suite.machine_line(info, [1.0, 0.5, 0.4])
-    assert quiet.startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
-    assert "lower bounds" not in quiet
-    assert "lower bounds" in suite.machine_line(info, [4.2, 3.0, 2.0])
+    assert suite.machine_line(info).startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
+    run = {"machine": info, "section_seconds": {"throughput": 30.0, "generation": 2000.0},
+           "section_load": {"throughput": [1.1, 3.0, 3.5], "generation": [1.0, 1.5, 3.5]}}
+    quiet = suite.load_note(run, "throughput")  # 30 s: the 1-min average counts
+    assert quiet == "Load average during this section: 1.10 on 2 usable CPUs."
+    assert "lower bounds" in suite.load_note(run, "generation")  # 33 min: the 15-min average counts
+    assert suite.load_note(run, "training") == ""
