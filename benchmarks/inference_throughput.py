@@ -13,10 +13,12 @@ first ``--n-cells`` cells:
 * ``generate 1 cell at a time``: processor + ``model.generate`` + ``extract_label`` per cell with
   ``max_new_tokens`` = the longest label in tokens (what a trained model needs to answer).
 
-cells/s (untraced run) and peak memory (tracemalloc peak of Python/numpy allocations in a second run of
-the block, and the process's max RSS after it) are printed as a table. ``--memory-cells`` then annotates .h5ad files of ~2k and
-``--memory-cells`` cells (the dataset concatenated with itself) file-to-file in chunks, each in a fresh
-subprocess, and prints their peak RSS: flat memory means the two agree.
+cells/s (untraced run) and peak memory (the process's peak RSS during the mode's runs, the tracemalloc peak
+of Python/numpy allocations in a second run of the block, and the process's max RSS after it) are printed as
+a table (``benchmarks/run_benchmarks.py`` calls :func:`compare_modes` on a trained model).
+``--memory-cells`` then annotates .h5ad files of ~2k and ``--memory-cells`` cells (the dataset concatenated
+with itself) file-to-file in chunks, each in a fresh subprocess, and prints their peak RSS: flat memory means
+the two agree.
 
 Example::
 
@@ -75,9 +77,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def _status_mb(field: str = "VmHWM") -> float:
+    """Peak (``VmHWM``) or current (``VmRSS``) resident memory of this process in MB (Linux; else NaN)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return float("nan")
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -100,7 +106,15 @@ def build(args, adata: anndata.AnnData, labels: list[str]) -> InstructCellPipeli
 
 
 def measure(name: str, n_cells: int, fn, repeats: int = 2) -> dict:
-    """Best of ``repeats`` untraced timings of ``fn``, then one run under tracemalloc for the Python/numpy peak."""
+    """Time ``fn`` (best of ``repeats`` untraced runs), then run it once under tracemalloc.
+
+    ``py_peak_mb`` is the tracemalloc peak of Python/numpy allocations.
+    ``peak_rss_mb`` is the process's peak resident memory during these runs (the kernel's counter is reset
+    first, Linux; NaN elsewhere): unlike tracemalloc it includes torch's tensors. ``rss_before_mb`` is the
+    resident memory before them (model, data): the difference is what the mode itself needs.
+    """
+    before = _status_mb("VmRSS")
+    reset = _reset_peak_rss()
     seconds = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -116,11 +130,14 @@ def measure(name: str, n_cells: int, fn, repeats: int = 2) -> dict:
         "seconds": seconds,
         "cells_per_s": n_cells / seconds,
         "py_peak_mb": peak / 2**20,
+        "rss_before_mb": before,
+        "peak_rss_mb": _status_mb() if reset else float("nan"),
         "max_rss_mb": _rss_mb(),
     }
 
 
 def one_at_a_time(pipe, adata, labels, max_new_tokens):
+    """Annotate cell by cell: processor + ``generate`` (exactly ``max_new_tokens``) + ``extract_label``."""
     processor, model = pipe.processor, pipe.model
     extractor = processor.feature_extractor
     alignment = extractor.align_genes([str(g) for g in adata.var_names])
@@ -133,6 +150,132 @@ def one_at_a_time(pipe, adata, labels, max_new_tokens):
             text = processor.post_process_generation(ids)[0]["text"]
             answers.append(extract_label(text, labels))
     return {}
+
+
+MODES = ("score", "greedy", "greedy+score", "single")
+
+
+def label_token_length(pipe: InstructCellPipeline, labels: list[str]) -> int:
+    """Median label length in tokens (EOS included): the answer length a trained model writes.
+
+    The generating modes are forced to write exactly that many tokens (``min_new_tokens``), so an untrained
+    model, which would stop at once, and a trained one are timed on answers of the same length.
+    """
+    return int(np.median([len(pipe.processor.tokenizer(label)["input_ids"]) for label in labels]))
+
+
+def compare_modes(
+    pipe: InstructCellPipeline,
+    adata: anndata.AnnData,
+    labels: list[str],
+    batch_size: int,
+    n_single: int,
+    label_tokens: int,
+    modes: tuple[str, ...] = MODES,
+) -> tuple[list[dict], dict]:
+    """Time batched annotation against one-cell-at-a-time generation on the same cells and model.
+
+    Parameters
+    ----------
+    pipe : InstructCellPipeline
+    adata : anndata.AnnData
+        Raw counts; the batched modes annotate all of its cells.
+    labels : list of str
+        The label set.
+    batch_size : int
+        Prompts per model call in the batched modes.
+    n_single : int
+        Cells of the one-at-a-time mode (its first cells).
+    label_tokens : int
+        Answer length of the generating modes (:func:`label_token_length`).
+    modes : tuple of str
+        Any of ``score`` (batched label scoring), ``greedy`` (batched greedy answers, no probabilities),
+        ``greedy+score`` (pipeline: both), ``single`` (processor + ``generate`` per cell), in this order.
+
+    Returns
+    -------
+    rows : list of dict
+        :func:`measure` results, one per mode.
+    agreement : dict
+        :func:`instructcell.inference.argmax_agreement` of the ``greedy+score`` mode (empty without it).
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {MODES}.")
+    # Warm-up at the measured batch size (first-call allocations, lazy imports).
+    inference.annotate(pipe, adata[:batch_size].copy(), labels=labels, progress=False, batch_size=batch_size)
+    rows, agreement = [], {}
+    if "score" in modes:
+        rows.append(
+            measure(
+                "annotate (score, batched)",
+                adata.n_obs,
+                lambda: inference.annotate(
+                    pipe, adata.copy(), labels=labels, batch_size=batch_size, progress=False
+                )
+                and None,
+            )
+        )
+    if "greedy" in modes:
+        rows.append(
+            measure(
+                "annotate (greedy answers, batched, no probabilities)",
+                adata.n_obs,
+                lambda: inference.annotate(
+                    pipe,
+                    adata.copy(),
+                    labels=labels,
+                    method="generate",
+                    batch_size=batch_size,
+                    progress=False,
+                    return_probabilities=False,
+                    max_new_tokens=label_tokens,
+                    generate_kwargs={"min_new_tokens": label_tokens},
+                ),
+            )
+        )
+    if "greedy+score" in modes:
+
+        def greedy_and_score():
+            results = pipe(
+                inference.CTA_TEMPLATE,
+                cells=adata,
+                labels=labels,
+                batch_size=batch_size,
+                max_new_tokens=label_tokens,
+                generate_kwargs={"min_new_tokens": label_tokens},
+            )
+            agreement.update(inference.argmax_agreement(results))
+
+        rows.append(measure("pipeline (greedy + score, batched)", adata.n_obs, greedy_and_score))
+    if "single" in modes:
+        single = adata[:n_single].copy()
+        rows.append(
+            measure(
+                "generate, 1 cell at a time",
+                single.n_obs,
+                lambda: one_at_a_time(pipe, single, labels, label_tokens),
+            )
+        )
+    return rows, agreement
+
+
+def throughput_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`compare_modes` rows; speed-ups relative to the last row."""
+    base = rows[-1]["cells_per_s"]
+    lines = [
+        "| mode | cells | s | cells/s | x vs last row | RSS before MB | peak RSS MB "
+        "| py peak MB (tracemalloc) | max RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['cells']} | {r['seconds']:.2f} | {r['cells_per_s']:.1f} | "
+            f"{r['cells_per_s'] / base:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['py_peak_mb']:.1f} | "
+            f"{r['max_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def memory_child(args) -> None:
@@ -163,7 +306,7 @@ def memory_child(args) -> None:
                 "seconds": time.perf_counter() - start,
                 "rss_after_load_mb": base,
                 "peak_rss_mb": _rss_mb(),
-                "annotate_peak_rss_mb": _vm_hwm_mb() if reset else float("nan"),
+                "annotate_peak_rss_mb": _status_mb() if reset else float("nan"),
             }
         )
     )
@@ -203,9 +346,7 @@ def main() -> None:
     adata = full[rows].copy()
     pipe = build(args, full, labels)
     n_params = sum(p.numel() for p in pipe.model.parameters())
-    # Generation length = the median label length in tokens (EOS included): what a trained model writes. The
-    # untrained model is forced to write exactly that many tokens (min_new_tokens), or it would stop at once.
-    label_tokens = int(np.median([len(pipe.processor.tokenizer(label)["input_ids"]) for label in labels]))
+    label_tokens = label_token_length(pipe, labels)
     print(
         f"# {path.name}: {full.n_obs} cells x {full.n_vars} genes; {len(labels)} labels; preset {args.preset} "
         f"({n_params / 1e6:.1f}M params, {args.n_genes} genes, dtype {args.dtype}); torch threads "
@@ -213,72 +354,9 @@ def main() -> None:
     )
 
     if not args.skip_throughput:
-        # Warm-up at the measured batch size (first-call allocations, lazy imports).
-        inference.annotate(
-            pipe, adata[: args.batch_size].copy(), labels=labels, progress=False, batch_size=args.batch_size
-        )
-        rows_out = []
-        rows_out.append(
-            measure(
-                "annotate (score, batched)",
-                adata.n_obs,
-                lambda: (
-                    inference.annotate(
-                        pipe, adata.copy(), labels=labels, batch_size=args.batch_size, progress=False
-                    )
-                    and None
-                ),
-            )
-        )
-        rows_out.append(
-            measure(
-                "annotate (greedy answers, batched, no probabilities)",
-                adata.n_obs,
-                lambda: inference.annotate(
-                    pipe,
-                    adata.copy(),
-                    labels=labels,
-                    method="generate",
-                    batch_size=args.batch_size,
-                    progress=False,
-                    return_probabilities=False,
-                    max_new_tokens=label_tokens,
-                    generate_kwargs={"min_new_tokens": label_tokens},
-                ),
-            )
-        )
-        agreement = {}
-
-        def greedy_and_score():
-            results = pipe(
-                inference.CTA_TEMPLATE,
-                cells=adata,
-                labels=labels,
-                batch_size=args.batch_size,
-                max_new_tokens=label_tokens,
-                generate_kwargs={"min_new_tokens": label_tokens},
-            )
-            agreement.update(inference.argmax_agreement(results))
-
-        rows_out.append(measure("pipeline (greedy + score, batched)", adata.n_obs, greedy_and_score))
-        single = adata[: args.n_single].copy()
-        rows_out.append(
-            measure(
-                "generate, 1 cell at a time",
-                single.n_obs,
-                lambda: one_at_a_time(pipe, single, labels, label_tokens),
-            )
-        )
-
-        base = rows_out[-1]["cells_per_s"]
+        rows_out, agreement = compare_modes(pipe, adata, labels, args.batch_size, args.n_single, label_tokens)
         print()
-        print("| mode | cells | s | cells/s | x vs 1-at-a-time | py peak MB (tracemalloc) | max RSS MB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for r in rows_out:
-            print(
-                f"| {r['mode']} | {r['cells']} | {r['seconds']:.2f} | {r['cells_per_s']:.1f} | "
-                f"{r['cells_per_s'] / base:.1f} | {r['py_peak_mb']:.1f} | {r['max_rss_mb']:.0f} |"
-            )
+        print(throughput_table(rows_out))
         print()
         print(
             f"arg-max of the label distribution == label parsed from the greedy answer: "

@@ -28,12 +28,7 @@ from typing import Any
 import numpy as np
 
 from instructcell_eval.classification_metrics import cell_classification_metrics
-from instructcell_eval.generation_metrics import (
-    DEFAULT_KS,
-    ReferenceEmbedding,
-    embedding_metrics,
-    knn_bandwidth,
-)
+from instructcell_eval.generation_metrics import DEFAULT_KS, ReferenceEmbedding, compare_generators
 
 from .plotting import plot_confusion, plot_umap
 from .reporting import fmt, json_default, publish, safe_name, staging_dir
@@ -168,28 +163,23 @@ def generation_entry(
     """
     if 10 not in ks:
         raise ValueError(f"`ks` must contain 10 (pknn_k10 is reported), got {tuple(ks)}.")
-    embedding = ReferenceEmbedding() if embedding is None else embedding
-    embedding.fit(result.real)
-    real_xy = np.asarray(embedding.real_embedding_, dtype=np.float64)
-    real_labels = np.asarray(result.real_labels).astype(str)
-    width = knn_bandwidth(real_xy)  # depends on the real cells only: the same for generated and reference
-    coords = {"real": real_xy}
-
-    def score(counts, labels) -> tuple[dict[str, Any], np.ndarray]:
-        n = 0 if counts is None else counts.shape[0]
-        if n < 2:
-            return {key: None for key in GENERATION_KEYS}, np.zeros((0, 2))
-        xy = embedding.transform(counts)
-        values = embedding_metrics(
-            xy, np.asarray(labels).astype(str), real_xy, real_labels, ks=ks, bandwidth=width
-        )
-        return _rounded(values), xy
-
-    reference, coords["reference"] = score(result.reference, result.reference_labels)
-    entry, coords["generated"] = score(result.generated, result.generated_labels)
+    scores, coords = compare_generators(
+        result.real,
+        result.real_labels,
+        {
+            "reference": (result.reference, result.reference_labels),
+            "generated": (result.generated, result.generated_labels),
+        },
+        embedding=embedding,
+        ks=ks,
+    )
+    entry, reference = (
+        _rounded(scores[name]) if scores[name] is not None else {key: None for key in GENERATION_KEYS}
+        for name in ("generated", "reference")
+    )
     entry["reference"] = reference
     entry["n_generated"] = 0 if result.generated is None else int(result.generated.shape[0])
-    entry["n_real"] = int(real_xy.shape[0])
+    entry["n_real"] = int(coords["real"].shape[0])
     entry["n_requests"] = int(result.n_requests)
     entry["signal_rate"] = result.n_answered_with_signal / result.n_requests if result.n_requests else None
     return entry, coords

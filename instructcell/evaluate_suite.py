@@ -403,8 +403,7 @@ def _answers(ctx: _Context, rows: datasets.Dataset) -> list[list[str]] | None:
     if ctx.config.variant == "instruct" or ctx.config.method != "score":
         return None
     _, lookup = ctx.templates()
-    robustness.check_rows_render(rows, lookup)
-    return [robustness.answer_texts(row, lookup[(row["template_id"], row["variant"])]) for row in rows]
+    return robustness.rows_answer_texts(rows, lookup)
 
 
 def _classification(ctx: _Context, task: str, dataset: str) -> None:

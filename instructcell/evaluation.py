@@ -251,6 +251,32 @@ def evaluate_classification(
     )
 
 
+def select_requests(
+    test_rows: datasets.Dataset, max_generated_per_label: int = 200, generated_per_request: int = 1
+) -> datasets.Dataset:
+    """Keep the CPCG test rows (requests) that fit ``max_generated_per_label`` cells per label.
+
+    Each row is one request for ``generated_per_request`` cells of its label; the first
+    ``max_generated_per_label // generated_per_request`` rows of every label are kept, in their order.
+    """
+    if generated_per_request < 1 or max_generated_per_label < 1:
+        raise ValueError("generated_per_request and max_generated_per_label must be at least 1.")
+    max_requests = max(1, max_generated_per_label // generated_per_request)
+    seen: Counter = Counter()
+    keep = []
+    for i, label in enumerate(test_rows["label"]):
+        if seen[label] < max_requests:
+            seen[label] += 1
+            keep.append(i)
+    return test_rows.select(keep)
+
+
+def requested_counts(labels: Sequence[str], generated_per_request: int = 1) -> dict[str, int]:
+    """Return the cells requested per label (sorted) when each request asks for ``generated_per_request``."""
+    counts = Counter(labels)
+    return {label: counts[label] * generated_per_request for label in sorted(counts)}
+
+
 def reference_cells(
     train_rows: datasets.Dataset, requested: Mapping[str, int], n_genes: int, seed: int = 0
 ) -> tuple[sp.csr_matrix | None, list[str]]:
@@ -339,17 +365,8 @@ def evaluate_generation(
         The first request: ``instruction``, ``answer`` (raw text), ``label``, ``n_cells`` and
         ``mean_total_counts`` of its cells (None without cells).
     """
-    if generated_per_request < 1 or max_generated_per_label < 1:
-        raise ValueError("generated_per_request and max_generated_per_label must be at least 1.")
     n_genes = processor.feature_extractor.vocab_size
-    max_requests = max(1, max_generated_per_label // generated_per_request)
-    seen: Counter = Counter()
-    keep = []
-    for i, label in enumerate(test_rows["label"]):
-        if seen[label] < max_requests:
-            seen[label] += 1
-            keep.append(i)
-    requests = test_rows.select(keep)
+    requests = select_requests(test_rows, max_generated_per_label, generated_per_request)
     collator = DataCollatorForInstructCell(processor)
     generated, generated_labels, n_signal, example = [], [], 0, None
     starts = range(0, len(requests), batch_size)
@@ -371,7 +388,7 @@ def evaluate_generation(
         if example is None:
             example = _generation_example(processor, chunk[0], output)
     cells = sp.vstack(generated).tocsr() if generated else sp.csr_matrix((0, n_genes))
-    requested = Counter(label for label in requests["label"] for _ in range(generated_per_request))
+    requested = requested_counts(requests["label"], generated_per_request)
     reference, reference_labels = reference_cells(train_rows, requested, n_genes, seed)
     result = GenerationResult(
         dataset,

@@ -40,6 +40,7 @@ __all__ = [
     "choose_templates",
     "evaluate_templates",
     "render_row",
+    "rows_answer_texts",
     "summarize",
     "summarize_templates",
     "template_lookup",
@@ -92,6 +93,19 @@ def render_row(row: Mapping[str, Any], template: Template, output: str | None = 
 def answer_texts(row: Mapping[str, Any], template: Template) -> list[str]:
     """Return the response text of each of the row's ``choices`` under ``template`` (instruct: the labels)."""
     return [render_row(row, template, output=choice)[1] for choice in row["choices"]]
+
+
+def rows_answer_texts(
+    rows: Iterable[Mapping[str, Any]], lookup: Mapping[tuple[str, str], Template]
+) -> list[list[str]]:
+    """Return, per row, the response text of each of its ``choices`` under the row's own template.
+
+    What a chat-variant model is scored on (its whole response with each label filled in). The rows are
+    checked to re-render as stored first (:func:`check_rows_render`).
+    """
+    rows = list(rows)
+    check_rows_render(rows, lookup)
+    return [answer_texts(row, lookup[(row["template_id"], row["variant"])]) for row in rows]
 
 
 def check_rows_render(rows: Iterable[Mapping[str, Any]], lookup: Mapping[tuple[str, str], Template]) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_KS",
     "ReferenceEmbedding",
     "cell_generation_metrics",
+    "compare_generators",
     "embedding_metrics",
     "gaussian_mmd",
     "knn_bandwidth",
@@ -454,3 +455,56 @@ def cell_generation_metrics(
         bandwidth=bandwidth,
         bandwidth_neighbors=bandwidth_neighbors,
     )
+
+
+def compare_generators(
+    real_counts: ArrayLike,
+    real_labels: Sequence[Any],
+    generated: dict[str, tuple[ArrayLike | None, Sequence[Any]]],
+    embedding: Any | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    bandwidth_neighbors: int = 25,
+) -> tuple[dict[str, dict[str, float] | None], dict[str, np.ndarray]]:
+    """Score several generators against the same real cells, in one embedding and with one kernel width.
+
+    The embedding (PCA + UMAP by default) is fitted once on the real cells and the MMD kernel width is
+    computed from the real cells only, so every generator (a model, a baseline, real training cells as a
+    reference) is measured with the same yardstick.
+
+    Parameters
+    ----------
+    real_counts : array-like or scipy.sparse matrix, shape (n_real, n_genes)
+        Real (test) counts.
+    real_labels : sequence, length n_real
+    generated : dict of str to (counts, labels)
+        Per generator, its counts ``(n, n_genes)`` (or ``None`` when it produced nothing) and the label
+        each cell was conditioned on.
+    embedding : object, optional
+        An unfitted :class:`ReferenceEmbedding` (default) or any object with ``fit(counts)``,
+        ``transform(counts)`` and ``real_embedding_``.
+    ks, bandwidth_neighbors
+        See :func:`embedding_metrics`.
+
+    Returns
+    -------
+    metrics : dict of str to dict or None
+        Per generator, :func:`embedding_metrics`; ``None`` for a generator with fewer than 2 cells.
+    coords : dict of str to numpy.ndarray
+        ``real`` and every generator's 2-D coordinates (``(0, 2)`` for one without metrics).
+    """
+    embedding = ReferenceEmbedding() if embedding is None else embedding
+    embedding.fit(real_counts)
+    real_xy = np.asarray(embedding.real_embedding_, dtype=np.float64)
+    labels = _check_labels(real_labels, real_xy.shape[0], "real_labels")
+    width = knn_bandwidth(real_xy, bandwidth_neighbors)
+    metrics: dict[str, dict[str, float] | None] = {}
+    coords = {"real": real_xy}
+    for name, (counts, counts_labels) in generated.items():
+        if counts is None or counts.shape[0] < 2:
+            metrics[name], coords[name] = None, np.zeros((0, 2))
+            continue
+        xy = np.asarray(embedding.transform(counts), dtype=np.float64)
+        gen_labels = _check_labels(counts_labels, xy.shape[0], f"labels of {name!r}")
+        metrics[name] = embedding_metrics(xy, gen_labels, real_xy, labels, ks=ks, bandwidth=width)
+        coords[name] = xy
+    return metrics, coords
