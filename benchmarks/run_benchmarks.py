@@ -718,29 +718,30 @@ def machine_line(info: Mapping[str, Any]) -> str:
     )
 
 
-def section_load(loads: Sequence[float], seconds: float) -> float:
-    """Pick the load average whose window best covers a section: 1, 5 or 15 min for its duration."""
-    one, five, fifteen = loads
-    return one if seconds <= 90 else five if seconds <= 450 else fifteen
+#: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
+MIN_CPU_SHARE = 0.8
 
 
 def load_note(run: Mapping[str, Any], section: str) -> str:
-    """Say how busy the machine was during a section; flag its timings when other jobs competed.
+    """Say how much CPU the suite got during a section; flag its timings when other jobs took it.
 
-    The load average (our own process counts about 1) is read when the section ends, over the window that
-    best matches its duration (:func:`section_load`).
+    The suite's own work runs on about one thread (``OMP_NUM_THREADS=1``), so a CPU time / wall time share
+    well below 1 means it waited for the CPUs. The load average at the section's end is shown too.
     """
-    loads = run.get("section_load", {}).get(section)
-    if loads is None:
+    share = run.get("section_cpu_share", {}).get(section)
+    if share is None:
         return ""
-    seconds = run["section_seconds"][section]
-    load = section_load(loads, seconds)
-    cpus = run["machine"].get("usable_cpus") or 1
-    note = f"Load average during this section: {load:.2f} on {cpus} usable CPUs."
-    if load > cpus:
+    loads = run.get("section_load", {}).get(section)
+    note = f"This process got {share:.0%} of a CPU during this section"
+    if loads:
         note += (
-            " **Other jobs competed for the CPUs: its timings (seconds, cells/s, steps/s) are lower bounds, "
-            "not this machine's speed.**"
+            f" (load average at its end {loads[0]:.2f} on {run['machine'].get('usable_cpus')} usable CPUs)"
+        )
+    note += "."
+    if share < MIN_CPU_SHARE:
+        note += (
+            " **Other jobs took the CPUs: its timings (seconds, cells/s, steps/s) are lower bounds, not this "
+            "machine's speed.**"
         )
     return note
 
@@ -870,6 +871,7 @@ def run_suite(
             "max_test_cells": args.max_test_cells,
             "section_seconds": {},
             "section_load": {},
+            "section_cpu_share": {},
         },
         "skipped": {},
     }
@@ -898,13 +900,15 @@ def run_suite(
             results["skipped"][name] = "no model given (--instruct-model / --chat-model)"
             continue
         print(f"[{name}]", flush=True)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         value = run()
         if isinstance(value, tuple):
             value, skipped = value
             results["skipped"].update(skipped)
         results[name] = value
-        results["run"]["section_seconds"][name] = round(time.perf_counter() - began, 1)
+        wall = time.perf_counter() - began
+        results["run"]["section_seconds"][name] = round(wall, 1)
+        results["run"]["section_cpu_share"][name] = round((time.process_time() - cpu) / max(wall, 1e-9), 3)
         if hasattr(os, "getloadavg"):
             results["run"]["section_load"][name] = [round(x, 2) for x in os.getloadavg()]
     results["run"]["wall_seconds"] = round(time.time() - start, 1)

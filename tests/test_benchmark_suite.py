@@ -224,14 +224,24 @@ def test_models_must_share_the_dataset_gene_vocabulary(dataset_dir, model_dir, t
         suite.load_candidates(args, GENES[::-1])
 
 
-def test_load_note_flags_sections_that_shared_the_cpus():
+def test_load_note_flags_starved_sections():
     info = {"cpu": "toy CPU", "logical_cpus": 2, "usable_cpus": 2, "torch_threads": 1,
             "torch_interop_threads": 1, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nice": 19,
             "load_average_1_5_15": [0.5, 0.4, 0.3]}
     assert suite.machine_line(info).startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
-    run = {"machine": info, "section_seconds": {"throughput": 30.0, "generation": 2000.0},
-           "section_load": {"throughput": [1.1, 3.0, 3.5], "generation": [1.0, 1.5, 3.5]}}
-    quiet = suite.load_note(run, "throughput")  # 30 s: the 1-min average counts
-    assert quiet == "Load average during this section: 1.10 on 2 usable CPUs."
-    assert "lower bounds" in suite.load_note(run, "generation")  # 33 min: the 15-min average counts
+    run = {"machine": info, "section_cpu_share": {"throughput": 0.97, "generation": 0.12},
+           "section_load": {"throughput": [2.1, 1.5, 1.0], "generation": [4.0, 4.0, 3.5]}}
+    quiet = suite.load_note(run, "throughput")
+    assert quiet == (
+        "This process got 97% of a CPU during this section (load average at its end 2.10 on 2 usable CPUs)."
+    )
+    assert "lower bounds" in suite.load_note(run, "generation")
     assert suite.load_note(run, "training") == ""
+
+
+def test_sections_record_their_cpu_share(dataset_dir, tmp_path):
+    argv = ["--dataset-dir", str(dataset_dir), "--output", str(tmp_path / "suite"), "--skip-generation",
+            "--skip-throughput", "--skip-training", "--skip-celltypist"]
+    run = suite.run_suite(suite.parse_args(argv))["run"]
+    assert set(run["section_cpu_share"]) == {"classification"}
+    assert run["section_cpu_share"]["classification"] > 0
