@@ -725,8 +725,9 @@ MIN_CPU_SHARE = 0.8
 def load_note(run: Mapping[str, Any], section: str) -> str:
     """Say how much CPU the suite got during a section; flag its timings when other jobs took it.
 
-    The suite's own work runs on about one thread (``OMP_NUM_THREADS=1``), so a CPU time / wall time share
-    well below 1 means it waited for the CPUs. The load average at the section's end is shown too.
+    With ``OMP_NUM_THREADS=1`` torch computes on one thread (interop, autograd and Arrow threads can add
+    more), so the suite always has at least one CPU's worth of work: a CPU time / wall time share well below
+    1 means it waited for the CPUs. The load average at the section's end is shown too.
     """
     share = run.get("section_cpu_share", {}).get(section)
     if share is None:
