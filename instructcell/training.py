@@ -63,6 +63,9 @@ class ModelArguments:
         default=False, metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."}
     )
     vae_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."})
+    vae_kl_weight: float | None = field(
+        default=None, metadata={"help": "Weight of KL(q(z|x) || p(z)) in the ELBO (default: the preset's, 3.0 as the original)."}
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling."})
@@ -185,6 +188,8 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
+    if model_args.vae_kl_weight is not None:
+        overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
     model = InstructCellForConditionalGeneration(config)
     if model_args.backbone is not None:

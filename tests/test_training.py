@@ -73,6 +73,14 @@ def test_training_logs_both_losses_and_keeps_the_best(dataset_dir, tmp_path):
     assert trainer.model.cell_vae.library_log_mean.item() > 0  # prior set from the training targets
 
 
+def test_recipe_sets_the_vae_kl_weight(dataset_dir, tmp_path):
+    short = dict(max_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    assert run_training(*_args(dataset_dir, tmp_path / "a", **short))[0].model.config.vae_kl_weight == 3.0
+    model_args, data_args, training_args = _args(dataset_dir, tmp_path / "b", **short)
+    model_args.vae_kl_weight = 1.0
+    assert run_training(model_args, data_args, training_args)[0].model.config.vae_kl_weight == 1.0
+
+
 def test_interrupted_run_resumes_without_lost_steps(dataset_dir, tmp_path):
     class InterruptAtStep3(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
