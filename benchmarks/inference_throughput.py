@@ -89,6 +89,7 @@ def _status_mb(field: str = "VmHWM") -> float:
 
 
 def build(args, adata: anndata.AnnData, labels: list[str]) -> InstructCellPipeline:
+    """Return the annotation pipeline of ``args.model`` (or a random small model) for ``labels``."""
     totals = np.asarray(adata.X.sum(0)).ravel()
     genes = [str(g) for g in adata.var_names[np.sort(np.argsort(-totals)[: args.n_genes])]]
     bank = TemplateBank.load()
@@ -210,10 +211,12 @@ def compare_modes(
             measure(
                 "annotate (score, batched)",
                 adata.n_obs,
-                lambda: inference.annotate(
-                    pipe, adata.copy(), labels=labels, batch_size=batch_size, progress=False
-                )
-                and None,
+                lambda: (
+                    inference.annotate(
+                        pipe, adata.copy(), labels=labels, batch_size=batch_size, progress=False
+                    )
+                    and None
+                ),
             )
         )
     if "greedy" in modes:
@@ -279,6 +282,7 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def memory_child(args) -> None:
+    """Measure one mode's peak memory in this (child) process and print it as JSON."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(args.model_dir).eval()
@@ -313,6 +317,7 @@ def memory_child(args) -> None:
 
 
 def main() -> None:
+    """Parse the arguments, run the modes and print the table."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -348,7 +353,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in pipe.model.parameters())
     label_tokens = label_token_length(pipe, labels)
     print(
-        f"# {path.name}: {full.n_obs} cells x {full.n_vars} genes; {len(labels)} labels; preset {args.preset} "
+        f"# {path.name}: {full.n_obs} cells x {full.n_vars} genes; {len(labels)} labels; "
+        f"preset {args.preset} "
         f"({n_params / 1e6:.1f}M params, {args.n_genes} genes, dtype {args.dtype}); torch threads "
         f"{torch.get_num_threads()}; generated answers: {label_tokens} tokens (median label length)"
     )
@@ -379,7 +385,8 @@ def main() -> None:
             del big
             print()
             print(
-                f"| flat-memory check: file-to-file annotate, chunk {args.chunk_size}, fresh process | cells | "
+                f"| flat-memory check: file-to-file annotate, chunk {args.chunk_size}, fresh process "
+                f"| cells | "
                 "s | cells/s | process peak RSS MB | peak RSS during annotate MB | peak RSS before MB |"
             )
             print("|---|---:|---:|---:|---:|---:|---:|")
@@ -405,7 +412,8 @@ def main() -> None:
                 r = json.loads(run.stdout.strip().splitlines()[-1])
                 print(
                     f"| {name} | {r['cells']} | {r['seconds']:.1f} | {r['cells'] / r['seconds']:.1f} | "
-                    f"{r['peak_rss_mb']:.0f} | {r['annotate_peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} |"
+                    f"{r['peak_rss_mb']:.0f} | {r['annotate_peak_rss_mb']:.0f} | "
+                    f"{r['rss_after_load_mb']:.0f} |"
                 )
 
 

@@ -466,7 +466,11 @@ REGISTRY: dict[str, OriginalDataset] = {
     d.name: d
     for d in [
         OriginalDataset(
-            "Xin-2016", "cta", "human", "pancreas", "10x Genomics Chromium",
+            "Xin-2016",
+            "cta",
+            "human",
+            "pancreas",
+            "10x Genomics Chromium",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE114297",
             files={"GSE114297_RAW.tar": GEO_SERIES_TAR.format(acc="GSE114297")},
             reader=read_xin,
@@ -477,7 +481,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             manual="Write raw/Xin-2016/xin_labels.tsv (barcode, cell_type).",
         ),
         OriginalDataset(
-            "Segerstolpe-2016", "cta", "human", "pancreas", "Smart-seq2",
+            "Segerstolpe-2016",
+            "cta",
+            "human",
+            "pancreas",
+            "Smart-seq2",
             source="https://www.ebi.ac.uk/biostudies/arrayexpress/studies/E-MTAB-5061",
             files={
                 "E-MTAB-5061.processed.1.zip": "https://www.ebi.ac.uk/biostudies/files/E-MTAB-5061/"
@@ -490,7 +498,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             caveats="Cells are not filtered on the SDRF quality column.",
         ),
         OriginalDataset(
-            "He-2020-Liver", "cta", "human", "liver", "HiSeq X Ten System",
+            "He-2020-Liver",
+            "cta",
+            "human",
+            "liver",
+            "HiSeq X Ten System",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE159929",
             files={
                 "GSM4850582_Liver_Counts.csv.gz": geo_file("GSM4850582", "GSM4850582_Liver_Counts.csv.gz"),
@@ -501,7 +513,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             "sequencing method from InstructCell's demo h5ad.",
         ),
         OriginalDataset(
-            "PBMC68K", "cpcg", "human", "peripheral blood", "10x Genomics GemCode",
+            "PBMC68K",
+            "cpcg",
+            "human",
+            "peripheral blood",
+            "10x Genomics GemCode",
             source="https://figshare.com/s/49b29cb24b27ec8b6d72",
             files={
                 "fresh_68k_pbmc_donor_a_filtered_gene_bc_matrices.tar.gz": "https://cf.10xgenomics.com/samples/"
@@ -515,7 +531,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             caveats="The paper's copy is a private Figshare link; this is its 10x origin, not the same file.",
         ),
         OriginalDataset(
-            "GSE117872", "dsp", "human", "oral squamous cell carcinoma cell lines", "Fluidigm C1",
+            "GSE117872",
+            "dsp",
+            "human",
+            "oral squamous cell carcinoma cell lines",
+            "Fluidigm C1",
             drug="Cisplatin",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE117872",
             files={
@@ -529,7 +549,12 @@ REGISTRY: dict[str, OriginalDataset] = {
             caveats="TPM only, no public raw counts: prepare() raises unless --allow-tpm (rounded TPMs).",
         ),
         OriginalDataset(
-            "GSE149383", "dsp", "human", "lung adenocarcinoma cell line PC9", "Drop-seq", drug="Erlotinib",
+            "GSE149383",
+            "dsp",
+            "human",
+            "lung adenocarcinoma cell line PC9",
+            "Drop-seq",
+            drug="Erlotinib",
             source="https://github.com/OSU-BMBL/scDEAL",
             files={"erl_total_data_2K.csv": "", "erl_total_2K_meta.csv": ""},
             reader=read_gse149383,
@@ -540,7 +565,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             "data/GSE149383/erl_total_data_2K.csv and erl_total_2K_meta.csv to raw/GSE149383/.",
         ),
         OriginalDataset(
-            "Ma-2020", "cta", "mouse", "skin", "SHARE-seq",
+            "Ma-2020",
+            "cta",
+            "mouse",
+            "skin",
+            "SHARE-seq",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE140203",
             files={
                 "GSM4156608_skin.late.anagen.rna.counts.txt.gz": geo_file(
@@ -553,7 +582,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             "MouseUnified.ipynb and public SHARE-seq scripts.",
         ),
         OriginalDataset(
-            "Bastidas-Ponce-2019", "cta", "mouse", "pancreas", "10x Genomics Chromium",
+            "Bastidas-Ponce-2019",
+            "cta",
+            "mouse",
+            "pancreas",
+            "10x Genomics Chromium",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE132188",
             files={
                 "endocrinogenesis_day15.h5ad": "https://github.com/theislab/scvelo_notebooks/raw/master/data/"
@@ -564,7 +597,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             caveats="scVelo's E15.5 subset of GSE132188 (spliced counts), not GEO's all-days h5ad.",
         ),
         OriginalDataset(
-            "GSE110894", "dsp", "mouse", "bone marrow (MLL-AF9 leukaemia cells)", "CEL-seq2",
+            "GSE110894",
+            "dsp",
+            "mouse",
+            "bone marrow (MLL-AF9 leukaemia cells)",
+            "CEL-seq2",
             drug="I-BET-762",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE110894",
             files={"GSE110894_RAW.tar": GEO_SERIES_TAR.format(acc="GSE110894")},
@@ -575,7 +612,11 @@ REGISTRY: dict[str, OriginalDataset] = {
             "GSE110894_CellInfo.xlsx from the GEO page into raw/GSE110894/.",
         ),
         OriginalDataset(
-            "Mouse-Atlas", "cpcg", "mouse", "multiple organs", "10x Genomics Chromium",
+            "Mouse-Atlas",
+            "cpcg",
+            "mouse",
+            "multiple organs",
+            "10x Genomics Chromium",
             source="https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSM4505404",
             files={
                 f"{_TMS}.h5ad": geo_file("GSM4505404", f"{_TMS}.h5ad"),
@@ -673,9 +714,7 @@ def main(argv: list[str] | None = None) -> None:
 
         orthologs = load_ortholog_table(args.orthologs or MGI_ORTHOLOGS_URL)
     for name in names:
-        out = prepare(
-            name, args.root, orthologs, allow_tpm=args.allow_tpm, preprocess=not args.no_preprocess
-        )
+        out = prepare(name, args.root, orthologs, allow_tpm=args.allow_tpm, preprocess=not args.no_preprocess)
         logger.info("%s -> %s", name, out)
 
 

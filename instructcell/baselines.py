@@ -167,9 +167,7 @@ class ScviGenerator:
                 sampled = px.sample().cpu().numpy().astype(np.float32)
                 rows, cols = np.nonzero(sampled)
                 blocks.append(
-                    sp.csr_matrix(
-                        (sampled[rows, cols], (rows, self.genes[cols])), shape=(n, self.n_genes)
-                    )
+                    sp.csr_matrix((sampled[rows, cols], (rows, self.genes[cols])), shape=(n, self.n_genes))
                 )
                 labels += [label] * n
         return (sp.vstack(blocks).tocsr() if blocks else None), labels

@@ -477,4 +477,3 @@ def write_demo_report(
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default) + "\n")
         publish(tmp, out_dir, ["figures", "report.md", "metrics.json"])
     return metrics
-

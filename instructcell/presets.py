@@ -10,7 +10,7 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configuration" / "presets"
 
 
 def load_preset(preset: str | Path) -> dict[str, Any]:
-    """Read a preset by name (``tiny``, ``small``, ``base``) or path; keys starting with ``_`` are comments."""
+    """Read a preset by name (``tiny``, ``small``, ``base``) or path; keys starting with ``_`` are notes."""
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.json"

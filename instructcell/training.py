@@ -47,26 +47,39 @@ class ModelArguments:
     preset: str = field(default="small", metadata={"help": "Preset name (tiny, small, base) or JSON path."})
     backbone: str | None = field(
         default=None,
-        metadata={"help": "Start the language model from pretrained weights, e.g. google-t5/t5-base "
-                  "(its tokenizer is used too). Default: random weights of the preset's size."},
+        metadata={
+            "help": "Start the language model from pretrained weights, e.g. google-t5/t5-base "
+            "(its tokenizer is used too). Default: random weights of the preset's size."
+        },
     )
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer name or path. Default: the backbone's, or one trained offline on the "
-                  "training instructions."},
+        metadata={
+            "help": "Tokenizer name or path. Default: the backbone's, or one trained offline on the "
+            "training instructions."
+        },
     )
     tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary of the offline tokenizer."})
     alignment_loss_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."}
+        default=0.0,
+        metadata={"help": "Weight of the cell-label contrastive loss (0 = the paper's objective)."},
     )
     standardize_genes: bool = field(
-        default=False, metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."}
+        default=False,
+        metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."},
     )
-    vae_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."})
+    vae_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."}
+    )
     vae_kl_weight: float | None = field(
-        default=None, metadata={"help": "Weight of KL(q(z|x) || p(z)) in the ELBO (default: the preset's, 3.0 as the original)."}
+        default=None,
+        metadata={
+            "help": "Weight of KL(q(z|x) || p(z)) in the ELBO (default: the preset's, 3.0 as the original)."
+        },
     )
-    use_lora: bool = field(default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."})
+    use_lora: bool = field(
+        default=False, metadata={"help": "LoRA on the backbone's q/v; cell modules in full."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -78,11 +91,15 @@ class DataArguments:
 
     dataset_dir: str = field(
         default="outputs/instructcell-data",
-        metadata={"help": "Output of examples/build_dataset.py: {train,validation}.parquet + gene_vocab.txt."},
+        metadata={
+            "help": "Output of examples/build_dataset.py: {train,validation}.parquet + gene_vocab.txt."
+        },
     )
     tasks: str = field(default="cta,dsp,cpcg", metadata={"help": "Comma-separated tasks to mix."})
     variant: str = field(default="instruct", metadata={"help": "instruct (answer only) or chat."})
-    datasets: str | None = field(default=None, metadata={"help": "Comma-separated dataset names to keep (default: all)."})
+    datasets: str | None = field(
+        default=None, metadata={"help": "Comma-separated dataset names to keep (default: all)."}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training rows."})
     max_eval_examples: int | None = field(default=512, metadata={"help": "Cap on validation rows."})
 
@@ -98,7 +115,9 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs."})
     eval_strategy: str = field(default="epoch", metadata={"help": "Validate every epoch."})
     save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is kept too)."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept (the best is kept too)."}
+    )
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best model by eval_loss."})
     metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Best-model metric."})
     logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
@@ -111,8 +130,10 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
     )
     cell_decoder_steps: int = field(
         default=0,
-        metadata={"help": "Steps of a second stage that fits the cell VAE on frozen <SIGNAL> states "
-                  "(instructcell/cell_decoder_fitting.py); 0 skips it (the paper's joint training only)."},
+        metadata={
+            "help": "Steps of a second stage that fits the cell VAE on frozen <SIGNAL> states "
+            "(instructcell/cell_decoder_fitting.py); 0 skips it (the paper's joint training only)."
+        },
     )
     cell_decoder_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW lr of that stage."})
     cell_decoder_batch_size: int = field(default=64, metadata={"help": "Batch size of that stage."})
@@ -124,7 +145,9 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     files = {split: root / f"{split}.parquet" for split in ("train", "validation")}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
-        raise ValueError(f"Missing {missing}: build the data first with examples/build_dataset.py --output {root}.")
+        raise ValueError(
+            f"Missing {missing}: build the data first with examples/build_dataset.py --output {root}."
+        )
     tasks = {task.strip() for task in data_args.tasks.split(",") if task.strip()}
     unknown = tasks - set(TASKS)
     if unknown:
@@ -132,9 +155,11 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     splits = datasets.load_dataset("parquet", data_files={k: str(v) for k, v in files.items()})
     names = {name.strip() for name in data_args.datasets.split(",")} if data_args.datasets else None
     splits = splits.filter(
-        lambda row: row["task"] in tasks
-        and row["variant"] == data_args.variant
-        and (names is None or row["dataset"] in names)
+        lambda row: (
+            row["task"] in tasks
+            and row["variant"] == data_args.variant
+            and (names is None or row["dataset"] in names)
+        )
     )
     if len(splits["train"]) == 0:
         raise ValueError(
@@ -179,8 +204,10 @@ def min_gene_overlap_for(train: datasets.Dataset, n_genes: int) -> float:
     return round(0.5 * min(coverage), 4)
 
 
-def build_model(model_args: ModelArguments, processor: InstructCellProcessor) -> InstructCellForConditionalGeneration:
-    """The preset's model; with ``backbone``, its language model starts from pretrained weights."""
+def build_model(
+    model_args: ModelArguments, processor: InstructCellProcessor
+) -> InstructCellForConditionalGeneration:
+    """Build the preset's model; with ``backbone``, its language model starts from pretrained weights."""
     overrides = {}
     if model_args.backbone is not None:
         backbone = AutoModelForSeq2SeqLM.from_pretrained(model_args.backbone)
@@ -199,8 +226,11 @@ def build_model(model_args: ModelArguments, processor: InstructCellProcessor) ->
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-            target_modules=r".*language_model.*\.(q|v)", modules_to_save=["cell_encoder", "language_projection", "cell_vae"],
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=r".*language_model.*\.(q|v)",
+            modules_to_save=["cell_encoder", "language_projection", "cell_vae"],
         )
         model = get_peft_model(model, lora)
     return model
@@ -214,6 +244,7 @@ class InstructCellTrainer(Seq2SeqTrainer):
         self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Return the model's total loss and keep its parts (text, ELBO, alignment) for logging."""
         outputs = model(**inputs)
         if model.training:
             for name in self._loss_parts:
@@ -223,6 +254,7 @@ class InstructCellTrainer(Seq2SeqTrainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean loss parts since the last log to the Trainer's log entry."""
         if "loss" in logs:
             for name, values in self._loss_parts.items():
                 if values:
@@ -247,12 +279,15 @@ class WallClockLimitCallback(TrainerCallback, ExportableState):
         return self.elapsed_before + time.monotonic() - self.start
 
     def state(self) -> dict:
+        """Return the budget and the training time used so far (saved in checkpoints)."""
         return {"args": {"minutes": self.seconds / 60}, "attributes": {"elapsed_before": self.elapsed()}}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock."""
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Stop and save once the budget is spent."""
         if self.elapsed() > self.seconds:
             control.should_training_stop = True
             control.should_save = True
@@ -274,6 +309,7 @@ class SaveOnInterruptCallback(TrainerCallback):
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        """After Ctrl-C, save a checkpoint and stop at the end of this step."""
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
@@ -283,8 +319,10 @@ class SaveOnInterruptCallback(TrainerCallback):
 def training_cells(
     train: datasets.Dataset, processor: InstructCellProcessor, prefix: str, n_rows: int = 4096
 ) -> torch.Tensor | None:
-    """Dense counts ``(n, n_genes)`` of the ``prefix`` ("input" or "target") cells among the first ``n_rows``
-    shuffled training rows; None when there are none."""
+    """Return dense counts ``(n, n_genes)`` of the ``prefix`` ("input" or "target") training cells.
+
+    They come from the first ``n_rows`` shuffled training rows; None when there are none.
+    """
     sample = train.shuffle(seed=0).select(range(min(n_rows, len(train))))
     rows = [row for row in sample if len(row[f"{prefix}_gene_indices"])]
     if not rows:
@@ -294,7 +332,7 @@ def training_cells(
 
 
 def resume_checkpoint(training_args: InstructCellTrainingArguments) -> str | None:
-    """The checkpoint to resume from: the explicit one, else the last one in ``output_dir``."""
+    """Return the checkpoint to resume from: the explicit one, else the last one in ``output_dir``."""
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     output = Path(training_args.output_dir)

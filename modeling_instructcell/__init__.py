@@ -2,7 +2,8 @@
 
 Importing this package registers the classes with the ``Auto*`` factories, so that
 ``AutoModel.from_pretrained(path)`` works without ``trust_remote_code`` for local use.
-The same files are pushed to the Hub as remote code (see ``InstructCellForConditionalGeneration.register_for_auto_class``).
+The same files are pushed to the Hub as remote code
+(see ``InstructCellForConditionalGeneration.register_for_auto_class``).
 """
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor

@@ -85,7 +85,7 @@ class InstructCellConfig(PreTrainedConfig):
         Learn the log-library prior from the ``<SIGNAL>`` covariates instead of one prior for all requests
         (False: the original), so generated cells get the sequencing depth of the requested kind of cells.
     vae_kl_weight : float
-        alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0, the value the original InstructCell trained with).
+        alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0: what the original InstructCell trained with).
     vae_loss_weight : float
         Weight of the ELBO relative to the text cross-entropy.
     alignment_loss_weight : float
@@ -163,7 +163,9 @@ class InstructCellConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.is_encoder_decoder = self.text_config.is_encoder_decoder
-        self.use_decoder_only_language_model = self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        self.use_decoder_only_language_model = (
+            self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        )
         if self.is_encoder_decoder and getattr(self.text_config, "decoder_start_token_id", None) is None:
             # T5 starts decoding from the pad token; its config class has no field for it.
             self.text_config.decoder_start_token_id = self.text_config.pad_token_id
@@ -178,9 +180,13 @@ class InstructCellConfig(PreTrainedConfig):
             raise ValueError(f"cell_mlp_num_blocks must be at least 1, got {self.cell_mlp_num_blocks}.")
         if self.target_sum is not None and self.target_sum <= 0:
             raise ValueError(f"target_sum must be positive or None, got {self.target_sum}.")
-        if not self.use_language_projection and self.qformer_config.hidden_size != self.text_config.hidden_size:
+        if (
+            not self.use_language_projection
+            and self.qformer_config.hidden_size != self.text_config.hidden_size
+        ):
             raise ValueError(
-                "use_language_projection=False needs qformer_config.hidden_size == text_config.hidden_size, got "
+                "use_language_projection=False needs qformer_config.hidden_size == text_config.hidden_size, "
+                "got "
                 f"{self.qformer_config.hidden_size} and {self.text_config.hidden_size}."
             )
 

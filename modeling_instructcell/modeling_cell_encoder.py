@@ -62,7 +62,9 @@ class InstructCellCellEncoder(nn.Module):
         super().__init__()
         self.config = config
         kv_width = config.num_kv_tokens * config.qformer_config.encoder_hidden_size
-        blocks = [InstructCellResidualBlock(config.n_genes, kv_width, config.cell_mlp_dropout, residual=False)]
+        blocks = [
+            InstructCellResidualBlock(config.n_genes, kv_width, config.cell_mlp_dropout, residual=False)
+        ]
         for index in range(1, config.cell_mlp_num_blocks):
             is_last = index == config.cell_mlp_num_blocks - 1
             dropout = 0.0 if is_last else config.cell_mlp_dropout
@@ -112,7 +114,8 @@ class InstructCellCellEncoder(nn.Module):
         """
         if cell_values.dim() != 2 or cell_values.shape[-1] != self.config.n_genes:
             raise ValueError(
-                f"cell_values must have shape (n_cells, {self.config.n_genes}), got {tuple(cell_values.shape)}. "
+                f"cell_values must have shape (n_cells, {self.config.n_genes}), "
+                f"got {tuple(cell_values.shape)}. "
                 "Align genes to the model's vocabulary with the processor's feature extractor."
             )
         first_linear = self.mlp[0].linear
@@ -140,7 +143,9 @@ class InstructCellCellEncoder(nn.Module):
         qformer_outputs = self.qformer(
             query_embeds=query_tokens,
             encoder_hidden_states=kv_tokens,
-            encoder_attention_mask=torch.ones(kv_tokens.shape[:-1], dtype=torch.long, device=kv_tokens.device),
+            encoder_attention_mask=torch.ones(
+                kv_tokens.shape[:-1], dtype=torch.long, device=kv_tokens.device
+            ),
             return_dict=True,
         )
         return qformer_outputs.last_hidden_state

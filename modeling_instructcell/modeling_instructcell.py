@@ -97,7 +97,7 @@ class InstructCellLabelScoresOutput(ModelOutput):
     Attributes
     ----------
     log_likelihoods : torch.FloatTensor
-        Summed token log-probabilities of each candidate answer (EOS included), ``(batch_size, n_candidates)``.
+        Summed token log-probabilities of each candidate (EOS included), ``(batch_size, n_candidates)``.
     probabilities : torch.FloatTensor
         ``softmax(log_likelihoods)`` over the candidates of each prompt, ``(batch_size, n_candidates)``;
         rows sum to 1.
@@ -118,7 +118,12 @@ class InstructCellPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = False
-    _no_split_modules = ["T5Block", "Blip2QFormerLayer", "InstructCellCellEncoder", "InstructCellConditionalVAE"]
+    _no_split_modules = [
+        "T5Block",
+        "Blip2QFormerLayer",
+        "InstructCellCellEncoder",
+        "InstructCellConditionalVAE",
+    ]
     # The Q-Former and the ZINB likelihood stay in float32 under bf16 (fp16-only `_keep_in_fp32_modules`
     # would not cover bf16 in transformers 5.x).
     _keep_in_fp32_modules_strict = ["cell_encoder", "cell_vae"]
@@ -136,7 +141,9 @@ class InstructCellPreTrainedModel(PreTrainedModel):
         match no rule, so they load unchanged. ``save_pretrained`` afterwards writes this package's layout.
         """
         key_mapping = {**ORIGINAL_KEY_MAPPING, **(kwargs.pop("key_mapping", None) or {})}
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
+        loaded = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs
+        )
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
@@ -144,7 +151,8 @@ class InstructCellPreTrainedModel(PreTrainedModel):
             model._weight_conversions = [
                 conversion
                 for conversion in conversions
-                if not set(getattr(conversion, "_original_source_patterns", None) or []) & set(ORIGINAL_KEY_MAPPING)
+                if not set(getattr(conversion, "_original_source_patterns", None) or [])
+                & set(ORIGINAL_KEY_MAPPING)
             ]
         if model.generation_config is not None and model.generation_config.eos_token_id is None:
             # A generation_config.json without decoding settings (the original checkpoints' one): stop at
@@ -213,23 +221,29 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             self.generation_config.decoder_start_token_id = text_config.decoder_start_token_id
 
     def get_input_embeddings(self) -> nn.Module:
+        """Return the language model's token embeddings."""
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the language model's token embeddings."""
         self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
+        """Return the language model's output projection (LM head)."""
         return self.language_model.get_output_embeddings()
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        """Replace the language model's output projection."""
         self.language_model.set_output_embeddings(new_embeddings)
 
     def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """Return the language model's encoder (``generate`` runs it once per prompt)."""
         if modality is None:
             return self.language_model.get_encoder()
         return super().get_encoder(modality=modality)
 
     def get_decoder(self) -> nn.Module:
+        """Return the language model's decoder."""
         return self.language_model.get_decoder()
 
     def get_cell_features(self, cell_values: torch.Tensor) -> torch.Tensor:
@@ -251,7 +265,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         projection_dtype = self.language_projection.weight.dtype
         return self.language_projection(query_output.to(projection_dtype))
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """Boolean mask of the ``<cell_query>`` positions, ``(batch_size, seq_len, 1)``."""
         if input_ids is None:
             placeholder_embedding = self.get_input_embeddings()(
@@ -302,8 +318,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         n_expected = cell_embeds.shape[0] * cell_embeds.shape[1]
         if n_placeholders != n_expected:
             raise ValueError(
-                f"The text has {n_placeholders} cell placeholder tokens but {cell_embeds.shape[0]} cells need "
-                f"{n_expected} ({self.config.num_query_tokens} each). Build inputs with the processor, which writes "
+                f"The text has {n_placeholders} cell placeholder tokens but {cell_embeds.shape[0]} cells "
+                f"need {n_expected} ({self.config.num_query_tokens} each). Build inputs with the "
+                "processor, which writes "
                 "one `{input}`/<CELL> slot per cell and expands it."
             )
         cell_embeds = cell_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -342,7 +359,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             Raw counts ``(n_signals, n_genes)`` of the cells that the ``<SIGNAL>`` tokens in the answers
             stand for, in order of appearance.
         cell_caption_ids : torch.LongTensor, optional
-            Token ids of each input cell's caption (its label text) ``(n_cells, label_len)``, ``-100``-padded; adds
+            Token ids of each input cell's caption (its label) ``(n_cells, label_len)``, ``-100``-padded; adds
             ``config.alignment_loss_weight`` x the alignment loss.
         target_caption_ids : torch.LongTensor, optional
             Token ids of each target cell's label text ``(n_signals, label_len)``; aligns the ``<SIGNAL>``
@@ -358,7 +375,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         """
         inputs_embeds, cell_embeds = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
         if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            attention_mask = torch.ones(
+                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+            )
         needs_signal_states = target_cell_values is not None
         if needs_signal_states:
             kwargs["output_hidden_states"] = True
@@ -389,12 +408,15 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if needs_signal_states:
             if signal_states.shape[0] != target_cell_values.shape[0]:
                 raise ValueError(
-                    f"The answers hold {signal_states.shape[0]} <SIGNAL> tokens but {target_cell_values.shape[0]} "
+                    f"The answers hold {signal_states.shape[0]} <SIGNAL> tokens but "
+                    f"{target_cell_values.shape[0]} "
                     "target cells were given: pass exactly one target cell per <SIGNAL>."
                 )
             vae_output = self.cell_vae(target_cell_values, signal_states, kl_weight=self.config.vae_kl_weight)
             batch_size = inputs_embeds.shape[0]
-            vae_term = self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
+            vae_term = (
+                self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
+            )
             loss = vae_term if loss is None else loss + vae_term.to(loss.dtype)
 
         alignment_loss = None
@@ -422,7 +444,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             language_model_outputs=outputs,
         )
 
-    def cell_caption_alignment_loss(self, cell_embeds: torch.Tensor, cell_caption_ids: torch.LongTensor) -> torch.Tensor:
+    def cell_caption_alignment_loss(
+        self, cell_embeds: torch.Tensor, cell_caption_ids: torch.LongTensor
+    ) -> torch.Tensor:
         """Contrast each cell with the labels of the batch (supervised, label text as the other modality).
 
         Parameters
@@ -439,7 +463,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         """
         if cell_caption_ids.shape[0] != cell_embeds.shape[0]:
             raise ValueError(
-                f"Got {cell_caption_ids.shape[0]} cell labels for {cell_embeds.shape[0]} cells; pass one label per cell."
+                f"Got {cell_caption_ids.shape[0]} cell labels for {cell_embeds.shape[0]} cells; "
+                "pass one label per cell."
             )
         label_mask = cell_caption_ids != IGNORE_INDEX
         distinct, label_index = torch.unique(cell_caption_ids, dim=0, return_inverse=True)
@@ -470,7 +495,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         """
         if bool((prompt_mask[:, -1] == 0).any()):
             raise ValueError(
-                "Decoder-only backbones need left-padded prompts: set `processor.tokenizer.padding_side = 'left'`."
+                "Decoder-only backbones need left-padded prompts: "
+                "set `processor.tokenizer.padding_side = 'left'`."
             )
         if labels is None:
             return self._causal_forward(prompt_embeds, prompt_mask, **kwargs), None
@@ -478,11 +504,18 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         answer_ids = labels.masked_fill(~answer_mask, self.config.text_config.pad_token_id or 0)
         prompt_ignore = torch.full(prompt_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         outputs = self._causal_forward(
-            prompt_embeds, prompt_mask, answer_ids, answer_mask, labels=torch.cat([prompt_ignore, labels], 1), **kwargs
+            prompt_embeds,
+            prompt_mask,
+            answer_ids,
+            answer_mask,
+            labels=torch.cat([prompt_ignore, labels], 1),
+            **kwargs,
         )
         signal_states = None
         if kwargs.get("output_hidden_states"):
-            token_ids = torch.cat([torch.full_like(prompt_ignore, -1), answer_ids.masked_fill(~answer_mask, -1)], 1)
+            token_ids = torch.cat(
+                [torch.full_like(prompt_ignore, -1), answer_ids.masked_fill(~answer_mask, -1)], 1
+            )
             signal_states = self._signal_states(token_ids, outputs.hidden_states[-1])
         return outputs, signal_states
 
@@ -494,9 +527,10 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         answer_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> ModelOutput:
-        """Run the causal LM on ``[prompt embeddings | embedded answer ids]``, positions counted over real tokens.
+        """Run the causal LM on ``[prompt embeddings | embedded answer ids]`` (positions over real tokens).
 
-        ``prompt_embeds`` ``(batch, prompt_len, hidden)`` (left-padded), ``prompt_mask`` ``(batch, prompt_len)``,
+        ``prompt_embeds`` ``(batch, prompt_len, hidden)`` (left-padded),
+        ``prompt_mask`` ``(batch, prompt_len)``,
         ``answer_ids`` / ``answer_mask`` ``(batch, answer_len)``; ``kwargs`` go to the language model.
         """
         embeds, mask = prompt_embeds, prompt_mask
@@ -505,7 +539,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             embeds = torch.cat([prompt_embeds, answer_embeds], dim=1)
             mask = torch.cat([prompt_mask, answer_mask.to(prompt_mask.dtype)], dim=1)
         position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **kwargs)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **kwargs
+        )
 
     @torch.no_grad()
     def generate(
@@ -542,10 +578,14 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             For encoder-decoder backbones ``(batch_size, 1 + new_tokens)`` starting with the decoder start
             token; for decoder-only backbones only the new tokens.
         """
-        generate_kwargs.pop("target_cell_values", None)  # training-only column that Seq2SeqTrainer passes along
+        generate_kwargs.pop(
+            "target_cell_values", None
+        )  # training-only column that Seq2SeqTrainer passes along
         inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
         if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            attention_mask = torch.ones(
+                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+            )
         generation_config = copy.deepcopy(self.generation_config)
         model_kwargs = generation_config.update(**generate_kwargs)
         return self.language_model.generate(
@@ -662,7 +702,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
         batch_size = inputs_embeds.shape[0]
         if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            attention_mask = torch.ones(
+                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+            )
         pad_id = self.config.text_config.pad_token_id or 0
         if candidate_attention_mask is None:
             candidate_attention_mask = (candidate_ids != pad_id).long()
@@ -717,8 +759,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
     ) -> torch.Tensor:
         """Return summed candidate log-probabilities ``(batch, n_candidates)`` (encoder-decoder backbones).
 
-        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once per
-        prompt on the decoder start token
+        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once
+        per prompt on the decoder start token
         plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
         cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
         """
@@ -751,7 +793,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_mask: torch.LongTensor,
         max_rows_per_pass: int | None,
     ) -> torch.Tensor:
-        """Score one bucket of candidates: shared prefix once per prompt, then the rest over the candidates."""
+        """Score one bucket of candidates: shared prefix once per prompt, then the rest per candidate."""
         batch_size, n_candidates, length = candidate_ids.shape
         lengths = candidate_mask.sum(-1)
         flat = candidate_ids.reshape(-1, length)
@@ -779,7 +821,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             log_probs = torch.log_softmax(first.logits.float(), dim=-1)
             total = log_probs[:, shared].gather(-1, ids[:, :, shared])  # (n_rows, n_candidates)
             if shared:
-                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(-1)
+                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(
+                    -1
+                )
             if length - shared - 1 > 0:
                 cache = first.past_key_values
                 cache.batch_repeat_interleave(n_candidates)
@@ -829,10 +873,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             return torch.zeros(0, hidden_size, device=sequences.device), has_signal
         inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
         if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            attention_mask = torch.ones(
+                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+            )
         if self.config.use_decoder_only_language_model:
             outputs = self._causal_forward(
-                inputs_embeds, attention_mask, sequences, torch.ones_like(sequences), output_hidden_states=True
+                inputs_embeds,
+                attention_mask,
+                sequences,
+                torch.ones_like(sequences),
+                output_hidden_states=True,
             )
             hidden = outputs.hidden_states[-1][:, inputs_embeds.shape[1] :]
         else:

@@ -1,4 +1,4 @@
-"""InstructCellProcessor: fills instruction templates, expands cell slots, tokenizes text and featurizes cells."""
+"""InstructCellProcessor: fills templates, expands cell slots, tokenizes text and featurizes cells."""
 
 import json
 import os
@@ -93,10 +93,10 @@ class InstructCellProcessor(ProcessorMixin):
             original 18,961-gene vocabulary (see ``load_original_gene_vocab``) when the checkpoint has 18,961
             genes; required otherwise.
         gene_vocab_file : str or PathLike, optional
-            Original checkpoints only: a local copy of that vocabulary (``gene_vocab.npy`` or one symbol per line).
+            Original checkpoints only: a local copy of that vocabulary (``gene_vocab.npy`` or a text file).
         **kwargs
-            Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``...) and, for the native
-            format, anything ``ProcessorMixin.from_pretrained`` accepts.
+            Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``...) and, for the
+            native format, anything ``ProcessorMixin.from_pretrained`` accepts.
         """
         gene_names = kwargs.pop("gene_names", None)
         gene_vocab_file = kwargs.pop("gene_vocab_file", None)
@@ -129,18 +129,26 @@ class InstructCellProcessor(ProcessorMixin):
                 )
             gene_names = load_original_gene_vocab(gene_vocab_file)
         if len(gene_names) != n_genes:
-            raise ValueError(f"The checkpoint reads {n_genes} genes but {len(gene_names)} gene names were given.")
+            raise ValueError(
+                f"The checkpoint reads {n_genes} genes but {len(gene_names)} gene names were given."
+            )
         tokens = (config.get("base_model_config") or {}).get("special_tokens_dict") or {}
         signal_tokens = tokens.get("signal_tokens") or ["<CELL1>"]
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
-        special = [tokens.get("start_tag", "<CELL>"), tokens.get("end_tag", "</CELL>"),
-                   tokens.get("placeholder", "<CELL0>"), *signal_tokens]
+        special = [
+            tokens.get("start_tag", "<CELL>"),
+            tokens.get("end_tag", "</CELL>"),
+            tokens.get("placeholder", "<CELL0>"),
+            *signal_tokens,
+        ]
         # transformers 5.x reads the original added tokens as plain ones; the original treats them as special
         # (e.g. <CELL1> is dropped from decoded answers). Re-registering keeps their ids.
-        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in special], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(token, special=True, normalized=False) for token in special], special_tokens=True
+        )
         return cls(
-            # The original vocabulary holds human (ACTB) and mouse (Actb) symbols side by side, and the original
-            # code aligns genes case-sensitively: so does this feature extractor.
+            # The original vocabulary holds human (ACTB) and mouse (Actb) symbols side by side, and the
+            # original code aligns genes case-sensitively: so does this feature extractor.
             feature_extractor=InstructCellFeatureExtractor(gene_names=list(gene_names), case_sensitive=True),
             tokenizer=tokenizer,
             num_query_tokens=encoder.get("num_query_tokens", 8),
@@ -172,6 +180,7 @@ class InstructCellProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
+        """Names of the tokenizer's inputs followed by the feature extractor's (``cell_values``)."""
         return list(self.tokenizer.model_input_names) + list(self.feature_extractor.model_input_names)
 
     def fill_template(self, template: str, metadata: Mapping[str, Any] | None = None) -> str:
@@ -199,7 +208,9 @@ class InstructCellProcessor(ProcessorMixin):
                 is_list = isinstance(value, Sequence) and not isinstance(value, str)
                 values[name] = ", ".join(map(str, value)) if is_list else str(value)
             elif name == "":
-                raise ValueError(f"Template {template!r} has an empty '{{}}' placeholder; name it, e.g. '{{tissue}}'.")
+                raise ValueError(
+                    f"Template {template!r} has an empty '{{}}' placeholder; name it, e.g. '{{tissue}}'."
+                )
             else:
                 missing.append(name)
         if missing:
@@ -210,7 +221,9 @@ class InstructCellProcessor(ProcessorMixin):
         return template.format(**values)
 
     def _expand_cell_slots(self, text: str) -> str:
-        expansion = self.cell_start_token + self.cell_placeholder_token * self.num_query_tokens + self.cell_end_token
+        expansion = (
+            self.cell_start_token + self.cell_placeholder_token * self.num_query_tokens + self.cell_end_token
+        )
         return text.replace(self.cell_start_token, expansion)
 
     def _count_cell_slots(self, text: str) -> int:
@@ -272,7 +285,9 @@ class InstructCellProcessor(ProcessorMixin):
         cell_features = None
         n_cells = 0
         if cells is not None:
-            cell_features = self.feature_extractor(cells, gene_names=gene_names, layer=layer, return_tensors="np")
+            cell_features = self.feature_extractor(
+                cells, gene_names=gene_names, layer=layer, return_tensors="np"
+            )
             n_cells = cell_features["cell_values"].shape[0]
             if len(texts) == 1 and n_cells > 1:
                 texts = texts * n_cells
@@ -286,7 +301,11 @@ class InstructCellProcessor(ProcessorMixin):
             )
         prompts = [self._expand_cell_slots(self.prompt_format.format(prompt=prompt)) for prompt in prompts]
         encoding = self.tokenizer(
-            prompts, padding=padding, truncation=truncation, max_length=max_length, return_tensors=return_tensors
+            prompts,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
         )
         data = dict(encoding)
         if cell_features is not None:
@@ -295,30 +314,44 @@ class InstructCellProcessor(ProcessorMixin):
             data["labels"] = self._encode_targets(text_target, len(prompts), return_tensors)
         if cell_captions is not None:
             if len(cell_captions) != n_cells:
-                raise ValueError(f"Got {len(cell_captions)} cell labels for {n_cells} cells; pass one per cell.")
+                raise ValueError(
+                    f"Got {len(cell_captions)} cell labels for {n_cells} cells; pass one per cell."
+                )
             data["cell_caption_ids"] = self._encode_captions(cell_captions, return_tensors)
         if target_captions is not None:
             data["target_caption_ids"] = self._encode_captions(target_captions, return_tensors)
         if target_cells is not None:
-            target = self.feature_extractor(target_cells, gene_names=gene_names, layer=layer, return_tensors="np")
+            target = self.feature_extractor(
+                target_cells, gene_names=gene_names, layer=layer, return_tensors="np"
+            )
             data["target_cell_values"] = target["cell_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _encode_captions(self, texts: Sequence[str], return_tensors: str | None):
         encoding = self.tokenizer(list(texts), padding=True, add_special_tokens=False, return_tensors="np")
         ids = np.where(encoding["attention_mask"] == 1, encoding["input_ids"], IGNORE_INDEX)
-        return ids if return_tensors is None else BatchFeature({"ids": ids}, tensor_type=return_tensors)["ids"]
+        return (
+            ids if return_tensors is None else BatchFeature({"ids": ids}, tensor_type=return_tensors)["ids"]
+        )
 
     def _encode_targets(self, text_target: str | Sequence[str], batch_size: int, return_tensors: str | None):
         targets = [text_target] if isinstance(text_target, str) else list(text_target)
         if len(targets) != batch_size:
-            raise ValueError(f"Got {len(targets)} answers for {batch_size} prompts; pass one answer per prompt.")
+            raise ValueError(
+                f"Got {len(targets)} answers for {batch_size} prompts; pass one answer per prompt."
+            )
         for target in targets:
             if self._count_cell_slots(target):
-                raise ValueError(f"Answers cannot contain '{self.cell_start_token}'; use '{self.signal_token}'.")
+                raise ValueError(
+                    f"Answers cannot contain '{self.cell_start_token}'; use '{self.signal_token}'."
+                )
         encoding = self.tokenizer(targets, padding=True, return_tensors="np")
         labels = np.where(encoding["attention_mask"] == 1, encoding["input_ids"], IGNORE_INDEX)
-        return labels if return_tensors is None else BatchFeature({"labels": labels}, tensor_type=return_tensors)["labels"]
+        return (
+            labels
+            if return_tensors is None
+            else BatchFeature({"labels": labels}, tensor_type=return_tensors)["labels"]
+        )
 
     def _metadata_rows(self, cells: Any, metadata: Any, n_prompts: int) -> list[dict[str, Any]]:
         """One metadata dict per prompt: AnnData ``obs`` columns, overridden by ``metadata``."""
@@ -334,7 +367,9 @@ class InstructCellProcessor(ProcessorMixin):
             return [{**row, **metadata} for row in rows]
         metadata = list(metadata)
         if len(metadata) != n_prompts:
-            raise ValueError(f"Got {len(metadata)} metadata dicts for {n_prompts} prompts; pass one per prompt.")
+            raise ValueError(
+                f"Got {len(metadata)} metadata dicts for {n_prompts} prompts; pass one per prompt."
+            )
         return [{**row, **extra} for row, extra in zip(rows, metadata, strict=True)]
 
     def post_process_generation(self, sequences, skip_special_tokens: bool = True) -> list[dict[str, Any]]:
@@ -356,12 +391,13 @@ class InstructCellProcessor(ProcessorMixin):
         rows = sequences.tolist() if hasattr(sequences, "tolist") else [list(row) for row in sequences]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
         return [
-            {"text": text.strip(), "has_signal": signal_id in row} for text, row in zip(texts, rows, strict=True)
+            {"text": text.strip(), "has_signal": signal_id in row}
+            for text, row in zip(texts, rows, strict=True)
         ]
 
 
 def _original_config_dict(path, hub_kwargs: dict) -> dict | None:
-    """The ``config.json`` dict when ``path`` holds an original InstructCell checkpoint without processor files."""
+    """Return ``config.json`` as a dict when ``path`` is an original checkpoint without processor files."""
     lookup = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
     lookup.setdefault("_raise_exceptions_for_connection_errors", False)
     for name in ("processor_config.json", "preprocessor_config.json"):

@@ -1,4 +1,4 @@
-"""Tiny, offline fixtures: a tokenizer trained on a few instructions, a 40-gene vocabulary, the tiny preset."""
+"""Tiny, offline fixtures: a tokenizer trained on a few instructions, 40 genes, the tiny preset."""
 
 import copy
 
@@ -32,7 +32,7 @@ CORPUS = [
 
 
 class InstructCellModelTester:
-    """Builds the tiny config, model and a batch with one example of each task (as in transformers' testers)."""
+    """Builds the tiny config, model and a batch with one example per task (as transformers' testers do)."""
 
     def __init__(self, processor: InstructCellProcessor):
         self.processor = processor
@@ -58,9 +58,18 @@ class InstructCellModelTester:
             metadata=[
                 {"species": "human", "tissue": "liver"},
                 {"species": "human", "drug": "erlotinib", "choices": ["sensitive", "resistant"]},
-                {"cell_type": "B cell", "species": "human", "tissue": "blood", "sequencing_method": "10x Genomics"},
+                {
+                    "cell_type": "B cell",
+                    "species": "human",
+                    "tissue": "blood",
+                    "sequencing_method": "10x Genomics",
+                },
             ],
-            text_target=["This is a T cell.", "The cell is resistant.", "Here is the cell you asked for: <SIGNAL>"],
+            text_target=[
+                "This is a T cell.",
+                "The cell is resistant.",
+                "Here is the cell you asked for: <SIGNAL>",
+            ],
             target_cells=counts[2:],
         )
 

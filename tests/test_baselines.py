@@ -61,8 +61,11 @@ def test_reference_cells_are_real_training_cells_of_the_requested_labels(trainin
     dense = counts.toarray()
     rows = datasets.Dataset.from_list(
         [
-            {"label": label, "target_gene_indices": np.flatnonzero(row).tolist(),
-             "target_gene_counts": row[row > 0].tolist()}
+            {
+                "label": label,
+                "target_gene_indices": np.flatnonzero(row).tolist(),
+                "target_gene_counts": row[row > 0].tolist(),
+            }
             for row, label in zip(dense, labels, strict=True)
         ]
     )

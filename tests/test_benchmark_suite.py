@@ -63,7 +63,10 @@ def _rows(task: str, split: str, n: int, rng: np.random.Generator, bank: Templat
         if task == "dsp":
             metadata["drug"] = "erlotinib"
         cell = CellRecord(
-            f"{task}-{split}{i}", label, metadata, nonzero.astype(np.int32),
+            f"{task}-{split}{i}",
+            label,
+            metadata,
+            nonzero.astype(np.int32),
             counts[nonzero].astype(np.float32),
         )
         for variant in ("instruct", "chat"):
@@ -96,13 +99,43 @@ def model_dir(tmp_path_factory, base_tokenizer) -> Path:
 
 def _argv(dataset_dir, model_dir, tmp_path, *extra):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"tokenizer_vocab_size": 200, "per_device_train_batch_size": 4,
-                                      "learning_rate": 1e-3, "variant": "instruct", "demo": {"ignored": 1}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "tokenizer_vocab_size": 200,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-3,
+                "variant": "instruct",
+                "demo": {"ignored": 1},
+            }
+        )
+    )
     return [
-        "--dataset-dir", str(dataset_dir), "--instruct-model", str(model_dir), "--chat-model", str(model_dir),
-        "--output", str(tmp_path / "out" / "suite"), "--max-test-cells", "5", "--batch-size", "4",
-        "--max-new-tokens", "4", "--throughput-cells", "6", "--throughput-single-cells", "2",
-        "--train-recipe", str(recipe), "--train-preset", "tiny", "--train-steps", "3", *extra,
+        "--dataset-dir",
+        str(dataset_dir),
+        "--instruct-model",
+        str(model_dir),
+        "--chat-model",
+        str(model_dir),
+        "--output",
+        str(tmp_path / "out" / "suite"),
+        "--max-test-cells",
+        "5",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--throughput-cells",
+        "6",
+        "--throughput-single-cells",
+        "2",
+        "--train-recipe",
+        str(recipe),
+        "--train-preset",
+        "tiny",
+        "--train-steps",
+        "3",
+        *extra,
     ]
 
 
@@ -120,19 +153,29 @@ def test_markdown_table_formats_values_and_checks_widths():
 
 def test_tables_put_methods_side_by_side_and_leave_out_absent_ones():
     classification = {
-        "cta/toy": {"task": "cta", "dataset": "toy", "n_test": 4, "methods": {
-            "instruct": {"accuracy": 0.5, "macro_f1": 0.4, "weighted_f1": 0.45},
-            "logreg": {"accuracy": 1.0, "macro_f1": 1.0, "weighted_f1": 1.0},
-        }},
+        "cta/toy": {
+            "task": "cta",
+            "dataset": "toy",
+            "n_test": 4,
+            "methods": {
+                "instruct": {"accuracy": 0.5, "macro_f1": 0.4, "weighted_f1": 0.45},
+                "logreg": {"accuracy": 1.0, "macro_f1": 1.0, "weighted_f1": 1.0},
+            },
+        },
     }
     lines = suite.classification_table(classification).splitlines()
     assert lines[0] == "| task | dataset | n test | metric | InstructCell instruct | logistic regression |"
     assert lines[2] == "| CTA | toy | 4 | accuracy | 0.500 | 1.000 |"
     assert len(lines) == 2 + 3  # one row per metric
-    generation = {"toy": {"requested": {"A": 2, "B": 3}, "generators": {
-        "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.9, "pknn_k10": 0.8, "n_cells": 5},
-        "instruct": {"mmd": None, "delta_sknn": None, "pknn": None, "pknn_k10": None, "n_cells": 0},
-    }}}
+    generation = {
+        "toy": {
+            "requested": {"A": 2, "B": 3},
+            "generators": {
+                "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.9, "pknn_k10": 0.8, "n_cells": 5},
+                "instruct": {"mmd": None, "delta_sknn": None, "pknn": None, "pknn_k10": None, "n_cells": 0},
+            },
+        }
+    }
     lines = suite.generation_table(generation).splitlines()
     assert lines[0] == "| dataset | metric | InstructCell instruct | reference (real training cells) |"
     assert lines[2] == "| toy | MMD | n/a | 0.100 |"
@@ -182,8 +225,11 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
     throughput = written["throughput"]
     assert throughput["model"] == "instruct" and throughput["dataset"] == "toy"
     modes = [row["mode"] for row in throughput["modes"]]
-    assert modes == ["annotate (score, batched)", "annotate (greedy answers, batched, no probabilities)",
-                     "generate, 1 cell at a time"]
+    assert modes == [
+        "annotate (score, batched)",
+        "annotate (greedy answers, batched, no probabilities)",
+        "generate, 1 cell at a time",
+    ]
     assert [row["cells"] for row in throughput["modes"]] == [6, 6, 2]
     assert all(row["cells_per_s"] > 0 for row in throughput["modes"])
     assert throughput["speedup_vs_single"]["generate, 1 cell at a time"] == 1.0
@@ -197,8 +243,15 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
     assert report.startswith("# InstructCell benchmark suite") and "Ran on " in report
     assert suite.main(["--render", str(js), "--output", str(tmp_path / "again")]) == written
     assert (tmp_path / "again.md").read_text() == report
-    for title in ("InstructCell instruct", "InstructCell chat", "logistic regression", "per-label mean",
-                  "reference (real training cells)", "annotate (score, batched)", "examples/s"):
+    for title in (
+        "InstructCell instruct",
+        "InstructCell chat",
+        "logistic regression",
+        "per-label mean",
+        "reference (real training cells)",
+        "annotate (score, batched)",
+        "examples/s",
+    ):
         assert title in report
     assert "Skipped: celltypist: --skip-celltypist; scvi: --skip-scvi." in report
 
@@ -206,11 +259,22 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
 def test_baseline_columns_appear_when_installed(dataset_dir, tmp_path):
     pytest.importorskip("celltypist")
     pytest.importorskip("scvi")
-    argv = ["--dataset-dir", str(dataset_dir), "--output", str(tmp_path / "suite"), "--skip-training",
-            "--max-test-cells", "5", "--scvi-epochs", "2"]
+    argv = [
+        "--dataset-dir",
+        str(dataset_dir),
+        "--output",
+        str(tmp_path / "suite"),
+        "--skip-training",
+        "--max-test-cells",
+        "5",
+        "--scvi-epochs",
+        "2",
+    ]
     results = suite.run_suite(suite.parse_args(argv), embedding_factory=PCAEmbedding)
-    assert results["skipped"] == {"throughput": "no model given (--instruct-model / --chat-model)",
-                                  "training": "--skip-training"}
+    assert results["skipped"] == {
+        "throughput": "no model given (--instruct-model / --chat-model)",
+        "training": "--skip-training",
+    }
     assert results["run"]["models"] == {}
     assert set(results["classification"]["cta/toy"]["methods"]) == {"logreg", "celltypist"}
     assert results["classification"]["cta/toy"]["methods"]["celltypist"]["accuracy"] == 1.0
@@ -225,12 +289,23 @@ def test_models_must_share_the_dataset_gene_vocabulary(dataset_dir, model_dir, t
 
 
 def test_load_note_flags_starved_sections():
-    info = {"cpu": "toy CPU", "logical_cpus": 2, "usable_cpus": 2, "torch_threads": 1,
-            "torch_interop_threads": 1, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nice": 19,
-            "load_average_1_5_15": [0.5, 0.4, 0.3]}
+    info = {
+        "cpu": "toy CPU",
+        "logical_cpus": 2,
+        "usable_cpus": 2,
+        "torch_threads": 1,
+        "torch_interop_threads": 1,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "nice": 19,
+        "load_average_1_5_15": [0.5, 0.4, 0.3],
+    }
     assert suite.machine_line(info).startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
-    run = {"machine": info, "section_cpu_share": {"throughput": 0.97, "generation": 0.12},
-           "section_load": {"throughput": [2.1, 1.5, 1.0], "generation": [4.0, 4.0, 3.5]}}
+    run = {
+        "machine": info,
+        "section_cpu_share": {"throughput": 0.97, "generation": 0.12},
+        "section_load": {"throughput": [2.1, 1.5, 1.0], "generation": [4.0, 4.0, 3.5]},
+    }
     quiet = suite.load_note(run, "throughput")
     assert quiet == (
         "This process got 97% of a CPU during this section (load average at its end 2.10 on 2 usable CPUs)."
@@ -240,8 +315,16 @@ def test_load_note_flags_starved_sections():
 
 
 def test_sections_record_their_cpu_share(dataset_dir, tmp_path):
-    argv = ["--dataset-dir", str(dataset_dir), "--output", str(tmp_path / "suite"), "--skip-generation",
-            "--skip-throughput", "--skip-training", "--skip-celltypist"]
+    argv = [
+        "--dataset-dir",
+        str(dataset_dir),
+        "--output",
+        str(tmp_path / "suite"),
+        "--skip-generation",
+        "--skip-throughput",
+        "--skip-training",
+        "--skip-celltypist",
+    ]
     run = suite.run_suite(suite.parse_args(argv))["run"]
     assert set(run["section_cpu_share"]) == {"classification"}
     assert run["section_cpu_share"]["classification"] > 0

@@ -6,7 +6,11 @@ from modeling_instructcell import InstructCellConfig
 
 def test_defaults_are_the_papers_model():
     config = InstructCellConfig()
-    assert (config.num_query_tokens, config.num_kv_tokens, config.qformer_config.num_hidden_layers) == (8, 6, 4)
+    assert (config.num_query_tokens, config.num_kv_tokens, config.qformer_config.num_hidden_layers) == (
+        8,
+        6,
+        4,
+    )
     assert config.text_config.model_type == "t5" and config.text_config.d_model == 768
     assert config.text_config.num_layers == 12 and config.text_config.decoder_start_token_id == 0
     assert config.qformer_config.cross_attention_frequency == 1

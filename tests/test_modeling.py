@@ -29,7 +29,11 @@ def test_cell_embeddings_land_on_placeholders(model, tester):
 def test_placeholder_cell_count_mismatch_raises(model, tester):
     batch = tester.task_batch()
     with pytest.raises(ValueError, match="placeholder tokens but 1 cells"):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"][:1])
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            cell_values=batch["cell_values"][:1],
+        )
     with pytest.raises(ValueError, match="no `cell_values`"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
@@ -51,9 +55,17 @@ def test_wrong_gene_count_raises(model, tester):
 def test_gradients_reach_every_cell_module(tester):
     model = tester.make_model().train()
     model(**tester.task_batch()).loss.backward()
-    for prefix in ["cell_encoder.query_tokens", "cell_encoder.mlp", "cell_encoder.qformer", "language_projection",
-                   "cell_vae.condition_mapping", "cell_vae.z_encoder", "cell_vae.decoder", "cell_vae.px_r",
-                   "language_model"]:
+    for prefix in [
+        "cell_encoder.query_tokens",
+        "cell_encoder.mlp",
+        "cell_encoder.qformer",
+        "language_projection",
+        "cell_vae.condition_mapping",
+        "cell_vae.z_encoder",
+        "cell_vae.decoder",
+        "cell_vae.px_r",
+        "language_model",
+    ]:
         grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
         assert grads, prefix
         assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches {prefix}"
@@ -74,7 +86,9 @@ def test_overfits_a_few_examples_of_each_task(tester):
     assert last.vae_loss < first.vae_loss
     model.eval()
     generated = model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
         max_new_tokens=30,
     )
     answers = tester.processor.post_process_generation(generated)
@@ -92,21 +106,36 @@ def test_generate_cells_samples_integer_counts(model, tester):
         head.weight[tester.config.signal_token_index, :] += model.get_input_embeddings().weight.new_tensor(0)
     signal = tester.config.signal_token_index
     out = model.generate_cells(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"],
-        num_cells=5, seed=3, max_new_tokens=4, suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        num_cells=5,
+        seed=3,
+        max_new_tokens=4,
+        suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
     )
     assert out.has_signal.tolist() == [True, True, True]
     assert out.cell_values.shape == (15, tester.config.n_genes)
     assert out.cell_values.dtype == torch.long and bool((out.cell_values >= 0).all())
     assert out.request_index.tolist() == [0] * 5 + [1] * 5 + [2] * 5
     again = model.generate_cells(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"],
-        num_cells=5, seed=3, max_new_tokens=4, suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        num_cells=5,
+        seed=3,
+        max_new_tokens=4,
+        suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
     )
     assert torch.equal(out.cell_values, again.cell_values)
     sized = model.generate_cells(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"],
-        num_cells=2, seed=0, library_size=5000.0, max_new_tokens=4,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        num_cells=2,
+        seed=0,
+        library_size=5000.0,
+        max_new_tokens=4,
         suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
     )
     assert sized.cell_values.shape == (6, tester.config.n_genes)
@@ -116,8 +145,11 @@ def test_generate_cells_without_signal_returns_no_cells(model, tester):
     batch = tester.task_batch()
     signal = tester.config.signal_token_index
     out = model.generate_cells(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"],
-        max_new_tokens=3, suppress_tokens=[signal],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        max_new_tokens=3,
+        suppress_tokens=[signal],
     )
     assert not out.has_signal.any()
     assert out.cell_values.shape == (0, tester.config.n_genes)
@@ -129,8 +161,12 @@ def test_save_load_gives_identical_outputs(model, tester, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = InstructCellForConditionalGeneration.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  cell_values=batch["cell_values"], max_new_tokens=6)
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        max_new_tokens=6,
+    )
     assert torch.equal(reloaded.generate(**kwargs), model.generate(**kwargs))
 
 
@@ -140,8 +176,9 @@ def test_generation_config_is_respected_after_reload(model, tester, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = InstructCellForConditionalGeneration.from_pretrained(tmp_path).eval()
     batch = tester.task_batch()
-    generated = reloaded.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  cell_values=batch["cell_values"])
+    generated = reloaded.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cell_values=batch["cell_values"]
+    )
     assert generated.shape[1] == 1 + 2
     assert tester.config.signal_token_index in reloaded.generation_config.eos_token_id
 
@@ -159,11 +196,27 @@ def test_decoder_only_backbone_trains_and_generates(tester):
     processor.tokenizer.padding_side = "left"
     vocab = -(-len(processor.tokenizer) // 8) * 8
     config = InstructCellConfig(
-        text_config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "vocab_size": vocab,
-                     "n_positions": 128, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0},
+        text_config={
+            "model_type": "gpt2",
+            "n_embd": 32,
+            "n_layer": 1,
+            "n_head": 2,
+            "vocab_size": vocab,
+            "n_positions": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
+        },
         qformer_config=tester.config.qformer_config.to_dict(),
-        n_genes=tester.config.n_genes, num_query_tokens=4, num_kv_tokens=2, vae_n_latent=4, vae_n_hidden=16,
-        vae_n_layers=1, vae_n_condition=4, vae_library_hidden=4, **processor.special_token_ids,
+        n_genes=tester.config.n_genes,
+        num_query_tokens=4,
+        num_kv_tokens=2,
+        vae_n_latent=4,
+        vae_n_hidden=16,
+        vae_n_layers=1,
+        vae_n_condition=4,
+        vae_library_hidden=4,
+        **processor.special_token_ids,
     )
     torch.manual_seed(0)
     model = InstructCellForConditionalGeneration(config)
@@ -174,8 +227,13 @@ def test_decoder_only_backbone_trains_and_generates(tester):
     out.loss.backward()
     assert model.cell_encoder.query_tokens.grad.abs().sum() > 0
     model.eval()
-    generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               cell_values=batch["cell_values"], max_new_tokens=3, min_new_tokens=3)
+    generated = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        max_new_tokens=3,
+        min_new_tokens=3,
+    )
     assert generated.shape == (3, 3)
     processor.tokenizer.padding_side = "right"
     right_padded = tester.task_batch()
@@ -199,9 +257,12 @@ def test_alignment_loss_pulls_cells_to_their_label_text(tester):
     model = InstructCellForConditionalGeneration(config).train()
     counts = tester.make_counts(4, seed=1)
     counts[2:, :20] *= 20  # two kinds of cells
-    batch = tester.processor(text="What cell type is this? {input}", cells=counts,
-                             text_target=["This is a T cell."] * 2 + ["This is a B cell."] * 2,
-                             cell_captions=["T cell", "T cell", "B cell", "B cell"])
+    batch = tester.processor(
+        text="What cell type is this? {input}",
+        cells=counts,
+        text_target=["This is a T cell."] * 2 + ["This is a B cell."] * 2,
+        cell_captions=["T cell", "T cell", "B cell", "B cell"],
+    )
     assert batch["cell_caption_ids"].shape[0] == 4
     out = model(**batch)
     torch.testing.assert_close(out.loss, out.lm_loss + out.alignment_loss)
@@ -249,7 +310,9 @@ def test_standardized_genes_use_saved_training_statistics(tester, tmp_path):
     torch.testing.assert_close(model.cell_encoder.gene_mean, normalized.mean(0).double().to(torch.float32))
     assert model.cell_encoder.gene_std[5] == 1.0
     cells = torch.tensor(tester.make_counts(4, seed=2), dtype=torch.float32)
-    expected_input = ((normalize_counts(cells, 1e4, True) - model.cell_encoder.gene_mean) / model.cell_encoder.gene_std)
+    expected_input = (
+        normalize_counts(cells, 1e4, True) - model.cell_encoder.gene_mean
+    ) / model.cell_encoder.gene_std
     expected = model.cell_encoder.mlp(expected_input.clamp(-10, 10))
     torch.testing.assert_close(model.cell_encoder.get_kv_tokens(cells).flatten(1), expected)
     model.save_pretrained(tmp_path)
@@ -260,4 +323,3 @@ def test_standardized_genes_use_saved_training_statistics(tester, tmp_path):
         plain.cell_encoder.set_gene_statistics(train)
     with pytest.raises(ValueError, match="at least 2 cells"):
         model.cell_encoder.set_gene_statistics(train[:1])
-

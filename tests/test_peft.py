@@ -8,7 +8,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 @pytest.mark.parametrize("task_type", [None, "SEQ_2_SEQ_LM"])
 def test_lora_trains_saves_and_reloads(tester, tmp_path, task_type):
     lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q|v)", task_type=task_type,
+        r=4,
+        lora_alpha=8,
+        target_modules=r".*language_model.*\.(q|v)",
+        task_type=task_type,
         modules_to_save=["cell_encoder", "language_projection", "cell_vae"],
     )
     model = get_peft_model(tester.make_model().train(), lora)
@@ -30,6 +33,10 @@ def test_lora_trains_saves_and_reloads(tester, tmp_path, task_type):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tester.make_model(), tmp_path).eval()
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  cell_values=batch["cell_values"], max_new_tokens=5)
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        cell_values=batch["cell_values"],
+        max_new_tokens=5,
+    )
     assert torch.equal(reloaded.generate(**kwargs), model.generate(**kwargs))

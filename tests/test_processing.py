@@ -2,8 +2,8 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import CTA_TEMPLATE, GENES
+
 from datasets_builder.collator import DataCollatorForInstructCell
 from modeling_instructcell import InstructCellProcessor
 
@@ -17,7 +17,9 @@ def test_special_tokens_added_and_ids_exposed(processor):
 
 
 def test_cell_slot_expands_to_k_placeholders(processor, tester):
-    batch = processor(text=CTA_TEMPLATE, cells=tester.make_counts(1), metadata={"species": "human", "tissue": "liver"})
+    batch = processor(
+        text=CTA_TEMPLATE, cells=tester.make_counts(1), metadata={"species": "human", "tissue": "liver"}
+    )
     ids = batch["input_ids"][0].tolist()
     placeholder = processor.special_token_ids["cell_token_index"]
     start = ids.index(processor.special_token_ids["cell_start_token_index"])
@@ -30,8 +32,10 @@ def test_template_filled_from_metadata_and_obs(processor, tester):
     counts = tester.make_counts(3)
     adata = anndata.AnnData(
         X=counts.astype(np.float32),
-        obs=pd.DataFrame({"species": ["human", "mouse", "human"], "tissue": ["liver", "lung", "blood"]},
-                         index=["a", "b", "c"]),
+        obs=pd.DataFrame(
+            {"species": ["human", "mouse", "human"], "tissue": ["liver", "lung", "blood"]},
+            index=["a", "b", "c"],
+        ),
         var=pd.DataFrame(index=GENES),
     )
     batch = processor(text=CTA_TEMPLATE, cells=adata)
@@ -39,7 +43,9 @@ def test_template_filled_from_metadata_and_obs(processor, tester):
     texts = processor.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert "mouse" in texts[1] and "lung" in texts[1] and "liver" in texts[0]
     overridden = processor(text=CTA_TEMPLATE, cells=adata, metadata={"tissue": "spleen"})
-    assert all("spleen" in t for t in processor.batch_decode(overridden["input_ids"], skip_special_tokens=True))
+    assert all(
+        "spleen" in t for t in processor.batch_decode(overridden["input_ids"], skip_special_tokens=True)
+    )
 
 
 def test_fill_template_joins_choices():
@@ -96,7 +102,10 @@ def test_save_load_round_trip(processor, tmp_path):
     assert loaded.special_token_ids == processor.special_token_ids
     text = ["Generate a {cell_type} cell."]
     meta = {"cell_type": "B cell"}
-    assert loaded(text=text, metadata=meta)["input_ids"].tolist() == processor(text=text, metadata=meta)["input_ids"].tolist()
+    assert (
+        loaded(text=text, metadata=meta)["input_ids"].tolist()
+        == processor(text=text, metadata=meta)["input_ids"].tolist()
+    )
 
 
 def test_prompt_format_must_hold_prompt(processor):
@@ -111,14 +120,15 @@ def test_collator_densifies_and_matches_processor(processor, tester):
         nonzero = np.flatnonzero(counts[i])
         cell = {"gene_indices": nonzero.tolist(), "gene_counts": counts[i, nonzero].astype(float).tolist()}
         empty = {"gene_indices": [], "gene_counts": []}
-        rows.append({
-            "instruction": "What is this? <CELL>" if task == "cta" else "Generate a B cell.",
-            "response": "This is a T cell." if task == "cta" else "Here is the cell <SIGNAL>",
-            **{f"input_{k}": v for k, v in (cell if task == "cta" else empty).items()},
-            **{f"target_{k}": v for k, v in (empty if task == "cta" else cell).items()},
-        })
+        rows.append(
+            {
+                "instruction": "What is this? <CELL>" if task == "cta" else "Generate a B cell.",
+                "response": "This is a T cell." if task == "cta" else "Here is the cell <SIGNAL>",
+                **{f"input_{k}": v for k, v in (cell if task == "cta" else empty).items()},
+                **{f"target_{k}": v for k, v in (empty if task == "cta" else cell).items()},
+            }
+        )
     batch = DataCollatorForInstructCell(processor)(rows)
     np.testing.assert_array_equal(batch["cell_values"].numpy(), counts[:1])
     np.testing.assert_array_equal(batch["target_cell_values"].numpy(), counts[1:])
     assert batch["labels"].shape[0] == 2
-

@@ -38,9 +38,13 @@ CHILD = textwrap.dedent(
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     inputs = processor(text=request["texts"], cells=np.array(request["cells"]), metadata=request["metadata"])
     generated = model.generate(**inputs, max_new_tokens=8)
-    cells = model.generate_cells(**inputs, max_new_tokens=8, num_cells=2, seed=0, suppress_tokens=request["suppress"])
+    cells = model.generate_cells(
+        **inputs, max_new_tokens=8, num_cells=2, seed=0, suppress_tokens=request["suppress"]
+    )
     print(json.dumps({
-        "modules": [type(obj).__module__ for obj in (config, model, seq2seq, processor, processor.feature_extractor)],
+        "modules": [
+            type(obj).__module__ for obj in (config, model, seq2seq, processor, processor.feature_extractor)
+        ],
         "same_class": type(model) is type(seq2seq),
         "generated": generated.tolist(),
         "cell_values": cells.cell_values.tolist(),
@@ -52,18 +56,29 @@ CHILD = textwrap.dedent(
 def test_remote_code_loads_without_the_package(model, processor, tester, tmp_path):
     folder = save_for_hub(model, processor, tmp_path / "hub")
     saved = sorted(p.name for p in folder.iterdir())
-    for name in ["modeling_instructcell.py", "modeling_cell_vae.py", "modeling_cell_encoder.py",
-                 "configuration_instructcell.py", "processing_instructcell.py",
-                 "feature_extraction_instructcell.py", "model.safetensors"]:
+    for name in [
+        "modeling_instructcell.py",
+        "modeling_cell_vae.py",
+        "modeling_cell_encoder.py",
+        "configuration_instructcell.py",
+        "processing_instructcell.py",
+        "feature_extraction_instructcell.py",
+        "model.safetensors",
+    ]:
         assert name in saved
     counts = tester.make_counts(2, seed=5)
     request = {
-        "texts": ["What cell type is this {species} cell from {tissue}? {input}", "Generate a {cell_type} cell."],
+        "texts": [
+            "What cell type is this {species} cell from {tissue}? {input}",
+            "Generate a {cell_type} cell.",
+        ],
         "cells": counts[:1].tolist(),
         "metadata": [{"species": "human", "tissue": "liver"}, {"cell_type": "B cell"}],
     }
     # An untrained model rarely says <SIGNAL>: allow only that token so that cells are sampled.
-    request["suppress"] = [i for i in range(tester.config.text_config.vocab_size) if i != tester.config.signal_token_index]
+    request["suppress"] = [
+        i for i in range(tester.config.text_config.vocab_size) if i != tester.config.signal_token_index
+    ]
     (tmp_path / "request.json").write_text(json.dumps(request))
     inputs = processor(text=request["texts"], cells=counts[:1], metadata=request["metadata"])
     expected = model.generate(**inputs, max_new_tokens=8)
@@ -80,7 +95,11 @@ def test_remote_code_loads_without_the_package(model, processor, tester, tmp_pat
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
         [sys.executable, "-I", "child.py", str(folder), str(tmp_path / "request.json")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import GENES
 from transformers import AutoModel, TrainerCallback
 
-from conftest import GENES
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _row(task: str, counts: np.ndarray, label: str, split: str) -> dict:
     nonzero = np.flatnonzero(counts)
-    cell = {"gene_indices": nonzero.astype(np.int32).tolist(), "gene_counts": counts[nonzero].astype(np.float32).tolist()}
+    cell = {
+        "gene_indices": nonzero.astype(np.int32).tolist(),
+        "gene_counts": counts[nonzero].astype(np.float32).tolist(),
+    }
     empty = {"gene_indices": [], "gene_counts": []}
     instruction = {
         "cta": "What cell type is this human cell? <CELL>",
@@ -28,10 +31,21 @@ def _row(task: str, counts: np.ndarray, label: str, split: str) -> dict:
         "cpcg": f"Generate a {label} from human blood.",
     }[task]
     return {
-        "task": task, "variant": "instruct", "dataset": "toy", "cell_id": f"{task}-{split}-{label}", "split": split,
-        "template_id": "t0", "instruction": instruction, "response": "<SIGNAL>" if task == "cpcg" else label,
-        "label": label, "choices": [], "options_in_prompt": False, "species": "human", "tissue": "blood",
-        "sequencing_method": "10x", "drug": "erlotinib" if task == "dsp" else "",
+        "task": task,
+        "variant": "instruct",
+        "dataset": "toy",
+        "cell_id": f"{task}-{split}-{label}",
+        "split": split,
+        "template_id": "t0",
+        "instruction": instruction,
+        "response": "<SIGNAL>" if task == "cpcg" else label,
+        "label": label,
+        "choices": [],
+        "options_in_prompt": False,
+        "species": "human",
+        "tissue": "blood",
+        "sequencing_method": "10x",
+        "drug": "erlotinib" if task == "dsp" else "",
         **{f"input_{k}": v for k, v in (empty if task == "cpcg" else cell).items()},
         **{f"target_{k}": v for k, v in (cell if task == "cpcg" else empty).items()},
     }
@@ -55,12 +69,25 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 
 def _args(dataset_dir: Path, output_dir: Path, **overrides):
-    training = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=6, save_strategy="steps",
-                    save_steps=2, eval_strategy="steps", eval_steps=2, logging_steps=1, learning_rate=3e-3,
-                    disable_tqdm=True, use_cpu=True)
+    training = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=6,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        logging_steps=1,
+        learning_rate=3e-3,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     training.update(overrides)
-    return (ModelArguments(preset="tiny", tokenizer_vocab_size=200), DataArguments(dataset_dir=str(dataset_dir)),
-            InstructCellTrainingArguments(**training))
+    return (
+        ModelArguments(preset="tiny", tokenizer_vocab_size=200),
+        DataArguments(dataset_dir=str(dataset_dir)),
+        InstructCellTrainingArguments(**training),
+    )
 
 
 def test_training_logs_both_losses_and_keeps_the_best(dataset_dir, tmp_path):
@@ -87,8 +114,14 @@ def test_interrupted_run_resumes_without_lost_steps(dataset_dir, tmp_path):
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    args = _args(dataset_dir, tmp_path / "run", max_steps=6, save_steps=100, eval_strategy="no",
-                 load_best_model_at_end=False)
+    args = _args(
+        dataset_dir,
+        tmp_path / "run",
+        max_steps=6,
+        save_steps=100,
+        eval_strategy="no",
+        load_best_model_at_end=False,
+    )
     from instructcell import training
 
     original = training.InstructCellTrainer.__init__
@@ -113,8 +146,16 @@ def test_interrupted_run_resumes_without_lost_steps(dataset_dir, tmp_path):
 
 
 def test_predict_with_generate_returns_ids(dataset_dir, tmp_path):
-    trainer, _, _ = run_training(*_args(dataset_dir, tmp_path / "run", predict_with_generate=True,
-                                        generation_max_length=8, eval_strategy="no", load_best_model_at_end=False))
+    trainer, _, _ = run_training(
+        *_args(
+            dataset_dir,
+            tmp_path / "run",
+            predict_with_generate=True,
+            generation_max_length=8,
+            eval_strategy="no",
+            load_best_model_at_end=False,
+        )
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)
     predictions = trainer.predict(trainer.eval_dataset)
     assert predictions.predictions.ndim == 2 and predictions.predictions.shape[0] == len(trainer.eval_dataset)
@@ -130,15 +171,22 @@ def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
         "disable_tqdm: true\nper_device_train_batch_size: 4\n"
     )
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "configuration" / "accelerate" / "single_cpu.yaml"), str(REPO / "examples" / "train.py"),
-        str(recipe), "--output_dir", str(output),  # flags after the recipe override it
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configuration" / "accelerate" / "single_cpu.yaml"),
+        str(REPO / "examples" / "train.py"),
+        str(recipe),
+        "--output_dir",
+        str(output),  # flags after the recipe override it
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     final = output / "final"
     assert json.loads((final / "config.json").read_text())["auto_map"]["AutoModel"].endswith(
-        "InstructCellForConditionalGeneration")
+        "InstructCellForConditionalGeneration"
+    )
     model = AutoModel.from_pretrained(final)
     assert model.config.n_genes == len(GENES)
     assert not overridden.exists()
@@ -147,8 +195,14 @@ def test_accelerate_launch_trains_and_saves_hub_folder(dataset_dir, tmp_path):
 def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_path):
     import torch
 
-    args = _args(dataset_dir, tmp_path / "run", eval_strategy="no", load_best_model_at_end=False,
-                 cell_decoder_steps=3, cell_decoder_batch_size=4)
+    args = _args(
+        dataset_dir,
+        tmp_path / "run",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        cell_decoder_steps=3,
+        cell_decoder_batch_size=4,
+    )
     from instructcell import cell_decoder_fitting
 
     snapshots = {}
@@ -174,8 +228,13 @@ def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_pat
     assert (stage / "checkpoint-3").is_dir()
     # a rerun resumes the finished stage instead of training it again
     again = cell_decoder_fitting.fit_cell_decoder(
-        trainer.model, trainer.processing_class, datasets.load_dataset(
-            "parquet", data_files=str(dataset_dir / "train.parquet"))["train"], args[2], steps=3, batch_size=4)
+        trainer.model,
+        trainer.processing_class,
+        datasets.load_dataset("parquet", data_files=str(dataset_dir / "train.parquet"))["train"],
+        args[2],
+        steps=3,
+        batch_size=4,
+    )
     assert again.state.global_step == 3
     assert torch.equal(trainer.model.state_dict()["cell_vae.px_r"], after["cell_vae.px_r"])
 
@@ -183,8 +242,16 @@ def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_pat
 def test_signal_states_need_one_signal_per_generation_row(dataset_dir, tmp_path):
     from instructcell.cell_decoder_fitting import conditioned_cells
 
-    trainer, processor, _ = run_training(*_args(dataset_dir, tmp_path / "run", max_steps=1, eval_strategy="no",
-                                                load_best_model_at_end=False, save_strategy="no"))
+    trainer, processor, _ = run_training(
+        *_args(
+            dataset_dir,
+            tmp_path / "run",
+            max_steps=1,
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            save_strategy="no",
+        )
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)
     train = datasets.load_dataset("parquet", data_files=str(dataset_dir / "train.parquet"))["train"]
     rows = conditioned_cells(trainer.model, processor, train)
@@ -202,6 +269,7 @@ def test_wall_clock_budget_survives_a_resume():
     assert state["args"] == {"minutes": 1.0} and state["attributes"]["elapsed_before"] >= 50.0
     restored = WallClockLimitCallback(**state["args"])
     restored.elapsed_before = 61.0  # as the Trainer restores it from the checkpoint
-    control = restored.on_step_end(None, None, type("Control", (), {"should_training_stop": False,
-                                                                      "should_save": False})())
+    control = restored.on_step_end(
+        None, None, type("Control", (), {"should_training_stop": False, "should_save": False})()
+    )
     assert control.should_training_stop and control.should_save
