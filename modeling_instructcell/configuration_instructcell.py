@@ -81,9 +81,6 @@ class InstructCellConfig(PreTrainedConfig):
         Let a small head turn (log library, covariates) into the log size factor actually used.
     vae_library_hidden : int
         Hidden width of that head.
-    vae_conditional_library_prior : bool
-        Learn the log-library prior from the ``<SIGNAL>`` covariates instead of one prior for all requests
-        (False: the original), so generated cells get the sequencing depth of the requested kind of cells.
     vae_kl_weight : float
         alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0: what the original InstructCell trained with).
     vae_loss_weight : float
@@ -148,7 +145,6 @@ class InstructCellConfig(PreTrainedConfig):
     vae_use_layer_norm: bool = True
     vae_adaptive_library: bool = True
     vae_library_hidden: int = 128
-    vae_conditional_library_prior: bool = False
     vae_kl_weight: float = 3.0
     vae_loss_weight: float = 1.0
     alignment_loss_weight: float = 0.0

@@ -563,17 +563,12 @@ class InstructCellConditionalVAE(nn.Module):
         Hidden width of ``library_head`` (128 in the published InstructCell checkpoints).
     log_variational
         Feed ``log1p(counts)`` instead of raw counts to the encoders.
-    conditional_library_prior
-        Learn the log-library prior from the covariates: ``library_prior_head(c)`` gives its mean and log
-        variance, so a request for cells of a shallowly sequenced dataset draws shallow libraries. False
-        (the original) keeps one prior for all conditions.
 
     Notes
     -----
     The log-library prior ``Normal(library_log_mean, sqrt(library_log_var))`` lives in buffers; set it from
-    the training counts with :meth:`set_library_prior`. With ``conditional_library_prior`` these moments
-    initialize the head (zero weights, bias = mean and log variance), which the library KL then trains. The
-    original InstructCell training used ``kl_weight=3.0``.
+    the training counts with :meth:`set_library_prior`. The original InstructCell training used
+    ``kl_weight=3.0``.
     """
 
     def __init__(
@@ -589,7 +584,6 @@ class InstructCellConditionalVAE(nn.Module):
         adaptive_library: bool = True,
         library_hidden: int = 128,
         log_variational: bool = True,
-        conditional_library_prior: bool = False,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -628,10 +622,8 @@ class InstructCellConditionalVAE(nn.Module):
             if adaptive_library
             else None
         )
-        self.library_prior_head = nn.Linear(n_condition, 2) if conditional_library_prior else None
         self.register_buffer("library_log_mean", torch.zeros(1, 1))
         self.register_buffer("library_log_var", torch.ones(1, 1))
-        self._init_library_prior_head()
 
     @torch.no_grad()
     def set_library_prior(self, counts: torch.Tensor) -> None:
@@ -657,39 +649,6 @@ class InstructCellConditionalVAE(nn.Module):
             )
         self.library_log_mean.fill_(log_totals.mean().item())
         self.library_log_var.fill_(variance.item())
-        self._init_library_prior_head()
-
-    @torch.no_grad()
-    def _init_library_prior_head(self) -> None:
-        """Start the conditional prior at the global one: zero weights, bias = (mean, log variance)."""
-        if self.library_prior_head is None:
-            return
-        self.library_prior_head.weight.zero_()
-        self.library_prior_head.bias.copy_(
-            torch.stack([self.library_log_mean.reshape(()), self.library_log_var.reshape(()).log()])
-        )
-
-    def library_prior(self, condition: torch.Tensor) -> Normal:
-        """Prior over the natural-log library size given the covariates.
-
-        Parameters
-        ----------
-        condition
-            Mapped covariates, ``(n_cells, n_condition)``.
-
-        Returns
-        -------
-        Normal
-            Float32, batch shape ``(n_cells, 1)``: the conditional prior with ``conditional_library_prior``,
-            else the global ``Normal(library_log_mean, sqrt(library_log_var))`` broadcast to every cell.
-        """
-        shape = (condition.shape[0], 1)
-        if self.library_prior_head is None:
-            mean, variance = self.library_log_mean.float(), self.library_log_var.float()
-            return Normal(mean.expand(shape), variance.sqrt().expand(shape))
-        dtype = self.library_prior_head.weight.dtype
-        mean, log_variance = self.library_prior_head(condition.to(dtype)).float().chunk(2, dim=-1)
-        return Normal(mean, torch.exp(0.5 * log_variance))
 
     def map_condition(self, condition_states: torch.Tensor) -> torch.Tensor:
         """Map conditioning hidden states to covariates.
@@ -763,6 +722,8 @@ class InstructCellConditionalVAE(nn.Module):
         _check_matrix("condition", condition, z.shape[0], self.n_condition, "n_condition")
         size_factor_log = self._size_factor_log(library_log, condition)
         px_scale, px_rate, px_dropout = self.decoder(z, condition, size_factor_log)
+        n_cells = z.shape[0]
+        prior_shape = (n_cells, 1)
         return {
             VAE_KEYS.px: ZeroInflatedNegativeBinomial(
                 mu=px_rate, theta=torch.exp(self.px_r.float()), zi_logits=px_dropout, scale=px_scale
@@ -770,7 +731,10 @@ class InstructCellConditionalVAE(nn.Module):
             VAE_KEYS.pz: Normal(
                 torch.zeros_like(z, dtype=torch.float32), torch.ones_like(z, dtype=torch.float32)
             ),
-            VAE_KEYS.pl: self.library_prior(condition),
+            VAE_KEYS.pl: Normal(
+                self.library_log_mean.float().expand(prior_shape),
+                self.library_log_var.float().sqrt().expand(prior_shape),
+            ),
             VAE_KEYS.size_factor_log: size_factor_log,
         }
 
@@ -885,8 +849,7 @@ class InstructCellConditionalVAE(nn.Module):
         z = torch.randn(n_cells, self.n_latent, generator=generator, device=device)
         if library_size is None:
             noise = torch.randn(n_cells, 1, generator=generator, device=device)
-            prior = self.library_prior(condition)
-            library_log = noise * prior.stddev + prior.mean
+            library_log = noise * self.library_log_var.float().sqrt() + self.library_log_mean.float()
         else:
             library_log = self._library_log_from_sizes(
                 library_size, condition_states.shape[0], n_cells, device

@@ -202,7 +202,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             use_layer_norm=config.vae_use_layer_norm,
             adaptive_library=config.vae_adaptive_library,
             library_hidden=config.vae_library_hidden,
-            conditional_library_prior=config.vae_conditional_library_prior,
         )
         self.post_init()
         if self.generation_config is not None:

@@ -253,38 +253,6 @@ def test_set_library_prior_computes_log_total_moments():
     assert vae.library_log_mean.shape == vae.library_log_var.shape == (1, 1)
 
 
-def test_conditional_library_prior_starts_at_the_global_prior():
-    vae = make_vae(conditional_library_prior=True)
-    counts = make_counts(10) + 1
-    vae.set_library_prior(counts)
-    prior = vae.library_prior(vae.map_condition(torch.randn(5, CONDITION_DIM)))
-    assert prior.mean.shape == (5, 1)
-    torch.testing.assert_close(prior.mean, vae.library_log_mean.expand(5, 1))
-    torch.testing.assert_close(prior.variance, vae.library_log_var.expand(5, 1))
-
-
-def test_conditional_library_prior_learns_the_depth_of_each_condition():
-    """Two conditions with 10x different sequencing depth: generated totals follow the request."""
-    vae = make_vae(conditional_library_prior=True, adaptive_library=False, dropout_rate=0.0)
-    generator = torch.Generator().manual_seed(0)
-    rates = torch.rand(1, N_GENES, generator=generator) + 0.5
-    shallow = torch.poisson(rates.expand(64, -1) * 2, generator=generator)
-    deep = torch.poisson(rates.expand(64, -1) * 20, generator=generator)
-    counts = torch.cat([shallow, deep])
-    states = torch.cat([torch.ones(64, 1), -torch.ones(64, 1)]) * torch.ones(1, CONDITION_DIM)
-    vae.set_library_prior(counts)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimizer.zero_grad()
-        vae(counts, states).loss.backward()
-        optimizer.step()
-    vae.eval()
-    sampled = vae.sample(states[[0, -1]], num_cells_per_condition=200, generator=generator).sum(-1)
-    shallow_total, deep_total = sampled[:200].mean(), sampled[200:].mean()
-    assert 5 < deep_total / shallow_total < 20
-    assert abs(math.log(shallow_total / shallow.sum(-1).mean())) < math.log(2)
-
-
 def test_bfloat16_module_keeps_likelihood_in_float32():
     vae = make_vae().to(torch.bfloat16)
     output = vae(make_counts(4), torch.randn(4, CONDITION_DIM))
