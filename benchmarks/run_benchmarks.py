@@ -236,6 +236,15 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _use_baseline(module: str, package: str, skip: bool, skipped: dict[str, str]) -> bool:
+    """Whether to run the optional baseline ``module``; if not, record why in ``skipped[module]``."""
+    if skip:
+        skipped[module] = f"--skip-{module}"
+    elif not _installed(module):
+        skipped[module] = f'{package} is not installed (pip install -e ".[bench]")'
+    return module not in skipped
+
+
 def load_candidates(args: argparse.Namespace, gene_names: list[str]) -> list[Candidate]:
     """Load the given models; their gene vocabulary must be the dataset's (columns of the sparse rows)."""
     candidates = []
@@ -331,12 +340,8 @@ def classification_section(
     skipped : dict
         Methods left out and why.
     """
-    skipped = {}
-    use_celltypist = not args.skip_celltypist and _installed("celltypist")
-    if args.skip_celltypist:
-        skipped["celltypist"] = "--skip-celltypist"
-    elif not use_celltypist:
-        skipped["celltypist"] = 'celltypist is not installed (pip install -e ".[bench]")'
+    skipped: dict[str, str] = {}
+    use_celltypist = _use_baseline("celltypist", "celltypist", args.skip_celltypist, skipped)
     variant = baseline_variant(test)
     results = {}
     for task, dataset in test.pairs(("cta", "dsp")):
@@ -423,12 +428,8 @@ def generation_section(
     skipped : dict
         Generators left out and why.
     """
-    skipped = {}
-    use_scvi = not args.skip_scvi and _installed("scvi")
-    if args.skip_scvi:
-        skipped["scvi"] = "--skip-scvi"
-    elif not use_scvi:
-        skipped["scvi"] = 'scvi-tools is not installed (pip install -e ".[bench]")'
+    skipped: dict[str, str] = {}
+    use_scvi = _use_baseline("scvi", "scvi-tools", args.skip_scvi, skipped)
     variant = baseline_variant(test)
     results = {}
     for _, dataset in test.pairs(("cpcg",)):

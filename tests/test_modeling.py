@@ -105,7 +105,7 @@ def test_generate_cells_samples_integer_counts(model, tester):
         head.weight[tester.config.signal_token_index] = 0
         head.weight[tester.config.signal_token_index, :] += model.get_input_embeddings().weight.new_tensor(0)
     signal = tester.config.signal_token_index
-    out = model.generate_cells(
+    request = dict(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         cell_values=batch["cell_values"],
@@ -114,19 +114,12 @@ def test_generate_cells_samples_integer_counts(model, tester):
         max_new_tokens=4,
         suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
     )
+    out = model.generate_cells(**request)
     assert out.has_signal.tolist() == [True, True, True]
     assert out.cell_values.shape == (15, tester.config.n_genes)
     assert out.cell_values.dtype == torch.long and bool((out.cell_values >= 0).all())
     assert out.request_index.tolist() == [0] * 5 + [1] * 5 + [2] * 5
-    again = model.generate_cells(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        cell_values=batch["cell_values"],
-        num_cells=5,
-        seed=3,
-        max_new_tokens=4,
-        suppress_tokens=[i for i in range(head.weight.shape[0]) if i != signal],
-    )
+    again = model.generate_cells(**request)
     assert torch.equal(out.cell_values, again.cell_values)
     sized = model.generate_cells(
         input_ids=batch["input_ids"],
