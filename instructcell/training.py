@@ -6,6 +6,7 @@ a wall-clock budget and for saving a checkpoint when the job is interrupted.
 """
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    SchedulerType,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
@@ -38,6 +40,11 @@ from modeling_instructcell import (
 logger = logging.getLogger(__name__)
 TASKS = ("cta", "dsp", "cpcg")
 PROCESSOR_DIR = "processor"
+# lr multiplier against the fraction of the wall-clock budget spent (``anneal_to_time_limit``)
+WALL_CLOCK_SCHEDULES = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
 
 
 @dataclass
@@ -125,6 +132,14 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Must stay False: the collator reads the text and sparse columns."}
     )
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this wall time."})
+    anneal_to_time_limit: bool = field(
+        default=False,
+        metadata={
+            "help": "With max_train_minutes: run the lr schedule (linear or cosine, after the warmup "
+            "steps) over the wall-clock budget, so the lr reaches 0 when the time is up, instead of over "
+            "num_train_epochs."
+        },
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "Resume the wall-clock budget where the checkpoint left it."}
     )
@@ -242,6 +257,43 @@ class InstructCellTrainer(Seq2SeqTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
+        if self.args.anneal_to_time_limit:
+            if not self.args.max_train_minutes:
+                raise ValueError(
+                    "anneal_to_time_limit needs max_train_minutes: the budget the lr decays over."
+                )
+            if SchedulerType(self.args.lr_scheduler_type).value not in WALL_CLOCK_SCHEDULES:
+                raise ValueError(
+                    f"anneal_to_time_limit supports lr_scheduler_type {sorted(WALL_CLOCK_SCHEDULES)}, "
+                    f"got {SchedulerType(self.args.lr_scheduler_type).value!r}."
+                )
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Create the Trainer's scheduler, or with ``anneal_to_time_limit`` one driven by the time budget.
+
+        Wall-clock progress is read from the :class:`WallClockLimitCallback` registered at the time of the
+        call (a resumed run restores it, with the time trained before), so the decay picks up where it left.
+        """
+        if self.lr_scheduler is not None or not self.args.anneal_to_time_limit:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup_steps = self.args.get_warmup_steps(num_training_steps)
+        shape = WALL_CLOCK_SCHEDULES[SchedulerType(self.args.lr_scheduler_type).value]
+
+        def factor(step: int) -> float:
+            warmup = 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+            return min(warmup, shape(self._wall_clock().progress()))
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _wall_clock(self) -> "WallClockLimitCallback":
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, WallClockLimitCallback):
+                return callback
+        raise RuntimeError(
+            "anneal_to_time_limit needs the WallClockLimitCallback that max_train_minutes adds."
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Return the model's total loss and keep its parts (text, ELBO, alignment) for logging."""
@@ -277,6 +329,10 @@ class WallClockLimitCallback(TrainerCallback, ExportableState):
     def elapsed(self) -> float:
         """Seconds trained so far, earlier runs included."""
         return self.elapsed_before + time.monotonic() - self.start
+
+    def progress(self) -> float:
+        """Fraction of the budget spent, in ``[0, 1]``."""
+        return min(1.0, self.elapsed() / self.seconds) if self.seconds > 0 else 1.0
 
     def state(self) -> dict:
         """Return the budget and the training time used so far (saved in checkpoints)."""

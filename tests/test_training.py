@@ -273,3 +273,43 @@ def test_wall_clock_budget_survives_a_resume():
         None, None, type("Control", (), {"should_training_stop": False, "should_save": False})()
     )
     assert control.should_training_stop and control.should_save
+
+
+def test_lr_anneals_over_the_wall_clock_budget(dataset_dir, tmp_path):
+    from instructcell.training import WallClockLimitCallback
+
+    budget = dict(
+        max_train_minutes=60.0,
+        anneal_to_time_limit=True,
+        lr_scheduler_type="cosine",
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
+    trainer, _, _ = run_training(*_args(dataset_dir, tmp_path / "run", **budget))
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert trainer.state.global_step == 4 and min(rates) > 0.99 * 3e-3  # seconds into an hour: full lr
+    factor = trainer.lr_scheduler.lr_lambdas[0]
+    # as a resumed run restores the clock: a new callback instance that has trained 45 of 60 minutes
+    trainer.callback_handler.remove_callback(WallClockLimitCallback)
+    trainer.callback_handler.add_callback(WallClockLimitCallback(minutes=60.0, elapsed_before=45 * 60))
+    assert factor(10) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.75)), abs=1e-3)
+    trainer.callback_handler.remove_callback(WallClockLimitCallback)
+    trainer.callback_handler.add_callback(WallClockLimitCallback(minutes=60.0, elapsed_before=61 * 60))
+    assert factor(10) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"anneal_to_time_limit": True}, "needs max_train_minutes"),
+        (
+            {"anneal_to_time_limit": True, "max_train_minutes": 1.0, "lr_scheduler_type": "constant"},
+            "supports lr_scheduler_type",
+        ),
+    ],
+)
+def test_wall_clock_annealing_rejects_what_it_cannot_schedule(dataset_dir, tmp_path, overrides, message):
+    short = dict(max_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    with pytest.raises(ValueError, match=message):
+        run_training(*_args(dataset_dir, tmp_path / "run", **short, **overrides))
