@@ -12,16 +12,13 @@ import datasets
 import numpy as np
 import pytest
 import yaml
+from builder_rows import builder_rows
 from conftest import GENES
 from stubs import PCAEmbedding
 
 from datasets_builder import (
     FEATURES,
-    AnnDataSource,
-    CellRecord,
     TemplateBank,
-    example_key,
-    make_example,
     write_gene_vocab,
 )
 from instructcell.hub import save_for_hub
@@ -48,41 +45,27 @@ def _load_suite():
 suite = _load_suite()
 
 
-def _rows(task: str, split: str, n: int, rng: np.random.Generator, bank: TemplateBank) -> list[dict]:
-    """Builder rows, both variants of the same cells; the labels separate on genes 0-9 vs 10-19."""
-    source = AnnDataSource("toy.h5ad", task=task, name="toy", drug="erlotinib" if task == "dsp" else "")
-    rows = []
-    for i in range(n):
-        label = LABELS[task][i % 2]
-        means = np.ones(len(GENES))
-        means[10 * (i % 2) : 10 * (i % 2) + 10] = 12.0
-        counts = rng.poisson(means)
-        counts[0] += 1
-        nonzero = np.flatnonzero(counts)
-        metadata = {"species": "human", "tissue": "blood", "sequencing_method": "10x Genomics"}
-        if task == "dsp":
-            metadata["drug"] = "erlotinib"
-        cell = CellRecord(
-            f"{task}-{split}{i}",
-            label,
-            metadata,
-            nonzero.astype(np.int32),
-            counts[nonzero].astype(np.float32),
-        )
-        for variant in ("instruct", "chat"):
-            key = example_key(task, variant, source.name, cell.obs_name)
-            template = bank.choose(task, variant, split, key)
-            rows.append(make_example(source, variant, cell, split, template, list(LABELS[task]), key))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     bank = TemplateBank.load()
     for split, n in N_ROWS.items():
-        rows = [row for task in LABELS for row in _rows(task, split, n, rng, bank)]
+        rows = [
+            row
+            for task in LABELS
+            for row in builder_rows(
+                task,
+                split,
+                n,
+                rng,
+                bank,
+                LABELS[task],
+                len(GENES),
+                variants=("instruct", "chat"),
+                id_prefix=f"{task}-{split}",
+            )
+        ]
         datasets.Dataset.from_list(rows, features=FEATURES).to_parquet(str(root / f"{split}.parquet"))
     write_gene_vocab(GENES, root / "gene_vocab.txt")
     return root

@@ -14,13 +14,11 @@ from stubs import PCAEmbedding
 pytest.importorskip("matplotlib")
 pytest.importorskip("scanpy")
 
+from builder_rows import builder_rows  # noqa: E402
+
 from datasets_builder import (  # noqa: E402  (after the skips: needs the [data,eval] extras)
     FEATURES,
-    AnnDataSource,
-    CellRecord,
     TemplateBank,
-    example_key,
-    make_example,
     template_split_of,
     write_gene_vocab,
 )
@@ -46,28 +44,21 @@ REPO = Path(__file__).resolve().parents[1]
 def _rows(
     task: str, split: str, n: int, seed: int, bank: TemplateBank, variant: str = "instruct"
 ) -> list[dict]:
-    """Rows as the builder writes them: label i % 2, label-specific marker genes, a template of the split."""
-    rng = np.random.default_rng(seed)
-    labels = LABELS[task]
-    source = AnnDataSource("toy.h5ad", task=task, name=NAMES[task], drug="erlotinib" if task == "dsp" else "")
-    rows = []
-    for i in range(n):
-        label = labels[i % 2]
-        means = np.full(len(GENES), 1.0)
-        means[10 * (i % 2) : 10 * (i % 2) + 5] = 15.0
-        counts = rng.poisson(means)
-        counts[0] += 1
-        nonzero = np.flatnonzero(counts)
-        metadata = {"species": "human", "tissue": "blood", "sequencing_method": "10x Genomics"}
-        if task == "dsp":
-            metadata["drug"] = "erlotinib"
-        cell = CellRecord(
-            f"{split}_{i}", label, metadata, nonzero.astype(np.int32), counts[nonzero].astype(np.float32)
-        )
-        key = example_key(task, variant, source.name, cell.obs_name)
-        template = bank.choose(task, variant, split, key)
-        rows.append(make_example(source, variant, cell, split, template, list(labels), key))
-    return rows
+    """Rows as the builder writes them: label i % 2, five marker genes per label, a template of the split."""
+    return builder_rows(
+        task,
+        split,
+        n,
+        np.random.default_rng(seed),
+        bank,
+        list(LABELS[task]),
+        len(GENES),
+        dataset=NAMES[task],
+        variants=(variant,),
+        marker_genes=5,
+        marker_mean=15.0,
+        id_prefix=f"{split}_",
+    )
 
 
 @pytest.fixture(scope="module")
