@@ -38,25 +38,18 @@ from instructcell.evaluation import (
 )
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
+DEFAULT_MODEL = {"alignment_loss_weight": 1.0, "standardize_genes": True}
+DEFAULT_TRAINING = {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50}
 # Each recipe: ModelArguments and training-argument overrides.
 RECIPES = {
     "paper": ({"alignment_loss_weight": 0.0}, {"optim": "adafactor", "learning_rate": 1e-3}),
-    "default": (
-        {"alignment_loss_weight": 1.0, "standardize_genes": True},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
-    ),
+    "default": (DEFAULT_MODEL, DEFAULT_TRAINING),
     # the lr decays to 0 over the training budget instead of staying at ~1e-3 (num_train_epochs is only an
     # upper bound): a schedule that depends on the budget, so this recipe trains one run per mark
-    "default+anneal": (
-        {"alignment_loss_weight": 1.0, "standardize_genes": True},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50, "anneal_to_time_limit": True},
-    ),
+    "default+anneal": (DEFAULT_MODEL, {**DEFAULT_TRAINING, "anneal_to_time_limit": True}),
     # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
     # gene dropout, label-set negatives in the contrastive loss
-    "default-standardize": (
-        {"alignment_loss_weight": 1.0},
-        {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50},
-    ),
+    "default-standardize": ({"alignment_loss_weight": 1.0}, DEFAULT_TRAINING),
 }
 
 
@@ -167,17 +160,15 @@ def _train(
         ModelArguments(preset=args.preset, **model_overrides),
         DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
         InstructCellTrainingArguments(
-            **{
-                "output_dir": str(output_dir),
-                "num_train_epochs": 1000,
-                "eval_strategy": "no",
-                "save_strategy": "no",
-                "load_best_model_at_end": False,
-                "disable_tqdm": True,
-                "logging_steps": 50,
-                "seed": args.seed,
-                **training_overrides,
-            }
+            output_dir=str(output_dir),
+            num_train_epochs=1000,
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
+            disable_tqdm=True,
+            logging_steps=50,
+            seed=args.seed,
+            **training_overrides,
         ),
         callbacks=[callback, gradients],
     )

@@ -262,10 +262,11 @@ class InstructCellTrainer(Seq2SeqTrainer):
                 raise ValueError(
                     "anneal_to_time_limit needs max_train_minutes: the budget the lr decays over."
                 )
-            if SchedulerType(self.args.lr_scheduler_type).value not in WALL_CLOCK_SCHEDULES:
+            schedule = SchedulerType(self.args.lr_scheduler_type).value
+            if schedule not in WALL_CLOCK_SCHEDULES:
                 raise ValueError(
                     f"anneal_to_time_limit supports lr_scheduler_type {sorted(WALL_CLOCK_SCHEDULES)}, "
-                    f"got {SchedulerType(self.args.lr_scheduler_type).value!r}."
+                    f"got {schedule!r}."
                 )
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
