@@ -304,3 +304,48 @@ def test_standardized_genes_use_saved_training_statistics(tester, tmp_path):
         plain.cell_encoder.set_gene_statistics(train)
     with pytest.raises(ValueError, match="at least 2 cells"):
         model.cell_encoder.set_gene_statistics(train[:1])
+
+
+def test_standardize_min_std_only_centers_genes_that_vary_less(tester):
+    from dataclasses import replace
+
+    from modeling_instructcell.modeling_cell_encoder import normalize_counts
+
+    train = torch.tensor(tester.make_counts(50, seed=1), dtype=torch.float32)
+    scaled = InstructCellForConditionalGeneration(replace(tester.config, standardize_genes=True))
+    floored = InstructCellForConditionalGeneration(
+        replace(tester.config, standardize_genes=True, standardize_min_std=1.0)
+    )
+    scaled.cell_encoder.set_gene_statistics(train)
+    floored.cell_encoder.set_gene_statistics(train)
+    std = normalize_counts(train, 1e4, True).std(0, unbiased=False)
+    assert (std < 1).any() and (std > 1).any()
+    torch.testing.assert_close(floored.cell_encoder.gene_std, torch.where(std < 1, 1.0, std).float())
+    torch.testing.assert_close(floored.cell_encoder.gene_mean, scaled.cell_encoder.gene_mean)
+
+
+def test_count_thinning_subsamples_reads_in_training_only(tester):
+    from dataclasses import replace
+
+    from modeling_instructcell.modeling_cell_encoder import thin_counts
+
+    torch.manual_seed(0)
+    counts = torch.tensor(tester.make_counts(200, seed=3), dtype=torch.float32) + 5
+    thinned = thin_counts(counts, 0.5)
+    assert torch.equal(thinned, thinned.round()) and (thinned <= counts).all()
+    kept = thinned.sum(1) / counts.sum(1)
+    assert kept.min() > 0.4 and kept.max() <= 1.0 and 0.65 < kept.mean() < 0.85
+    assert torch.equal(thin_counts(counts, 0.0), counts)
+    cells = counts[:4]
+    unthinned = InstructCellForConditionalGeneration(replace(tester.config, cell_mlp_dropout=0.0)).train()
+    torch.testing.assert_close(
+        unthinned.cell_encoder.get_kv_tokens(cells), unthinned.cell_encoder.get_kv_tokens(cells)
+    )
+    model = InstructCellForConditionalGeneration(
+        replace(tester.config, cell_mlp_dropout=0.0, count_thinning=0.5)
+    ).train()
+    assert not torch.equal(model.cell_encoder.get_kv_tokens(cells), model.cell_encoder.get_kv_tokens(cells))
+    model.eval()
+    torch.testing.assert_close(
+        model.cell_encoder.get_kv_tokens(cells), model.cell_encoder.get_kv_tokens(cells)
+    )
