@@ -47,28 +47,9 @@ RECIPES = {
     # the lr decays to 0 over the training budget instead of staying at ~1e-3 (num_train_epochs is only an
     # upper bound): a schedule that depends on the budget, so this recipe trains one run per mark
     "default+anneal": (DEFAULT_MODEL, {**DEFAULT_TRAINING, "anneal_to_time_limit": True}),
-    # ablations on top of default+anneal: only center the genes that vary less than 1 (scaling them up to unit
-    # variance costs a logistic regression 0.03-0.08), and binomial thinning of the training cells' counts
-    "default+anneal+min_std": (
-        {**DEFAULT_MODEL, "standardize_min_std": 1.0},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True},
-    ),
-    "default+anneal+thinning": (
-        {**DEFAULT_MODEL, "count_thinning": 0.5},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True},
-    ),
-    # ridge on the cell MLP's gene weights (scikit-learn's MLP with alpha 1: 0.5 * alpha / batch of 200), and
-    # AdamW's decoupled weight decay strong enough to matter over ~1,000 steps
-    "default+anneal+l2": (
-        {**DEFAULT_MODEL, "cell_input_l2_weight": 0.005},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True},
-    ),
-    "default+anneal+wd": (
-        DEFAULT_MODEL,
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True, "weight_decay": 1.0},
-    ),
     # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
-    # gene dropout, label-set negatives in the contrastive loss
+    # gene dropout, label-set negatives in the contrastive loss; at commit c7348d9 (2 seeds each): centering
+    # only genes that vary less than 1, binomial thinning of counts, a ridge on gene weights, weight decay 1
     "default-standardize": ({"alignment_loss_weight": 1.0}, DEFAULT_TRAINING),
 }
 

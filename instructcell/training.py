@@ -75,20 +75,6 @@ class ModelArguments:
         default=False,
         metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."},
     )
-    standardize_min_std: float = field(
-        default=0.0,
-        metadata={
-            "help": "With standardize_genes, divide genes whose std is below this by it (0: all unit var)."
-        },
-    )
-    count_thinning: float = field(
-        default=0.0,
-        metadata={"help": "Thin each training cell's counts to a random fraction in [1 - this, 1] (0: off)."},
-    )
-    cell_input_l2_weight: float = field(
-        default=0.0,
-        metadata={"help": "Ridge penalty on the cell MLP's gene weights, added to the loss (0: off)."},
-    )
     vae_loss_weight: float = field(
         default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."}
     )
@@ -244,9 +230,6 @@ def build_model(
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
-    overrides["standardize_min_std"] = model_args.standardize_min_std
-    overrides["count_thinning"] = model_args.count_thinning
-    overrides["cell_input_l2_weight"] = model_args.cell_input_l2_weight
     if model_args.vae_kl_weight is not None:
         overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)

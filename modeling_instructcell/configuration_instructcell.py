@@ -69,17 +69,6 @@ class InstructCellConfig(PreTrainedConfig):
         Then center and scale every gene by training-set statistics, clipped to [-10, 10]
         (``scanpy.pp.scale(max_value=10)``); the statistics are buffers saved with the weights, set by
         ``cell_encoder.set_gene_statistics`` before training. False is the paper's model.
-    standardize_min_std : float
-        With ``standardize_genes``, genes whose standard deviation is below this are divided by it instead
-        (centered, not scaled up): 0 scales every gene to unit variance.
-    cell_input_l2_weight : float
-        Ridge penalty ``0.5 * cell_input_l2_weight * ||W||^2`` on the first cell-MLP layer's weights (the
-        genes -> key/value-token map), added to the training loss of batches with input cells (as in
-        scikit-learn's MLP, inside the gradient that Adam normalizes). 0 disables it.
-    count_thinning : float
-        Training-time augmentation of the cell encoder's input: each cell's counts are binomially thinned
-        to a fraction drawn uniformly from ``[1 - count_thinning, 1]`` (a shallower read depth of the same
-        cell). 0 disables it; evaluation never thins.
     vae_n_latent, vae_n_hidden, vae_n_layers : int
         Latent size, hidden width and hidden layers of the VAE encoder and decoder.
     vae_n_condition : int
@@ -148,9 +137,6 @@ class InstructCellConfig(PreTrainedConfig):
     target_sum: float | None = 1e4
     log1p: bool = True
     standardize_genes: bool = False
-    standardize_min_std: float = 0.0
-    count_thinning: float = 0.0
-    cell_input_l2_weight: float = 0.0
     vae_n_latent: int = 256
     vae_n_hidden: int = 1024
     vae_n_layers: int = 4
@@ -188,10 +174,6 @@ class InstructCellConfig(PreTrainedConfig):
             )
         if self.cell_mlp_num_blocks < 1:
             raise ValueError(f"cell_mlp_num_blocks must be at least 1, got {self.cell_mlp_num_blocks}.")
-        if self.standardize_min_std < 0:
-            raise ValueError(f"standardize_min_std must be non-negative, got {self.standardize_min_std}.")
-        if not 0 <= self.count_thinning < 1:
-            raise ValueError(f"count_thinning must be in [0, 1), got {self.count_thinning}.")
         if self.target_sum is not None and self.target_sum <= 0:
             raise ValueError(f"target_sum must be positive or None, got {self.target_sum}.")
         if (

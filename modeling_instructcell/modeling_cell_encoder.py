@@ -33,26 +33,6 @@ def normalize_counts(counts: torch.Tensor, target_sum: float | None, log1p: bool
     return values
 
 
-def thin_counts(counts: torch.Tensor, max_fraction_removed: float) -> torch.Tensor:
-    """Binomially thin each cell's counts to a random fraction of its reads (a shallower read depth).
-
-    Parameters
-    ----------
-    counts : torch.Tensor
-        Raw integer counts, shape ``(n_cells, n_genes)``.
-    max_fraction_removed : float
-        Each cell keeps every read with a probability drawn uniformly from ``[1 - max_fraction_removed, 1]``.
-
-    Returns
-    -------
-    torch.Tensor
-        Thinned counts, shape ``(n_cells, n_genes)``, float.
-    """
-    values = counts.float()
-    keep = 1.0 - max_fraction_removed * torch.rand(values.shape[0], 1, device=values.device)
-    return torch.binomial(values, keep.expand_as(values))
-
-
 class InstructCellResidualBlock(nn.Module):
     """``Linear -> GELU -> Dropout`` with an optional residual connection."""
 
@@ -105,8 +85,7 @@ class InstructCellCellEncoder(nn.Module):
         Parameters
         ----------
         cell_values : torch.Tensor
-            Raw training counts, shape ``(n_cells, n_genes)``; genes that never vary get a scale of 1, genes
-            that vary less than ``config.standardize_min_std`` get that scale.
+            Raw training counts, shape ``(n_cells, n_genes)``; genes that never vary get a scale of 1.
         """
         if not self.config.standardize_genes:
             raise ValueError("This model was built with standardize_genes=False: it has no gene statistics.")
@@ -118,8 +97,7 @@ class InstructCellCellEncoder(nn.Module):
         values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p).double()
         std = values.std(dim=0, unbiased=False)
         self.gene_mean.copy_(values.mean(dim=0))
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        self.gene_std.copy_(std.clamp_min(self.config.standardize_min_std))
+        self.gene_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def get_kv_tokens(self, cell_values: torch.Tensor) -> torch.Tensor:
         """Residual-MLP key/value tokens.
@@ -141,8 +119,6 @@ class InstructCellCellEncoder(nn.Module):
                 "Align genes to the model's vocabulary with the processor's feature extractor."
             )
         first_linear = self.mlp[0].linear
-        if self.training and self.config.count_thinning > 0:
-            cell_values = thin_counts(cell_values, self.config.count_thinning)
         values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p)
         if self.config.standardize_genes:
             values = ((values - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)

@@ -430,10 +430,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                 alignment_term = self.config.alignment_loss_weight * alignment_loss
                 loss = alignment_term if loss is None else loss + alignment_term.to(loss.dtype)
 
-        if self.config.cell_input_l2_weight > 0 and loss is not None and cell_embeds is not None:
-            gene_weights = self.cell_encoder.mlp[0].linear.weight
-            loss = loss + 0.5 * self.config.cell_input_l2_weight * gene_weights.pow(2).sum().to(loss.dtype)
-
         return InstructCellForConditionalGenerationModelOutput(
             loss=loss,
             logits=outputs.logits,
