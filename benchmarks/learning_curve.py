@@ -225,7 +225,11 @@ def write_outputs(results: dict, unit: str, split: str, output: Path) -> str:
 
 
 def merge_runs(paths: list[Path]) -> tuple[dict, str, str]:
-    """Combine the JSON of runs made side by side (e.g. one recipe per core) into one result."""
+    """Combine the JSON of runs made side by side (e.g. one recipe per core) into one result.
+
+    A recipe's marks may come from several runs (``default+anneal`` trains one run per mark, so its marks can
+    be spread over processes): its points are joined in mark order; a mark scored twice is an error.
+    """
     runs = [json.loads(path.read_text()) for path in paths]
     if len({(run["unit"], run["split"]) for run in runs}) != 1:
         raise ValueError(
@@ -237,7 +241,16 @@ def merge_runs(paths: list[Path]) -> tuple[dict, str, str]:
             target = merged.setdefault(
                 dataset, {"logreg": result["logreg"], "recipes": {}, "gradient_norms": {}}
             )
-            target["recipes"].update(result["recipes"])
+            for recipe, curve in result["recipes"].items():
+                points = target["recipes"].get(recipe, []) + curve
+                marks = [point["mark"] for point in points]
+                repeated = sorted({mark for mark in marks if marks.count(mark) > 1})
+                if repeated:
+                    raise ValueError(
+                        f"{dataset} / {recipe} has mark(s) {repeated} in more than one run; "
+                        "merge runs with different marks."
+                    )
+                target["recipes"][recipe] = sorted(points, key=lambda point: point["mark"])
             target["gradient_norms"].update(result["gradient_norms"])
     return merged, runs[0]["unit"], runs[0]["split"]
 

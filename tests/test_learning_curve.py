@@ -1,0 +1,55 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_learning_curve():
+    spec = importlib.util.spec_from_file_location("learning_curve", REPO / "benchmarks" / "learning_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["learning_curve"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+learning_curve = _load_learning_curve()
+
+
+def _run(path: Path, recipes: dict, unit: str = "minutes") -> Path:
+    result = {
+        "logreg": {"macro_f1": 0.9, "seconds": 1.0},
+        "recipes": recipes,
+        "gradient_norms": {recipe: [{"step": 10, "cell MLP": 1.0}] for recipe in recipes},
+    }
+    path.write_text(json.dumps({"unit": unit, "split": "test", "results": {"pancreas": result}}))
+    return path
+
+
+def test_merge_joins_one_recipes_marks_from_several_runs(tmp_path):
+    ten = _run(tmp_path / "a.json", {"anneal": [{"mark": 10.0, "macro_f1": 0.8}]})
+    five = _run(
+        tmp_path / "b.json",
+        {"anneal": [{"mark": 5.0, "macro_f1": 0.7}], "paper": [{"mark": 5.0, "macro_f1": 0.2}]},
+    )
+    merged, unit, split = learning_curve.merge_runs([ten, five])
+    assert (unit, split) == ("minutes", "test")
+    assert [p["mark"] for p in merged["pancreas"]["recipes"]["anneal"]] == [5.0, 10.0]
+    assert merged["pancreas"]["recipes"]["paper"] == [{"mark": 5.0, "macro_f1": 0.2}]
+    table = learning_curve.write_outputs(merged, unit, split, tmp_path / "merged")
+    assert "| pancreas | anneal | 0.700 | 0.800 |" in table
+    assert "| pancreas | paper | 0.200 | - |" in table
+    assert (tmp_path / "merged.png").exists() and (tmp_path / "merged_pancreas_gradients.png").exists()
+
+
+def test_merge_rejects_a_mark_scored_twice_and_mixed_units(tmp_path):
+    first = _run(tmp_path / "a.json", {"anneal": [{"mark": 5.0, "macro_f1": 0.7}]})
+    again = _run(tmp_path / "b.json", {"anneal": [{"mark": 5.0, "macro_f1": 0.6}]})
+    with pytest.raises(ValueError, match=r"mark\(s\) \[5.0\] in more than one run"):
+        learning_curve.merge_runs([first, again])
+    steps = _run(tmp_path / "c.json", {"anneal": [{"mark": 300.0, "macro_f1": 0.6}]}, unit="steps")
+    with pytest.raises(ValueError, match="mix units or splits"):
+        learning_curve.merge_runs([first, steps])
