@@ -1,11 +1,11 @@
 """Answer extraction: rules on hand-picked cases, and the paper-style measurement (templates x labels)."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -146,12 +146,7 @@ RESPONSE_TEMPLATES = [
 
 
 def _measure_module():
-    spec = importlib.util.spec_from_file_location(
-        "measure_answer_extraction", ROOT / "examples" / "measure_answer_extraction.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/measure_answer_extraction.py", "measure_answer_extraction")
 
 
 @pytest.mark.parametrize(

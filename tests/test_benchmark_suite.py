@@ -1,11 +1,9 @@
 """benchmarks/run_benchmarks.py on a tiny dataset and model: table formatting and every section's JSON."""
 
 import copy
-import importlib.util
 import json
 import math
 import signal
-import sys
 from pathlib import Path
 
 import datasets
@@ -14,6 +12,7 @@ import pytest
 import yaml
 from builder_rows import builder_rows
 from conftest import GENES
+from script_modules import load_script
 from stubs import PCAEmbedding
 
 from datasets_builder import (
@@ -29,20 +28,11 @@ from modeling_instructcell import (
     InstructCellProcessor,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 LABELS = {"cta": ["T cell", "B cell"], "dsp": ["sensitive", "resistant"], "cpcg": ["T cell", "B cell"]}
 N_ROWS = {"train": 8, "validation": 2, "test": 6}
 
 
-def _load_suite():
-    spec = importlib.util.spec_from_file_location("run_benchmarks", REPO / "benchmarks" / "run_benchmarks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_benchmarks"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _load_suite()
+suite = load_script("benchmarks/run_benchmarks.py", "run_benchmarks")
 
 
 @pytest.fixture(scope="module")

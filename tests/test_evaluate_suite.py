@@ -1,6 +1,5 @@
 """The evaluation suite (examples/evaluate.py): a tiny model, synthetic rows rendered with the real bank."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scanpy")
 
 from builder_rows import builder_rows  # noqa: E402
+from script_modules import load_script  # noqa: E402
 
 from datasets_builder import (  # noqa: E402  (after the skips: needs the [data,eval] extras)
     FEATURES,
@@ -38,7 +38,6 @@ GENES = [f"GENE{i}" for i in range(40)]  # the conftest processor's vocabulary
 LABELS = {"cta": ("T cell", "B cell"), "dsp": ("sensitive", "resistant"), "cpcg": ("T cell", "B cell")}
 NAMES = {"cta": "toy_pbmc", "dsp": "toy_drug", "cpcg": "toy_pbmc"}
 N_TEST = 8
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(
@@ -306,9 +305,7 @@ def test_clear_errors(model_dir, data_dir, tmp_path, capsys):
         run_evaluation(_config(model_dir, other, tmp_path / "c"))
     assert not (tmp_path / "c" / "metrics.json").exists()
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "examples" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("examples/evaluate.py", "evaluate_cli")
     argv = ["--model", str(model_dir), "--dataset-dir", str(data_dir), "--output-dir", str(tmp_path / "d")]
     assert cli.main([*argv, "--tasks", "cta,xyz"]) == 2
     assert "Unknown task(s) ['xyz']" in capsys.readouterr().err

@@ -1,22 +1,10 @@
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_learning_curve():
-    spec = importlib.util.spec_from_file_location("learning_curve", REPO / "benchmarks" / "learning_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_curve"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-learning_curve = _load_learning_curve()
+learning_curve = load_script("benchmarks/learning_curve.py", "learning_curve")
 
 
 def _run(path: Path, recipes: dict, unit: str = "minutes") -> Path:

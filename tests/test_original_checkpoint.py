@@ -4,7 +4,6 @@ Fixture: ``../shared/reference/original_tiny/`` (a tiny checkpoint written by th
 recorded outputs, see its README). A fresh clone has no ``../shared``; then every test here is skipped.
 """
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from script_modules import load_script
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
 
 from modeling_instructcell import (
@@ -332,12 +332,7 @@ def test_seeded_samples_with_given_library(model, ref, use_generator):
 
 # ------------------------------------------------------------------------------------------------ conversion
 def _load_converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_original_checkpoint", ROOT / "examples" / "convert_original_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/convert_original_checkpoint.py", "convert_original_checkpoint")
 
 
 def test_converted_folder_gives_the_same_outputs(tmp_path, model, batch_a, ref):
