@@ -39,6 +39,8 @@ from modeling_instructcell import (
 
 logger = logging.getLogger(__name__)
 TASKS = ("cta", "dsp", "cpcg")
+# submodules of InstructCellForConditionalGeneration that are new next to the language model
+CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae", "cell_reconstruction_head"})
 PROCESSOR_DIR = "processor"
 # lr multiplier against the fraction of the wall-clock budget spent (``anneal_to_time_limit``)
 WALL_CLOCK_SCHEDULES = {
@@ -82,6 +84,13 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Weight of KL(q(z|x) || p(z)) in the ELBO (default: the preset's, 3.0 as the original)."
+        },
+    )
+    cell_reconstruction_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a self-supervised loss that reconstructs each input cell's standardized "
+            "expression from its embedding (0 = off)."
         },
     )
     use_lora: bool = field(
@@ -138,6 +147,14 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
             "help": "With max_train_minutes: run the lr schedule (linear or cosine, after the warmup "
             "steps) over the wall-clock budget, so the lr reaches 0 when the time is up, instead of over "
             "num_train_epochs."
+        },
+    )
+    cell_modules_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak lr of the modules InstructCell adds to the language model (cell encoder, "
+            "language projection, cell VAE, reconstruction head); default: learning_rate for all, "
+            "as the paper."
         },
     )
     restore_callback_states_from_checkpoint: bool = field(
@@ -230,6 +247,7 @@ def build_model(
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
+    overrides["cell_reconstruction_weight"] = model_args.cell_reconstruction_weight
     if model_args.vae_kl_weight is not None:
         overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
@@ -245,7 +263,7 @@ def build_model(
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=r".*language_model.*\.(q|v)",
-            modules_to_save=["cell_encoder", "language_projection", "cell_vae"],
+            modules_to_save=sorted(CELL_MODULES & set(dict(model.named_children()))),
         )
         model = get_peft_model(model, lora)
     return model
@@ -256,7 +274,9 @@ class InstructCellTrainer(Seq2SeqTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
+        self._loss_parts: dict[str, list[float]] = {
+            name: [] for name in ("lm_loss", "vae_loss", "alignment_loss", "cell_reconstruction_loss")
+        }
         if self.args.anneal_to_time_limit:
             if not self.args.max_train_minutes:
                 raise ValueError(
@@ -268,6 +288,34 @@ class InstructCellTrainer(Seq2SeqTrainer):
                     f"anneal_to_time_limit supports lr_scheduler_type {sorted(WALL_CLOCK_SCHEDULES)}, "
                     f"got {schedule!r}."
                 )
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Create the Trainer's optimizer; with ``cell_modules_learning_rate``, the cell modules get that lr.
+
+        The Trainer's two groups (with and without weight decay) are each split into language-model and
+        cell-module parameters, so the schedulers scale both peak rates by the same factor.
+        """
+        cell_lr = self.args.cell_modules_learning_rate
+        if self.optimizer is None and cell_lr is not None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = {}
+            for name, parameter in opt_model.named_parameters():
+                if parameter.requires_grad:
+                    is_cell = not CELL_MODULES.isdisjoint(name.split("."))
+                    groups.setdefault((name in decay, is_cell), []).append(parameter)
+            params = [
+                {
+                    "params": parameters,
+                    "weight_decay": self.args.weight_decay if decays else 0.0,
+                    "lr": cell_lr if is_cell else self.args.learning_rate,
+                }
+                for (decays, is_cell), parameters in sorted(groups.items())
+            ]
+            # the Trainer builds the optimizer from "params" when its kwargs carry them
+            self.optimizer_cls_and_kwargs = (optimizer_cls, {**kwargs, "params": params})
+        return super().create_optimizer(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Create the Trainer's scheduler, or with ``anneal_to_time_limit`` one driven by the time budget.

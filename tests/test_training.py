@@ -299,6 +299,32 @@ def test_lr_anneals_over_the_wall_clock_budget(dataset_dir, tmp_path):
     assert factor(10) == 0.0
 
 
+def test_cell_modules_train_at_their_own_learning_rate(dataset_dir, tmp_path):
+    short = dict(
+        max_steps=2, warmup_steps=0, eval_strategy="no", save_strategy="no", load_best_model_at_end=False
+    )
+    trainer, _, _ = run_training(
+        *_args(dataset_dir, tmp_path / "run", cell_modules_learning_rate=1e-4, **short)
+    )
+    model = trainer.model
+    groups = trainer.optimizer.param_groups
+    cell = {
+        id(p)
+        for module in (model.cell_encoder, model.language_projection, model.cell_vae)
+        for p in module.parameters()
+    }
+    language = {id(p) for p in model.language_model.parameters()}
+    assert {id(p) for group in groups for p in group["params"]} == cell | language  # every parameter, once
+    assert sum(len(group["params"]) for group in groups) == len(cell | language)
+    for group in groups:
+        members = {id(p) for p in group["params"]}
+        assert members <= cell or members <= language
+        # both peak rates, scaled alike by the linear schedule: 0 after the last of 2 steps
+        peak = 1e-4 if members <= cell else 3e-3
+        assert group["initial_lr"] == pytest.approx(peak)
+        assert group["lr"] == pytest.approx(0.0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
