@@ -48,11 +48,6 @@ RECIPES = {
     # upper bound): a schedule that depends on the budget, so this recipe trains one run per mark
     "default+anneal": (DEFAULT_MODEL, {**DEFAULT_TRAINING, "anneal_to_time_limit": True}),
     # separate peak lr for the cell encoder, projection and VAE (the language model keeps 1e-3)
-    # a self-supervised reconstruction of each input cell from its embedding, beside the CTA loss
-    "default+anneal+reconstruction": (
-        {**DEFAULT_MODEL, "cell_reconstruction_weight": 1.0},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True},
-    ),
     "default+anneal+cell_lr3e-4": (
         DEFAULT_MODEL,
         {**DEFAULT_TRAINING, "anneal_to_time_limit": True, "cell_modules_learning_rate": 3e-4},
@@ -63,7 +58,8 @@ RECIPES = {
     ),
     # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
     # gene dropout, label-set negatives in the contrastive loss; at commit c7348d9 (2 seeds each): centering
-    # only genes that vary less than 1, binomial thinning of counts, a ridge on gene weights, weight decay 1
+    # only genes that vary less than 1, binomial thinning of counts, a ridge on gene weights, weight decay 1;
+    # at commit 2aa59d1: a self-supervised reconstruction of each input cell from its embedding
     "default-standardize": ({"alignment_loss_weight": 1.0}, DEFAULT_TRAINING),
 }
 

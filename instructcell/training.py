@@ -40,7 +40,7 @@ from modeling_instructcell import (
 logger = logging.getLogger(__name__)
 TASKS = ("cta", "dsp", "cpcg")
 # submodules of InstructCellForConditionalGeneration that are new next to the language model
-CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae", "cell_reconstruction_head"})
+CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae"})
 PROCESSOR_DIR = "processor"
 # lr multiplier against the fraction of the wall-clock budget spent (``anneal_to_time_limit``)
 WALL_CLOCK_SCHEDULES = {
@@ -84,13 +84,6 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Weight of KL(q(z|x) || p(z)) in the ELBO (default: the preset's, 3.0 as the original)."
-        },
-    )
-    cell_reconstruction_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of a self-supervised loss that reconstructs each input cell's standardized "
-            "expression from its embedding (0 = off)."
         },
     )
     use_lora: bool = field(
@@ -153,8 +146,7 @@ class InstructCellTrainingArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={
             "help": "Peak lr of the modules InstructCell adds to the language model (cell encoder, "
-            "language projection, cell VAE, reconstruction head); default: learning_rate for all, "
-            "as the paper."
+            "language projection, cell VAE); default: learning_rate for all, as the paper."
         },
     )
     restore_callback_states_from_checkpoint: bool = field(
@@ -247,7 +239,6 @@ def build_model(
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
-    overrides["cell_reconstruction_weight"] = model_args.cell_reconstruction_weight
     if model_args.vae_kl_weight is not None:
         overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
@@ -263,7 +254,7 @@ def build_model(
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=r".*language_model.*\.(q|v)",
-            modules_to_save=sorted(CELL_MODULES & set(dict(model.named_children()))),
+            modules_to_save=sorted(CELL_MODULES),
         )
         model = get_peft_model(model, lora)
     return model
@@ -274,9 +265,7 @@ class InstructCellTrainer(Seq2SeqTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_parts: dict[str, list[float]] = {
-            name: [] for name in ("lm_loss", "vae_loss", "alignment_loss", "cell_reconstruction_loss")
-        }
+        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "vae_loss": [], "alignment_loss": []}
         if self.args.anneal_to_time_limit:
             if not self.args.max_train_minutes:
                 raise ValueError(

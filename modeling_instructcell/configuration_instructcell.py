@@ -91,10 +91,6 @@ class InstructCellConfig(PreTrainedConfig):
         other labels of the batch (BLIP-2's image-text contrast, with the label as the text).
     alignment_temperature : float
         Softmax temperature of that loss.
-    cell_reconstruction_weight : float
-        Weight of a self-supervised loss on the input cells (0 = off): a linear head reconstructs the
-        values the cell MLP reads (normalized, log1p, standardized) from each cell's mean embedding, mean
-        squared error over genes.
     cell_start_token_index, cell_end_token_index, cell_token_index, signal_token_index : int
         Token ids of ``<CELL>``, ``</CELL>``, the cell placeholder ``<cell_query>`` (replaced by cell
         embeddings) and ``<SIGNAL>`` (its hidden state conditions the VAE).
@@ -153,7 +149,6 @@ class InstructCellConfig(PreTrainedConfig):
     vae_loss_weight: float = 1.0
     alignment_loss_weight: float = 0.0
     alignment_temperature: float = 0.1
-    cell_reconstruction_weight: float = 0.0
     cell_start_token_index: int = 32100
     cell_end_token_index: int = 32101
     cell_token_index: int = 32102

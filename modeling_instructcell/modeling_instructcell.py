@@ -39,9 +39,6 @@ class InstructCellForConditionalGenerationModelOutput(ModelOutput):
     alignment_loss : torch.Tensor, optional
         Caption contrastive loss (scalar): input cells vs their label text (``cell_caption_ids``) plus
         ``<SIGNAL>`` states vs the requested label (``target_caption_ids``), when given.
-    cell_reconstruction_loss : torch.Tensor, optional
-        Mean squared error of reconstructing the input cells' MLP inputs from their embeddings (scalar),
-        with ``config.cell_reconstruction_weight > 0``.
     cell_embeds : torch.Tensor, optional
         Cell embeddings spliced into the text, ``(n_cells, num_query_tokens, hidden_size)``.
     signal_hidden_states : torch.Tensor, optional
@@ -57,7 +54,6 @@ class InstructCellForConditionalGenerationModelOutput(ModelOutput):
     vae_reconstruction_loss: torch.FloatTensor | None = None
     vae_kl_loss: torch.FloatTensor | None = None
     alignment_loss: torch.FloatTensor | None = None
-    cell_reconstruction_loss: torch.FloatTensor | None = None
     cell_embeds: torch.FloatTensor | None = None
     signal_hidden_states: torch.FloatTensor | None = None
     language_model_outputs: ModelOutput | None = None
@@ -207,8 +203,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             adaptive_library=config.vae_adaptive_library,
             library_hidden=config.vae_library_hidden,
         )
-        if config.cell_reconstruction_weight > 0:
-            self.cell_reconstruction_head = nn.Linear(text_hidden_size, config.n_genes)
         self.post_init()
         if self.generation_config is not None:
             self._stop_generation_at_signal()
@@ -436,12 +430,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                 alignment_term = self.config.alignment_loss_weight * alignment_loss
                 loss = alignment_term if loss is None else loss + alignment_term.to(loss.dtype)
 
-        reconstruction_loss = None
-        if self.config.cell_reconstruction_weight > 0 and cell_embeds is not None:
-            reconstruction_loss = self.cell_reconstruction_loss(cell_values, cell_embeds)
-            reconstruction_term = self.config.cell_reconstruction_weight * reconstruction_loss
-            loss = reconstruction_term if loss is None else loss + reconstruction_term.to(loss.dtype)
-
         return InstructCellForConditionalGenerationModelOutput(
             loss=loss,
             logits=outputs.logits,
@@ -450,7 +438,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             vae_reconstruction_loss=None if vae_output is None else vae_output.reconstruction_loss,
             vae_kl_loss=None if vae_output is None else vae_output.kl_z + vae_output.kl_library,
             alignment_loss=alignment_loss,
-            cell_reconstruction_loss=reconstruction_loss,
             cell_embeds=cell_embeds,
             signal_hidden_states=signal_states,
             language_model_outputs=outputs,
@@ -489,26 +476,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         label_vectors = nn.functional.normalize(label_vectors.float(), dim=-1)
         logits = cell_vectors @ label_vectors.T / self.config.alignment_temperature
         return nn.functional.cross_entropy(logits, label_index)
-
-    def cell_reconstruction_loss(self, cell_values: torch.Tensor, cell_embeds: torch.Tensor) -> torch.Tensor:
-        """Self-supervised loss: reconstruct what the cell MLP reads from each cell's mean embedding.
-
-        Parameters
-        ----------
-        cell_values : torch.Tensor
-            Raw counts of the input cells, ``(n_cells, n_genes)``.
-        cell_embeds : torch.Tensor
-            Their embeddings, ``(n_cells, num_query_tokens, hidden_size)`` from :meth:`get_cell_features`.
-
-        Returns
-        -------
-        torch.Tensor
-            Scalar mean squared error over cells and genes.
-        """
-        targets = self.cell_encoder.mlp_inputs(cell_values).float()
-        head = self.cell_reconstruction_head
-        reconstruction = head(cell_embeds.mean(1).to(head.weight.dtype)).float()
-        return nn.functional.mse_loss(reconstruction, targets)
 
     def _signal_states(self, token_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(n_signals, hidden)`` at the positions where ``<SIGNAL>`` is the input token."""
