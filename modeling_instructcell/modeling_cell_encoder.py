@@ -99,30 +99,6 @@ class InstructCellCellEncoder(nn.Module):
         self.gene_mean.copy_(values.mean(dim=0))
         self.gene_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
-    def mlp_inputs(self, cell_values: torch.Tensor) -> torch.Tensor:
-        """Return what the cell MLP reads: normalized, log1p and (``standardize_genes``) standardized counts.
-
-        Parameters
-        ----------
-        cell_values : torch.Tensor
-            Raw counts, shape ``(n_cells, n_genes)``.
-
-        Returns
-        -------
-        torch.Tensor
-            Shape ``(n_cells, n_genes)``, in the MLP's dtype.
-        """
-        if cell_values.dim() != 2 or cell_values.shape[-1] != self.config.n_genes:
-            raise ValueError(
-                f"cell_values must have shape (n_cells, {self.config.n_genes}), "
-                f"got {tuple(cell_values.shape)}. "
-                "Align genes to the model's vocabulary with the processor's feature extractor."
-            )
-        values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p)
-        if self.config.standardize_genes:
-            values = ((values - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)
-        return values.to(self.mlp[0].linear.weight.dtype)
-
     def get_kv_tokens(self, cell_values: torch.Tensor) -> torch.Tensor:
         """Residual-MLP key/value tokens.
 
@@ -136,7 +112,17 @@ class InstructCellCellEncoder(nn.Module):
         torch.Tensor
             Shape ``(n_cells, num_kv_tokens, encoder_hidden_size)``.
         """
-        hidden = self.mlp(self.mlp_inputs(cell_values))
+        if cell_values.dim() != 2 or cell_values.shape[-1] != self.config.n_genes:
+            raise ValueError(
+                f"cell_values must have shape (n_cells, {self.config.n_genes}), "
+                f"got {tuple(cell_values.shape)}. "
+                "Align genes to the model's vocabulary with the processor's feature extractor."
+            )
+        first_linear = self.mlp[0].linear
+        values = normalize_counts(cell_values, self.config.target_sum, self.config.log1p)
+        if self.config.standardize_genes:
+            values = ((values - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)
+        hidden = self.mlp(values.to(first_linear.weight.dtype))
         return hidden.view(cell_values.shape[0], self.config.num_kv_tokens, -1)
 
     def forward(self, cell_values: torch.Tensor) -> torch.Tensor:
