@@ -79,6 +79,9 @@ def _argv(dataset_dir, model_dir, tmp_path, *extra):
                 "per_device_train_batch_size": 4,
                 "learning_rate": 1e-3,
                 "variant": "instruct",
+                # the recipes' wall-clock budget and the lr decay over it: replaced by --train-steps
+                "max_train_minutes": 9,
+                "anneal_to_time_limit": True,
                 "demo": {"ignored": 1},
             }
         )
