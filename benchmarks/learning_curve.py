@@ -39,39 +39,30 @@ from instructcell.evaluation import (
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
 DEFAULT_MODEL = {"alignment_loss_weight": 1.0, "standardize_genes": True}
+# log-normalized inputs without per-gene standardization (which costs scikit-learn's logistic regression and
+# MLP 0.03-0.08 on these data)
+UNSTANDARDIZED_MODEL = {**DEFAULT_MODEL, "standardize_genes": False}
 DEFAULT_TRAINING = {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50}
+# the lr decays to 0 over the training budget instead of staying at ~1e-3 (num_train_epochs is only an upper
+# bound): a schedule that depends on the budget, so recipes with it train one run per mark
+ANNEALED_TRAINING = {**DEFAULT_TRAINING, "anneal_to_time_limit": True}
 # Each recipe: ModelArguments and training-argument overrides.
 RECIPES = {
     "paper": ({"alignment_loss_weight": 0.0}, {"optim": "adafactor", "learning_rate": 1e-3}),
     "default": (DEFAULT_MODEL, DEFAULT_TRAINING),
-    # the lr decays to 0 over the training budget instead of staying at ~1e-3 (num_train_epochs is only an
-    # upper bound): a schedule that depends on the budget, so this recipe trains one run per mark
-    "default+anneal": (DEFAULT_MODEL, {**DEFAULT_TRAINING, "anneal_to_time_limit": True}),
+    "default+anneal": (DEFAULT_MODEL, ANNEALED_TRAINING),
     # separate peak lr for the cell encoder, projection and VAE (the language model keeps 1e-3)
-    "default+anneal+cell_lr3e-4": (
-        DEFAULT_MODEL,
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True, "cell_modules_learning_rate": 3e-4},
-    ),
-    "default+anneal+cell_lr3e-3": (
-        DEFAULT_MODEL,
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True, "cell_modules_learning_rate": 3e-3},
-    ),
-    # log-normalized inputs without per-gene standardization (which costs scikit-learn's logistic regression
-    # and MLP 0.03-0.08 on these data), alone and with AdamW weight decay (scikit-learn's MLP matches the
-    # logistic regression only with a strong ridge)
-    "default+anneal-standardize": (
-        {**DEFAULT_MODEL, "standardize_genes": False},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True},
-    ),
-    "default+anneal-standardize+wd": (
-        {**DEFAULT_MODEL, "standardize_genes": False},
-        {**DEFAULT_TRAINING, "anneal_to_time_limit": True, "weight_decay": 1.0},
-    ),
+    "default+anneal+cell_lr3e-4": (DEFAULT_MODEL, {**ANNEALED_TRAINING, "cell_modules_learning_rate": 3e-4}),
+    "default+anneal+cell_lr3e-3": (DEFAULT_MODEL, {**ANNEALED_TRAINING, "cell_modules_learning_rate": 3e-3}),
+    # without standardization, alone and with AdamW weight decay (scikit-learn's MLP matches the logistic
+    # regression only with a strong ridge)
+    "default+anneal-standardize": (UNSTANDARDIZED_MODEL, ANNEALED_TRAINING),
+    "default+anneal-standardize+wd": (UNSTANDARDIZED_MODEL, {**ANNEALED_TRAINING, "weight_decay": 1.0}),
     # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
     # gene dropout, label-set negatives in the contrastive loss; at commit c7348d9 (2 seeds each): centering
     # only genes that vary less than 1, binomial thinning of counts, a ridge on gene weights, weight decay 1;
     # at commit 2aa59d1: a self-supervised reconstruction of each input cell from its embedding
-    "default-standardize": ({"alignment_loss_weight": 1.0}, DEFAULT_TRAINING),
+    "default-standardize": (UNSTANDARDIZED_MODEL, DEFAULT_TRAINING),
 }
 
 
