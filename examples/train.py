@@ -7,7 +7,8 @@
 Arguments come from the command line, or from a YAML recipe (``configuration/train/*.yaml``) given first and
 overridden by any flags after it (``examples/train.py recipe.yaml --max_train_minutes 10``); see ``--help``.
 Rerunning the same command resumes from the last checkpoint in ``--output_dir`` (Ctrl-C writes one first).
-The best model by validation loss is saved in the Hub layout to ``<output_dir>/final``.
+The final model (the best by validation loss with ``--load_best_model_at_end``) is saved in the Hub layout to
+``<output_dir>/final``.
 """
 
 import logging

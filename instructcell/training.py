@@ -9,12 +9,13 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -23,7 +24,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     TrainerCallback,
 )
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from datasets_builder import read_gene_vocab
@@ -261,7 +262,11 @@ def build_model(
 
 
 class InstructCellTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log)."""
+    """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log).
+
+    With ``max_train_minutes`` it stops on the wall clock (:class:`WallClockLimitCallback`), shows its
+    progress bar in minutes of that budget, and with ``anneal_to_time_limit`` decays the lr over it.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -277,6 +282,11 @@ class InstructCellTrainer(Seq2SeqTrainer):
                     f"anneal_to_time_limit supports lr_scheduler_type {sorted(WALL_CLOCK_SCHEDULES)}, "
                     f"got {schedule!r}."
                 )
+        budget = self.args.max_train_minutes
+        if budget:
+            self.add_callback(WallClockLimitCallback(budget))
+            if self.pop_callback(ProgressCallback) is not None:
+                self.add_callback(WallClockProgressCallback(budget, lambda: self._wall_clock().elapsed()))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """Create the Trainer's optimizer; with ``cell_modules_learning_rate``, the cell modules get that lr.
@@ -388,6 +398,40 @@ class WallClockLimitCallback(TrainerCallback, ExportableState):
         return control
 
 
+class WallClockProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, in minutes of the wall-clock budget instead of optimizer steps.
+
+    Under ``max_train_minutes``, ``num_train_epochs`` is only an upper bound, so a bar over its steps would
+    forecast hours for a 9-minute run. This bar shows the minutes trained (earlier runs of a resumed job
+    included) out of the budget, the step reached and the time left; evaluation bars and log lines are the
+    Trainer's.
+    """
+
+    def __init__(self, budget_minutes: float, elapsed_seconds: Callable[[], float]):
+        super().__init__()
+        self.budget_minutes = budget_minutes
+        self.elapsed_seconds = elapsed_seconds
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Open the bar over the budget."""
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(
+                total=self.budget_minutes,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:g} min{postfix}",
+                dynamic_ncols=True,
+            )
+        self.current_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Move the bar to the minutes trained so far."""
+        if state.is_world_process_zero:
+            minutes = min(self.elapsed_seconds() / 60, self.budget_minutes)
+            left = tqdm.format_interval((self.budget_minutes - minutes) * 60)
+            self.training_bar.n = minutes
+            self.training_bar.set_postfix_str(f"step {state.global_step}, {left} left")
+        self.current_step = state.global_step
+
+
 class SaveOnInterruptCallback(TrainerCallback):
     """On SIGINT/SIGTERM, finish the current step, write a checkpoint and stop; rerun to resume."""
 
@@ -465,8 +509,6 @@ def run_training(
         base_model.cell_encoder.set_gene_statistics(inputs)
     interrupt = SaveOnInterruptCallback()
     callbacks = [interrupt, *callbacks]
-    if training_args.max_train_minutes:
-        callbacks.append(WallClockLimitCallback(training_args.max_train_minutes))
     trainer = InstructCellTrainer(
         model=model,
         args=training_args,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import GENES
 from transformers import AutoModel, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
 
@@ -285,10 +286,13 @@ def test_lr_anneals_over_the_wall_clock_budget(dataset_dir, tmp_path):
         eval_strategy="no",
         save_strategy="no",
         load_best_model_at_end=False,
+        disable_tqdm=False,
     )
     trainer, _, _ = run_training(*_args(dataset_dir, tmp_path / "run", **budget))
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert trainer.state.global_step == 4 and min(rates) > 0.99 * 3e-3  # seconds into an hour: full lr
+    bars = [type(c).__name__ for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+    assert bars == ["WallClockProgressCallback"]  # the step bar (total: epochs x steps) is replaced
     factor = trainer.lr_scheduler.lr_lambdas[0]
     # as a resumed run restores the clock: a new callback instance that has trained 45 of 60 minutes
     trainer.callback_handler.remove_callback(WallClockLimitCallback)
@@ -339,3 +343,20 @@ def test_wall_clock_annealing_rejects_what_it_cannot_schedule(dataset_dir, tmp_p
     short = dict(max_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     with pytest.raises(ValueError, match=message):
         run_training(*_args(dataset_dir, tmp_path / "run", **short, **overrides))
+
+
+def test_progress_bar_counts_minutes_of_the_budget_not_steps():
+    from instructcell.training import WallClockProgressCallback
+
+    elapsed = [270.0]
+    callback = WallClockProgressCallback(budget_minutes=9.0, elapsed_seconds=lambda: elapsed[0])
+    state = type("State", (), {"is_world_process_zero": True, "global_step": 5})()
+    callback.on_train_begin(None, state, None)
+    callback.on_step_end(None, state, None)
+    bar = callback.training_bar
+    assert bar.total == 9.0 and bar.n == pytest.approx(4.5)
+    assert "4.5/9 min, step 5, 04:30 left" in str(bar)
+    elapsed[0] = 600.0  # past the budget: the bar stops at its end
+    callback.on_step_end(None, state, None)
+    assert bar.n == 9.0
+    callback.on_train_end(None, state, None)
