@@ -2,7 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
-from script_modules import load_script
+import yaml
+from script_modules import REPO, load_script
 
 learning_curve = load_script("benchmarks/learning_curve.py", "learning_curve")
 
@@ -41,3 +42,12 @@ def test_merge_rejects_a_mark_scored_twice_and_mixed_units(tmp_path):
     steps = _run(tmp_path / "c.json", {"anneal": [{"mark": 300.0, "macro_f1": 0.6}]}, unit="steps")
     with pytest.raises(ValueError, match="mix units or splits"):
         learning_curve.merge_runs([first, steps])
+
+
+@pytest.mark.parametrize("recipe_file", ["demo.yaml", "small-instruct.yaml", "small-chat.yaml"])
+def test_training_recipes_use_the_benchmarked_default(recipe_file):
+    """The learning curve measures the recipe that `make demo` and `make train-small` train with."""
+    recipe = yaml.safe_load((REPO / "configuration/train" / recipe_file).read_text())
+    model_overrides, training_overrides = learning_curve.RECIPES[learning_curve.DEFAULT_RECIPE]
+    expected = {**model_overrides, **training_overrides}
+    assert {key: recipe.get(key) for key in expected} == expected
