@@ -31,6 +31,7 @@ train-small: data
 	$(PY) examples/train.py configuration/train/small-chat.yaml
 
 lint: venv
+	$(PIP) install -e ".[dev]"  # ruff is a dev extra, not in the test venv
 	$(PY) -m ruff check .
 
 clean:
