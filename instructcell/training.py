@@ -340,7 +340,8 @@ class InstructCellTrainer(Seq2SeqTrainer):
             if isinstance(callback, WallClockLimitCallback):
                 return callback
         raise RuntimeError(
-            "anneal_to_time_limit needs the WallClockLimitCallback that max_train_minutes adds."
+            "The wall-clock lr schedule and progress bar need the WallClockLimitCallback that "
+            "InstructCellTrainer adds under max_train_minutes; do not remove it from the callbacks."
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
