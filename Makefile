@@ -25,10 +25,10 @@ demo: venv
 data: venv
 	$(PY) examples/build_dataset.py --data-dir ../shared/datasets --output outputs/instructcell-data
 
-# About an hour on 2 CPU cores: both variants of the small preset, 30 minutes each (benchmarked in docs/).
+# Both variants of the small preset, 2,000 steps each (about 30 minutes each on 2 CPU cores).
 train-small: data
-	$(PY) examples/train.py configuration/train/small-instruct.yaml
-	$(PY) examples/train.py configuration/train/small-chat.yaml
+	$(PY) -m instructcell train small-instruct
+	$(PY) -m instructcell train small-chat
 
 lint: venv
 	$(PIP) install -e ".[dev]"  # ruff is a dev extra, not in the test venv

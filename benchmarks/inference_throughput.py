@@ -46,8 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from datasets_builder.templates import TemplateBank  # noqa: E402
 from instructcell import inference  # noqa: E402
-from instructcell.presets import config_for_processor  # noqa: E402
-from instructcell.tokenization import train_instruction_tokenizer  # noqa: E402
+from instructcell.training import (
+    config_for_processor,  # noqa: E402
+    train_instruction_tokenizer,  # noqa: E402
+)
 from modeling_instructcell import (  # noqa: E402
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,

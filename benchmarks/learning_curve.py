@@ -5,17 +5,17 @@
         --minutes 2,5,10,15,20,30 --output benchmarks/results/learning_curve
 
 Recipes can also run side by side, one per core (``--recipes paper --threads 1 --output a`` and
-``--recipes default+anneal-standardize --threads 1 --output b`` at once), then
+``--recipes default --threads 1 --output b`` at once), then
 ``--merge a.json,b.json --output ...``.
 
 For each CTA dataset and recipe, trains the small preset (instruct variant, CTA only, hash split) and
 pauses at each wall-clock mark to score the test split (evaluation time is not counted as training time).
-A recipe whose learning rate decays over its budget (``anneal_to_time_limit``, as in our default
-``DEFAULT_RECIPE``) is instead trained once per mark.
+A recipe whose learning rate decays over its budget (our default, budgeted in steps) is instead trained once
+per mark, its lr decaying over that mark's minutes or steps.
 Logistic regression on log-normalized counts is fitted on the same training cells in the same run.
 Prints a markdown table and writes ``<output>.md``, ``<output>.json``, ``<output>.png`` and, per dataset, the
 gradient norm reaching each module group (``<output>_<dataset>_gradients.png``,
-:mod:`instructcell.diagnostics`).
+:mod:`instructcell.training.diagnostics`).
 """
 
 import argparse
@@ -31,45 +31,39 @@ import matplotlib.pyplot as plt
 import torch
 from transformers import TrainerCallback
 
-from instructcell.diagnostics import GradientNormRecorder, plot_gradient_norms
-from instructcell.evaluation import (
+from instructcell.evaluation.predictions import (
     classification_metrics,
     load_rows,
     logistic_regression_predictions,
     model_predictions,
 )
-from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training
+from instructcell.training.diagnostics import GradientNormRecorder, plot_gradient_norms
 
-DEFAULT_MODEL = {"alignment_loss_weight": 1.0, "standardize_genes": True}
-# log-normalized inputs without per-gene standardization (which costs scikit-learn's logistic regression and
-# MLP 0.03-0.08 on these data)
-UNSTANDARDIZED_MODEL = {**DEFAULT_MODEL, "standardize_genes": False}
-DEFAULT_TRAINING = {"optim": "adamw_torch", "learning_rate": 1e-3, "warmup_steps": 50}
-# the lr decays to 0 over the training budget instead of staying at ~1e-3 (num_train_epochs is only an upper
-# bound): a schedule that depends on the budget, so recipes with it train one run per mark
-ANNEALED_TRAINING = {**DEFAULT_TRAINING, "anneal_to_time_limit": True}
-# Each recipe: ModelArguments and training-argument overrides.
-RECIPES = {
-    "paper": ({"alignment_loss_weight": 0.0}, {"optim": "adafactor", "learning_rate": 1e-3}),
-    "default": (DEFAULT_MODEL, DEFAULT_TRAINING),
-    "default+anneal": (DEFAULT_MODEL, ANNEALED_TRAINING),
-    # separate peak lr for the cell encoder, projection and VAE (the language model keeps 1e-3)
-    "default+anneal+cell_lr3e-4": (DEFAULT_MODEL, {**ANNEALED_TRAINING, "cell_modules_learning_rate": 3e-4}),
-    "default+anneal+cell_lr3e-3": (DEFAULT_MODEL, {**ANNEALED_TRAINING, "cell_modules_learning_rate": 3e-3}),
-    # without standardization, alone and with AdamW weight decay (scikit-learn's MLP matches the logistic
-    # regression only with a strong ridge)
-    "default+anneal-standardize": (UNSTANDARDIZED_MODEL, ANNEALED_TRAINING),
-    "default+anneal-standardize+wd": (UNSTANDARDIZED_MODEL, {**ANNEALED_TRAINING, "weight_decay": 1.0}),
-    # ablations measured at commit 2d1bc6c and removed (docs/learning_efficiency.md): class-balanced sampling,
-    # gene dropout, label-set negatives in the contrastive loss; at commit c7348d9 (2 seeds each): centering
-    # only genes that vary less than 1, binomial thinning of counts, a ridge on gene weights, weight decay 1;
-    # at commit 2aa59d1: a self-supervised reconstruction of each input cell from its embedding
-    "default-standardize": (UNSTANDARDIZED_MODEL, DEFAULT_TRAINING),
+# Each curve: a shipped recipe (configuration/recipes) and the overrides that make it an ablation. docs/experiments.md
+# has the curves measured so far and the ablations that were tried and removed.
+RECIPES: dict[str, tuple[str, dict]] = {
+    "default": (DEFAULT_RECIPE, {}),
+    "paper": ("paper", {}),
+    # per-gene standardization of the cell encoder's input (an option, off by default)
+    "default+standardize": (DEFAULT_RECIPE, {"standardize_genes": True}),
+    # a separate peak lr for the cell encoder, projection and VAE (the language model keeps the recipe's)
+    "default+cell_lr3e-4": (DEFAULT_RECIPE, {"cell_modules_learning_rate": 3e-4}),
+    "default+cell_lr3e-3": (DEFAULT_RECIPE, {"cell_modules_learning_rate": 3e-3}),
+    "default+weight_decay": (DEFAULT_RECIPE, {"weight_decay": 1.0}),
 }
-# Our default recipe, the one configuration/train/demo.yaml and small-*.yaml use (tests/test_learning_curve.py
-# keeps them in step). Recipe names record changes from the first default (``default``: per-gene
-# standardization, constant lr), so that earlier results under benchmarks/results/ keep their meaning.
-DEFAULT_RECIPE = "default+anneal-standardize"
+# what every run of the curve shares: CTA on one dataset, no checkpoints or validation passes, no VAE stage
+CURVE_SETTINGS = {
+    "tasks": "cta",
+    "variant": "instruct",
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "load_best_model_at_end": False,
+    "cell_decoder_steps": 0,
+    "disable_tqdm": True,
+    "logging_steps": 50,
+    "report_to": "none",
+}
 
 
 class WallClockEvaluation(TrainerCallback):
@@ -125,72 +119,65 @@ class WallClockEvaluation(TrainerCallback):
         return control
 
 
+def budget_overrides(recipe: str, mark: float, unit: str) -> dict | None:
+    """Overrides that make ``mark`` a recipe's budget, or None when one run is scored at every mark.
+
+    A recipe budgeted in steps (``max_steps``, its lr decaying over them) trains once per mark: with
+    ``--unit steps`` the mark is its ``max_steps``; with minutes its lr decays over ``mark`` minutes of wall
+    clock instead (``anneal_to_time_limit``). An epoch-budgeted recipe (the paper's) trains once.
+    """
+    shipped, overrides = RECIPES[recipe]
+    _, _, training_args, _ = parse_training_arguments(shipped, overrides)
+    if training_args.max_steps <= 0:
+        return None
+    if unit == "steps":
+        return {"max_steps": int(mark)}
+    return {"max_steps": -1, "num_train_epochs": 10_000, "max_train_minutes": mark, "anneal_to_time_limit": True}
+
+
 def run_recipe(
     recipe: str, dataset: str, args, marks: list[float], test_rows
 ) -> tuple[list[dict], list[dict]]:
     """Train one recipe; return its learning curve and its per-module gradient norms.
 
-    A recipe whose lr schedule spans the budget (``anneal_to_time_limit``) is trained once per mark, each
-    run with that mark as its budget (``max_train_minutes``, or ``max_steps`` with ``--unit steps``); the
+    A recipe whose lr schedule spans its budget is trained once per mark (:func:`budget_overrides`); the
     gradient norms are those of the longest run. Other recipes train once and are scored at every mark.
     """
-    model_overrides, training_overrides = RECIPES[recipe]
-    if not training_overrides.get("anneal_to_time_limit"):
-        return _train(recipe, dataset, args, marks, test_rows, model_overrides, training_overrides)
+    if budget_overrides(recipe, marks[0], args.unit) is None:
+        return _train(recipe, recipe, dataset, args, marks, test_rows, {})
     curve: list[dict] = []
     for mark in marks:
-        budget = (
-            {"max_train_minutes": mark}
-            if args.unit == "minutes"
-            else {"max_steps": int(mark), "anneal_to_time_limit": False}
-        )
-        points, gradients = _train(
-            f"{recipe}-{mark:g}",
-            dataset,
-            args,
-            [mark],
-            test_rows,
-            model_overrides,
-            {**training_overrides, **budget},
-        )
+        budget = budget_overrides(recipe, mark, args.unit)
+        points, gradients = _train(recipe, f"{recipe}-{mark:g}", dataset, args, [mark], test_rows, budget)
         curve.extend(points)
     return curve, gradients
 
 
 def _train(
-    run_name: str,
-    dataset: str,
-    args,
-    marks: list[float],
-    test_rows,
-    model_overrides: dict,
-    training_overrides: dict,
+    recipe: str, run_name: str, dataset: str, args, marks: list[float], test_rows, budget: dict
 ) -> tuple[list[dict], list[dict]]:
-    """One training run of the small preset on ``dataset``'s CTA rows, scored at ``marks``.
+    """One training run of ``args.preset`` on ``dataset``'s CTA rows, scored at ``marks``.
 
     Starts from scratch: a checkpoint left in the run's folder (a time-limited or interrupted earlier run)
     is deleted rather than resumed, since a curve is timed from the first step.
     """
+    shipped, overrides = RECIPES[recipe]
     output_dir = Path(args.work_dir) / f"{dataset}-{run_name}"
     shutil.rmtree(output_dir, ignore_errors=True)
+    settings = {
+        **overrides,
+        **CURVE_SETTINGS,
+        "preset": args.preset,
+        "dataset_dir": args.dataset_dir,
+        "datasets": dataset,
+        "output_dir": str(output_dir),
+        "seed": args.seed,
+        **budget,
+    }
     callback = WallClockEvaluation(marks, test_rows, unit=args.unit)
     gradients = GradientNormRecorder(every=10)
-    run_training(
-        ModelArguments(preset=args.preset, **model_overrides),
-        DataArguments(dataset_dir=args.dataset_dir, tasks="cta", datasets=dataset, variant="instruct"),
-        InstructCellTrainingArguments(
-            output_dir=str(output_dir),
-            num_train_epochs=1000,
-            eval_strategy="no",
-            save_strategy="no",
-            load_best_model_at_end=False,
-            disable_tqdm=True,
-            logging_steps=50,
-            seed=args.seed,
-            **training_overrides,
-        ),
-        callbacks=[callback, gradients],
-    )
+    model_args, data_args, training_args, _ = parse_training_arguments(shipped, settings)
+    run_training(model_args, data_args, training_args, callbacks=[callback, gradients])
     return callback.results, gradients.records
 
 
@@ -280,11 +267,11 @@ def main() -> None:
     parser.add_argument(
         "--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat"
     )
-    parser.add_argument("--recipes", default=f"paper,{DEFAULT_RECIPE}")
+    parser.add_argument("--recipes", default="paper,default", help=f"Comma-separated, among {', '.join(RECIPES)}.")
     parser.add_argument(
         "--minutes",
         default="2,5,10,15,20,30",
-        help="Marks (minutes, or steps with --unit steps); 15 is issue 8's target.",
+        help="Marks (minutes, or steps with --unit steps).",
     )
     parser.add_argument(
         "--unit",

@@ -50,8 +50,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,8 +59,10 @@ from inference_throughput import compare_modes, label_token_length, throughput_t
 
 from datasets_builder import read_gene_vocab  # noqa: E402
 from datasets_builder.templates import DEFAULT_BANK_DIR, TemplateBank  # noqa: E402
-from instructcell.baselines import celltypist_predictions, label_mean_cells, train_scvi  # noqa: E402
-from instructcell.evaluation import (  # noqa: E402
+from instructcell.evaluation.baselines import celltypist_predictions, label_mean_cells, train_scvi  # noqa: E402
+from instructcell.evaluation.files import fmt  # noqa: E402
+from instructcell.evaluation.metrics.generation import DEFAULT_KS, ReferenceEmbedding, compare_generators  # noqa: E402
+from instructcell.evaluation.predictions import (  # noqa: E402
     cap_rows,
     classification_metrics,
     evaluate_generation,
@@ -73,15 +74,8 @@ from instructcell.evaluation import (  # noqa: E402
     sparse_cells,
     sparse_input_cells,
 )
-from instructcell.reporting import fmt  # noqa: E402
-from instructcell.robustness import rows_answer_texts, template_lookup  # noqa: E402
-from instructcell.training import (  # noqa: E402
-    DataArguments,
-    InstructCellTrainingArguments,
-    ModelArguments,
-    run_training,
-)
-from instructcell_eval.generation_metrics import DEFAULT_KS, ReferenceEmbedding, compare_generators  # noqa: E402
+from instructcell.evaluation.robustness import rows_answer_texts, template_lookup  # noqa: E402
+from instructcell.training import parse_training_arguments, run_training  # noqa: E402
 from modeling_instructcell import (  # noqa: E402
     InstructCellForConditionalGeneration,
     InstructCellPipeline,
@@ -106,7 +100,7 @@ METHOD_TITLES = {
     "label_mean": "per-label mean",
     "reference": "reference (real training cells)",
 }
-DEFAULT_RECIPE = ROOT / "configuration" / "train" / "demo.yaml"
+DEFAULT_RECIPE = "demo"
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -184,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="score,greedy,single",
         help="Comma-separated modes of inference_throughput.compare_modes.",
     )
-    parser.add_argument("--train-recipe", default=str(DEFAULT_RECIPE), help="Training recipe (YAML).")
+    parser.add_argument("--train-recipe", default=DEFAULT_RECIPE, help="Training recipe (name or YAML).")
     parser.add_argument("--train-preset", default="small")
     parser.add_argument(
         "--train-steps", type=int, default=50, help="Training steps (the first is not timed)."
@@ -561,20 +555,15 @@ def training_section(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             f"--train-steps must be at least 2 (the first step is not timed), got {args.train_steps}."
         )
-    recipe = yaml.safe_load(Path(args.train_recipe).read_text()) or {}
-    recipe.pop("demo", None)
     timer = StepTimer()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with tempfile.TemporaryDirectory(prefix="instructcell-bench-") as tmp:
         config = {
-            **recipe,
             "preset": args.train_preset,
             "tasks": "cta,dsp,cpcg",
             "dataset_dir": str(args.dataset_dir),
             "output_dir": tmp,
             "max_steps": args.train_steps,
-            "max_train_minutes": None,
-            "anneal_to_time_limit": False,  # no wall-clock budget to decay over: the schedule spans max_steps
             "cell_decoder_steps": 0,  # the recipe's second stage (VAE on frozen states) is not timed
             "eval_strategy": "no",
             "save_strategy": "no",
@@ -584,8 +573,7 @@ def training_section(args: argparse.Namespace) -> dict[str, Any]:
             "disable_tqdm": True,
             "seed": args.seed,
         }
-        parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
-        model_args, data_args, training_args = parser.parse_dict(config)
+        model_args, data_args, training_args, _ = parse_training_arguments(args.train_recipe, config)
         start = time.perf_counter()
         try:
             trainer, _, _ = run_training(model_args, data_args, training_args, callbacks=[timer])

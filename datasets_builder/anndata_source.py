@@ -18,9 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-TASKS: tuple[str, str, str] = ("cta", "dsp", "cpcg")
-DEFAULT_LABEL_KEYS: dict[str, str] = {"cta": "cell_type", "dsp": "drug_response", "cpcg": "cell_type"}
-METADATA_KEYS: tuple[str, str, str, str] = ("species", "tissue", "sequencing_method", "drug")
+from instructcell.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -32,15 +30,16 @@ class AnnDataSource:
     path
         Path to the ``.h5ad`` file (cells x genes, raw integer counts, ``var_names`` = gene symbols).
     task
-        ``"cta"`` (cell type annotation), ``"dsp"`` (drug sensitivity prediction) or ``"cpcg"``
-        (conditional pseudo-cell generation).
+        A task name of :mod:`instructcell.tasks`: ``"cta"`` (cell type annotation), ``"dsp"`` (drug
+        sensitivity prediction), ``"cpcg"`` (conditional pseudo-cell generation)...
     name
         Dataset name used in the split hash and the ``dataset`` column; defaults to the file stem.
     label_key
-        ``obs`` column with the label; defaults to ``"cell_type"`` (CTA, CPCG) or ``"drug_response"`` (DSP).
+        ``obs`` column with the label; defaults to the task's ``label_key`` (``"cell_type"``, or
+        ``"drug_response"`` for DSP).
     species, tissue, sequencing_method, drug
         Metadata. A non-empty value here wins; otherwise the ``obs`` column of the same name is used.
-        ``drug`` is only needed for DSP.
+        Only the task's ``metadata_keys`` are read (``drug`` only for DSP).
     layer
         Read counts from ``layers[layer]`` instead of ``X``.
     """
@@ -56,17 +55,16 @@ class AnnDataSource:
     layer: str = ""
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"Unknown task {self.task!r} for {self.path}: use one of {TASKS}.")
+        get_task(self.task)  # a clear error for an unknown task
         object.__setattr__(self, "path", os.fspath(self.path))
         if not self.name:
             object.__setattr__(self, "name", os.path.splitext(os.path.basename(self.path))[0])
         if not self.label_key:
-            object.__setattr__(self, "label_key", DEFAULT_LABEL_KEYS[self.task])
+            object.__setattr__(self, "label_key", get_task(self.task).label_key)
 
     def metadata_keys(self) -> tuple[str, ...]:
-        """Metadata fields this task needs (``drug`` only for DSP)."""
-        return METADATA_KEYS if self.task == "dsp" else METADATA_KEYS[:3]
+        """Metadata fields this task needs (its ``metadata_keys``)."""
+        return get_task(self.task).metadata_keys
 
 
 @dataclass

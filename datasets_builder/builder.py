@@ -25,7 +25,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .anndata_source import TASKS, AnnDataReader, AnnDataSource, CellRecord
+from instructcell.tasks import TASKS, get_task
+
+from .anndata_source import AnnDataReader, AnnDataSource, CellRecord
 from .gene_vocab import GENE_VOCAB_FILENAME, check_gene_vocab, read_gene_vocab, write_gene_vocab
 from .splits import SPLITS, split_of
 from .templates import CELL_TOKEN, DEFAULT_BANK_DIR, SIGNAL_TOKEN, VARIANTS, Template, TemplateBank, render
@@ -62,7 +64,7 @@ class InstructCellBuilderConfig(datasets.BuilderConfig):
     Parameters
     ----------
     tasks
-        Tasks to include (``"cta"``, ``"dsp"``, ``"cpcg"``); sources of other tasks are skipped.
+        Task names to include (:mod:`instructcell.tasks`); sources of other tasks are skipped.
     variant
         ``"instruct"`` (response = the answer) or ``"chat"`` (conversational response).
     sources
@@ -79,7 +81,7 @@ class InstructCellBuilderConfig(datasets.BuilderConfig):
         Set by the builder from the input files (size, mtime) so that changed inputs get a new cache entry.
     """
 
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = tuple(TASKS)
     variant: str = "instruct"
     sources: Sequence[AnnDataSource] = ()
     gene_vocab: str | Sequence[str] = ""
@@ -91,7 +93,7 @@ class InstructCellBuilderConfig(datasets.BuilderConfig):
 
 def _configs() -> list[InstructCellBuilderConfig]:
     configs = []
-    for tasks, prefix in [*(((t,), t) for t in TASKS), (TASKS, "all")]:
+    for tasks, prefix in [*(((t,), t) for t in TASKS), (tuple(TASKS), "all")]:
         for variant in VARIANTS:
             configs.append(
                 InstructCellBuilderConfig(
@@ -161,24 +163,19 @@ def make_example(
     """One dataset row from a cell and its template.
 
     ``choices`` is the dataset's full label set; when the template offers options they appear in the prompt
-    in an order shuffled deterministically from ``key``. For CPCG the cell is the *target*, the instruction
-    asks for its cell type, and ``{output}`` becomes ``<SIGNAL>``.
+    in an order shuffled deterministically from ``key``. The task decides where the cell goes: the *input*
+    of a task that reads a cell, the *target* of one that generates a cell (``{output}`` then becomes
+    ``<SIGNAL>`` and the label fills the task's ``label_placeholder``, e.g. ``{cell_type}``).
     """
+    task = get_task(source.task)
     metadata = {"species": "", "tissue": "", "sequencing_method": "", "drug": "", **cell.metadata}
-    empty_indices, empty_counts = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    if source.task == "cpcg":
-        metadata["cell_type"] = cell.label
-        output, inputs, target = (
-            SIGNAL_TOKEN,
-            (empty_indices, empty_counts),
-            (cell.gene_indices, cell.gene_counts),
-        )
-    else:
-        output, inputs, target = (
-            cell.label,
-            (cell.gene_indices, cell.gene_counts),
-            (empty_indices, empty_counts),
-        )
+    if task.label_placeholder is not None:
+        metadata[task.label_placeholder] = cell.label
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    counts = (cell.gene_indices, cell.gene_counts)
+    output = SIGNAL_TOKEN if task.output_cell else cell.label
+    inputs = counts if task.input_cell else empty
+    target = counts if task.output_cell else empty
     options = option_order(choices, key) if template.has_choices else []
     instruction, response = render(template, metadata, output, options)
     return {

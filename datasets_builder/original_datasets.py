@@ -33,6 +33,8 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from instructcell.tasks import get_task
+
 from .anndata_source import check_raw_counts
 
 logger = logging.getLogger(__name__)
@@ -422,7 +424,7 @@ class OriginalDataset:
     Parameters
     ----------
     name, task
-        Paper name and task (``"cta"``, ``"dsp"``, ``"cpcg"``).
+        Paper name and task name (:mod:`instructcell.tasks`).
     species, tissue, sequencing_method, drug
         Metadata written to ``obs`` (``drug`` only for DSP).
     source
@@ -452,8 +454,8 @@ class OriginalDataset:
 
     @property
     def label_key(self) -> str:
-        """Column the builder reads: ``drug_response`` for DSP, else ``cell_type``."""
-        return "drug_response" if self.task == "dsp" else "cell_type"
+        """Column the builder reads: the task's ``label_key``."""
+        return get_task(self.task).label_key
 
 
 _AHCA = (
@@ -672,7 +674,11 @@ def prepare(
     adata = add_metadata(adata, spec)
     if preprocess:
         adata = preprocess_dataset(
-            adata, spec.species, spec.label_key, drop_rare_labels=spec.task != "dsp", orthologs=orthologs
+            adata,
+            spec.species,
+            spec.label_key,
+            drop_rare_labels=get_task(spec.task).drop_rare_labels,
+            orthologs=orthologs,
         )
     out = root / f"{name}.h5ad"
     adata.write_h5ad(out, compression="gzip")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from instructcell.tasks import get_task
+
 from .templates import placeholders
 from .traits import Questioner
 
@@ -203,95 +205,6 @@ ASIDES: dict[str, list[str]] = {
     ],
 }
 
-CTA_CORES: dict[str, list[str]] = {
-    "high": [
-        "Annotate the cell type of this single-cell transcriptome.",
-        "Assign a cell identity to the expression profile below.",
-        "Which cell type does this UMI count vector correspond to?",
-        "Classify this cell from its gene expression.",
-        "Determine the most likely cell type for this barcode.",
-        "Infer the cell identity from this expression profile: {input}.",
-        "Label this scRNA-seq profile with its cell type.",
-        "Perform cell type annotation on {input}.",
-        "Which population would this cell cluster with?",
-        "Predict the cell type annotation for {input}.",
-        "Map this cell onto a known cell type.",
-        "Give me the cell-type call for this transcriptome.",
-        "Based on marker expression, what is this cell?",
-        "Resolve the identity of this single cell.",
-    ],
-    "low": [
-        "Can you tell me what kind of cell this is?",
-        "What cell is this?",
-        "I have no idea what type of cell this is.",
-        "Could you figure out which cell this is?",
-        "What sort of cell am I looking at here?",
-        "Help me name this cell: {input}.",
-        "What type is this cell, {input}?",
-        "Which kind of cell does this data come from?",
-        "Is there a way to know what this cell is?",
-        "Please tell me the name of this cell type.",
-        "Guess what kind of cell this is for me.",
-        "Work out what this cell is, please.",
-    ],
-}
-DSP_CORES: dict[str, list[str]] = {
-    "high": [
-        "Predict the response of this cell to {drug}.",
-        "Is this cell sensitive or resistant to {drug}?",
-        "Classify the {drug} response of this single-cell profile.",
-        "Estimate the drug sensitivity of {input} to {drug}.",
-        "Would this transcriptome indicate resistance to {drug}?",
-        "Determine whether {drug} would be effective on this cell.",
-        "Infer the {drug} sensitivity status from this expression profile.",
-        "Assess the susceptibility of this cell to {drug}.",
-        "From its expression, does this cell tolerate {drug}?",
-        "Call the {drug} response for {input}.",
-        "Predict the drug-response label under {drug} exposure.",
-        "Evaluate how this cell reacts to {drug} treatment.",
-    ],
-    "low": [
-        "Will {drug} work on this cell?",
-        "Would this cell survive {drug}?",
-        "Does {drug} kill this cell or not?",
-        "Can you tell me if this cell reacts to {drug}?",
-        "Is {drug} going to affect this cell, {input}?",
-        "Will this cell be okay after {drug}?",
-        "Tell me whether {drug} beats this cell.",
-        "Does this cell fight off {drug}?",
-        "Could {drug} get rid of this cell: {input}?",
-        "I want to know if {drug} harms this cell.",
-    ],
-}
-CPCG_CORES: dict[str, list[str]] = {
-    "high": [
-        "Generate a cell of type {cell_type}.",
-        "Simulate the expression profile of one cell typed as {cell_type}.",
-        "Create a synthetic single-cell transcriptome of the {cell_type} type.",
-        "Sample a pseudo-cell of type {cell_type}.",
-        "Produce a realistic count profile for the cell type {cell_type}.",
-        "Synthesize one expression vector labelled {cell_type}.",
-        "Draw a single cell annotated as {cell_type} from your generative model.",
-        "Give me an in-silico profile of type {cell_type}.",
-        "Output a simulated gene expression vector for {cell_type}.",
-        "Generate UMI counts for a cell labelled {cell_type}.",
-        "Emit a plausible transcriptome belonging to {cell_type}.",
-        "Construct a pseudo-cell with the identity {cell_type}.",
-    ],
-    "low": [
-        "Can you make me a cell of the {cell_type} kind?",
-        "Please create a fake cell that is {cell_type}.",
-        "Make up one cell of type {cell_type} for me.",
-        "Could you build a pretend cell of the type {cell_type}?",
-        "I need an example cell labelled {cell_type}.",
-        "Show me a made-up cell from the {cell_type} group.",
-        "Can you invent the data of a cell that counts as {cell_type}?",
-        "Produce an example cell of type {cell_type}, please.",
-        "Give me a sample cell belonging to {cell_type}.",
-        "Create what a cell of type {cell_type} would look like.",
-    ],
-}
-CORES = {"cta": CTA_CORES, "dsp": DSP_CORES, "cpcg": CPCG_CORES}
 INPUT_SENTENCES: dict[str, list[str]] = {
     "high": [
         "Expression profile: {input}.",
@@ -421,77 +334,6 @@ RESPONSE_ACKS: dict[str, list[str]] = {
         "Careful analysis done.",
     ],
 }
-RESPONSE_ANSWERS: dict[str, list[str]] = {
-    "cta": [
-        "The predicted cell type is {output}.",
-        "I'd annotate it as {output}.",
-        "This cell looks like {output}.",
-        "My annotation: {output}.",
-        "It matches {output} best.",
-        "The most likely identity is {output}.",
-        "I would label it {output}.",
-        "It belongs to the {output} population.",
-        "Answer: {output}.",
-        "Its expression points to {output}.",
-        "This is {output}.",
-        "I classify it as {output}.",
-    ],
-    "dsp": [
-        "The cell is predicted to be {output} to {drug}.",
-        "Prediction: {output}.",
-        "I expect it to be {output} to {drug}.",
-        "This cell looks {output} to {drug}.",
-        "Its response to {drug} is likely {output}.",
-        "Answer: {output}.",
-        "I'd call it {output}.",
-        "The profile suggests it is {output} to {drug}.",
-        "Most likely {output}.",
-        "My call for {drug}: {output}.",
-    ],
-    "cpcg": [
-        "Here is a generated {cell_type} profile: {output}",
-        "Done, this is the simulated cell: {output}",
-        "Below is a synthetic cell of type {cell_type}: {output}",
-        "Here's the pseudo-cell you asked for: {output}",
-        "This cell of type {cell_type} was generated for you: {output}",
-        "Your cell ({cell_type}): {output}",
-        "Generated cell: {output}",
-        "Here it is: {output}",
-        "One cell labelled {cell_type} coming up: {output}",
-        "This is a plausible {cell_type} profile from {species} {tissue}: {output}",
-    ],
-}
-RESPONSE_NOTES: dict[str, dict[str, list[str]]] = {
-    "cta": {
-        "high": [
-            "Marker genes support this call.",
-            "Check canonical markers to confirm.",
-            "Confidence is reasonably high.",
-            "Consider subclustering if you need finer labels.",
-        ],
-        "low": [
-            "That's the name of this kind of cell.",
-            "Feel free to ask what that cell does.",
-            "Each cell type has its own job.",
-            "I can explain more if you like.",
-        ],
-    },
-    "dsp": {
-        "high": [
-            "Validate this with a viability assay.",
-            "Resistance programs can be heterogeneous.",
-            "Treat this as a single-cell estimate.",
-            "Compare with bulk response data if available.",
-        ],
-        "low": [
-            "That tells you how the cell reacts to the drug.",
-            "Ask me if you want to know what that means.",
-            "Drugs don't affect every cell the same way.",
-            "I can explain the reasoning if you like.",
-        ],
-    },
-    "cpcg": {"high": [""], "low": [""]},
-}
 
 
 def _pick(rng: np.random.Generator, options: list[str]) -> str:
@@ -519,13 +361,14 @@ class GrammarGenerator:
         self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator
     ) -> str:
         """Sample an instruction template for ``task`` under ``questioner``'s traits."""
+        spec = get_task(task)
         level = questioner.proficiency or _pick(rng, ["high", "low"])
-        core = _pick(rng, CORES[task][level])
+        core = _pick(rng, spec.grammar.cores[level])
         middle = [core]
-        if task != "cpcg" and "{input}" not in core:
+        if spec.input_cell and "{input}" not in core:
             middle.append(_pick(rng, INPUT_SENTENCES[level]))
         keys = ["species", "tissue", "sequencing_method"]
-        if task != "cpcg":
+        if spec.input_cell:
             keys = [k for k in keys if rng.random() < self.metadata_probability]
         if keys:
             middle.append(self._metadata_sentence(keys, rng))
@@ -563,10 +406,11 @@ class GrammarGenerator:
 
         Metadata echoed in the response is limited to what the instruction itself mentions.
         """
+        grammar = get_task(task).grammar
         mentioned = set(placeholders(instruction)) | {"output"}
-        answer = _pick(rng, [a for a in RESPONSE_ANSWERS[task] if set(placeholders(a)) <= mentioned])
+        answer = _pick(rng, [a for a in grammar.answers if set(placeholders(a)) <= mentioned])
         ack = _pick(rng, RESPONSE_ACKS[questioner.personality or ""])
         parts = [ack, answer]
-        if task != "cpcg" and questioner.personality != "impatient" and rng.random() < 0.5:
-            parts.append(_pick(rng, RESPONSE_NOTES[task][questioner.proficiency or "high"]))
+        if get_task(task).input_cell and questioner.personality != "impatient" and rng.random() < 0.5:
+            parts.append(_pick(rng, grammar.notes[questioner.proficiency or "high"]))
         return " ".join(p for p in parts if p)

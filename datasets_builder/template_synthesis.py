@@ -32,12 +32,12 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from instructcell.tasks import get_task, task_names
+
 from .template_grammar import GrammarGenerator
 from .templates import (
     DEFAULT_BANK_DIR,
     MAX_WORDS,
-    OPTIONAL_INSTRUCTION_PLACEHOLDERS,
-    REQUIRED_INSTRUCTION_PLACEHOLDERS,
     ROUGE_L_THRESHOLD,
     RougeLIndex,
     validate_instruction,
@@ -46,16 +46,6 @@ from .templates import (
 from .traits import Questioner, sample_questioner
 
 logger = logging.getLogger(__name__)
-
-TASK_DESCRIPTIONS: dict[str, str] = {
-    "cta": "cell type annotation: another person tells the questioner the cell type of the single cell "
-    "{input}",
-    "dsp": "drug sensitivity prediction: another person predicts whether the single cell {input} is "
-    "sensitive or resistant to the drug {drug}",
-    "cpcg": "conditional pseudo-cell generation: another person generates a single-cell gene expression "
-    "profile with the requested cell type {cell_type}, species {species}, tissue {tissue} and sequencing "
-    "method {sequencing_method}",
-}
 
 
 class TemplateGenerator(Protocol):
@@ -141,11 +131,12 @@ class ChatEndpointGenerator:
         self, task: str, questioner: Questioner, with_choices: bool, rng: np.random.Generator
     ) -> str | None:
         """Ask for the questioner's utterance, listing the placeholders it must contain."""
-        required = sorted(REQUIRED_INSTRUCTION_PLACEHOLDERS[task] | ({"choices"} if with_choices else set()))
-        optional = sorted(OPTIONAL_INSTRUCTION_PLACEHOLDERS[task] - {"choices"})
+        spec = get_task(task)
+        required = sorted(spec.required_placeholders | ({"choices"} if with_choices else set()))
+        optional = sorted(spec.optional_placeholders - {"choices"})
         prompt = (
             "Write one message that a person sends to an AI assistant about single-cell RNA-seq analysis, "
-            f"for the task of {TASK_DESCRIPTIONS[task]}. Take the role of the person asking and express "
+            f"for the task of {spec.grammar.description}. Take the role of the person asking and express "
             "yourself the way they would.\n"
             f"{questioner.describe() or 'No information about the person is given.'}\n"
             f"The message must contain each of these placeholders once: "
@@ -155,7 +146,7 @@ class ChatEndpointGenerator:
             prompt += f" It may also use: {', '.join('{' + p + '}' for p in optional)}."
         if with_choices:
             prompt += " {choices} is the list of possible answers."
-        elif task != "cpcg":
+        elif spec.offers_choices:
             prompt += " Do not list possible answers."
         return self._ask(prompt, rng)
 
@@ -172,9 +163,10 @@ class ChatEndpointGenerator:
         self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator
     ) -> str | None:
         """Ask for the assistant's reply to ``instruction``, with ``{output}`` standing for the answer."""
-        where = "at the very end of your reply" if task == "cpcg" else "once in your reply"
+        spec = get_task(task)
+        where = "at the very end of your reply" if spec.output_cell else "once in your reply"
         prompt = (
-            f"You are an AI assistant doing {TASK_DESCRIPTIONS[task].split(':')[0]}. A person "
+            f"You are an AI assistant doing {spec.title}. A person "
             f"wrote:\n{instruction}\n"
             f"You already have the result, written as {{output}}. Reply to the person, in a tone that suits "
             f"them, and put {{output}} {where}. Do not include {{input}} or {{choices}}."
@@ -199,7 +191,7 @@ def synthesize_task(
     Parameters
     ----------
     task
-        ``"cta"``, ``"dsp"`` or ``"cpcg"``.
+        A task name of :mod:`instructcell.tasks`.
     n_templates
         Number of templates to keep.
     generator
@@ -207,7 +199,7 @@ def synthesize_task(
     seed
         Seed of the random generator (trait sampling and the offline generator).
     options_ratio
-        Fraction of CTA/DSP instructions asked to offer the options.
+        Fraction of instructions asked to offer the options (tasks whose instructions may list them).
     max_words
         Word limit of instructions and responses.
     threshold
@@ -225,7 +217,8 @@ def synthesize_task(
         Records ``{"id", "task", "instruction", "response", "traits", "rewrites"}``; ids are
         ``f"{task}-{i:05d}"`` in the order kept.
     """
-    rng = np.random.default_rng([seed, ["cta", "dsp", "cpcg"].index(task)])
+    spec = get_task(task)
+    rng = np.random.default_rng([seed, task_names().index(task)])
     index = RougeLIndex()
     records: list[dict] = []
     rejected = {"invalid": 0, "similar": 0, "response": 0}
@@ -235,7 +228,7 @@ def synthesize_task(
         if len(records) >= n_templates:
             break
         questioner = sample_questioner(task, rng)
-        with_choices = task != "cpcg" and rng.random() < options_ratio
+        with_choices = spec.offers_choices and rng.random() < options_ratio
         text = _valid(generator.instruction(task, questioner, with_choices, rng), task, max_words)
         if text is None:
             rejected["invalid"] += 1
@@ -308,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(DEFAULT_BANK_DIR))
     parser.add_argument("--n-per-task", type=int, default=3000)
-    parser.add_argument("--tasks", nargs="+", default=["cta", "dsp", "cpcg"])
+    parser.add_argument("--tasks", nargs="+", default=list(task_names()), choices=task_names())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stats", default="", help="Also write statistics as markdown to this file.")
     parser.add_argument(

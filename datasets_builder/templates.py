@@ -1,9 +1,10 @@
 """Instruction/response templates: placeholders, validation, ROUGE-L, the committed bank and rendering.
 
 Instructions use the paper's placeholders: ``{input}`` (the cell), ``{species}``, ``{tissue}``,
-``{sequencing_method}``, ``{drug}`` (DSP), ``{cell_type}`` (CPCG) and optionally ``{choices}`` (CTA/DSP).
+``{sequencing_method}``, ``{drug}``, ``{cell_type}``, ``{choices}``; which ones a task requires or allows is
+in its definition (:mod:`instructcell.tasks`).
 Responses use ``{output}``: exactly ``"{output}"`` for the *instruct* variant; conversational text containing
-``{output}`` for *chat* (ending with it for CPCG, where it becomes the ``<SIGNAL>`` token).
+``{output}`` for *chat* (ending with it when the task generates a cell, where it becomes ``<SIGNAL>``).
 
 The bank (``template_bank/<task>.jsonl``) stores one record per instruction with its chat response; the
 instruct variant of a record is the same instruction with response ``"{output}"``, so both variants share
@@ -25,6 +26,8 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 
+from instructcell.tasks import get_task
+
 from .splits import template_split_of
 
 CELL_TOKEN = "<CELL>"
@@ -33,22 +36,6 @@ VARIANTS: tuple[str, str] = ("instruct", "chat")
 DEFAULT_BANK_DIR = Path(__file__).parent / "template_bank"
 MAX_WORDS = 70
 ROUGE_L_THRESHOLD = 0.75
-
-REQUIRED_INSTRUCTION_PLACEHOLDERS: dict[str, frozenset[str]] = {
-    "cta": frozenset({"input"}),
-    "dsp": frozenset({"input", "drug"}),
-    "cpcg": frozenset({"cell_type", "species", "tissue", "sequencing_method"}),
-}
-OPTIONAL_INSTRUCTION_PLACEHOLDERS: dict[str, frozenset[str]] = {
-    "cta": frozenset({"species", "tissue", "sequencing_method", "choices"}),
-    "dsp": frozenset({"species", "tissue", "sequencing_method", "choices"}),
-    "cpcg": frozenset(),
-}
-RESPONSE_METADATA_PLACEHOLDERS: dict[str, frozenset[str]] = {
-    "cta": frozenset({"species", "tissue", "sequencing_method"}),
-    "dsp": frozenset({"species", "tissue", "sequencing_method", "drug"}),
-    "cpcg": frozenset({"cell_type", "species", "tissue", "sequencing_method"}),
-}
 
 
 def placeholders(text: str) -> list[str]:
@@ -89,7 +76,7 @@ class Template:
     id
         Unique id (e.g. ``"cta-00042"``); it decides the template's split.
     task
-        ``"cta"``, ``"dsp"`` or ``"cpcg"``.
+        A task name of :mod:`instructcell.tasks`.
     variant
         ``"instruct"`` or ``"chat"``.
     instruction
@@ -117,11 +104,10 @@ class Template:
 
 def validate_instruction(text: str, task: str, max_words: int = MAX_WORDS) -> None:
     """Check an instruction template for ``task``; raise a ``ValueError`` that says what to fix."""
-    if task not in REQUIRED_INSTRUCTION_PLACEHOLDERS:
-        raise ValueError(f"Unknown task {task!r}: use one of {sorted(REQUIRED_INSTRUCTION_PLACEHOLDERS)}.")
+    spec = get_task(task)
     names = placeholders(text)
-    required = REQUIRED_INSTRUCTION_PLACEHOLDERS[task]
-    allowed = required | OPTIONAL_INSTRUCTION_PLACEHOLDERS[task]
+    required = spec.required_placeholders
+    allowed = required | spec.optional_placeholders
     missing = sorted(required - set(names))
     if missing:
         raise ValueError(f"{task} instruction {text!r} lacks required placeholder(s) {missing}: add them.")
@@ -151,14 +137,17 @@ def validate_response(text: str, task: str, variant: str, max_words: int = MAX_W
     names = placeholders(text)
     if names.count("output") != 1:
         raise ValueError(f"A chat response must contain {{output}} exactly once: {text!r}.")
-    allowed = RESPONSE_METADATA_PLACEHOLDERS[task] | {"output"}
+    spec = get_task(task)
+    allowed = spec.response_placeholders | {"output"}
     unknown = sorted(set(names) - allowed)
     if unknown:
         raise ValueError(
             f"{task} response {text!r} has unknown placeholder(s) {unknown}: allowed are {sorted(allowed)}."
         )
-    if task == "cpcg" and not text.endswith("{output}"):
-        raise ValueError(f"A cpcg chat response must end with {{output}} (the generated cell): {text!r}.")
+    if spec.output_cell and not text.endswith("{output}"):
+        raise ValueError(
+            f"A {task} chat response must end with {{output}} (the generated cell, <SIGNAL>): {text!r}."
+        )
     if n_words(text) > max_words:
         raise ValueError(f"{task} response has {n_words(text)} words (> {max_words}): shorten it. {text!r}")
 

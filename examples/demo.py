@@ -1,13 +1,13 @@
 """End-to-end InstructCell on real data, on CPU, in about 15 minutes (`make demo`).
 
     python examples/demo.py --output-dir outputs/demo
-    python examples/demo.py --output-dir outputs/demo --train-minutes 0.5   # a quick smoke run
+    python examples/demo.py --output-dir outputs/demo --max-steps 20   # a quick smoke run
 
 1. Builds the instruct-variant multi-task dataset with ``examples/build_dataset.py``: from
    ``../shared/datasets`` (CTA, DSP, CPCG) when present, otherwise from scanpy's bundled ``pbmc68k_reduced``
    (counts recovered from its log-normalized ``.raw``; CTA + CPCG only). An existing build is reused.
-2. Trains the ``small`` preset on all tasks mixed with the recipe in ``configuration/train/demo.yaml``
-   (``examples/train.py``'s code), within a wall-clock budget, and saves it in the Hub layout to
+2. Trains the ``small`` preset on all tasks mixed with the ``demo`` recipe (``configuration/recipes/demo.yaml``,
+   ``instructcell train``'s code), a fixed number of optimizer steps, and saves it in the Hub layout to
    ``<output-dir>/model``. A finished model is reused unless ``--retrain``.
 3. Reloads the saved model and answers natural-language requests on the test split: annotate held-out
    cells (CTA), predict the drug response (DSP) and generate cells of a requested type (CPCG), next to a
@@ -15,7 +15,7 @@
 4. Writes ``report.md``, ``metrics.json`` and ``figures/*.png`` into ``<output-dir>`` (atomically).
 
 Rerunning reuses ``<output-dir>/data`` (same build settings) and ``<output-dir>/model``; ``--retrain`` trains
-again. An interrupted training (Ctrl-C) resumes from ``<output-dir>/checkpoints``. ``--train-minutes 0.5``
+again. An interrupted training (Ctrl-C) resumes from ``<output-dir>/checkpoints``. ``--max-steps 20``
 gives a smoke run in a few minutes (numbers then mean nothing).
 """
 
@@ -37,19 +37,17 @@ import datasets
 import numpy as np
 import scipy.sparse as sp
 import torch
-import yaml
-from transformers import HfArgumentParser
 
 from datasets_builder.collator import DataCollatorForInstructCell
-from instructcell import evaluation
-from instructcell.demo_report import Request, write_demo_report
-from instructcell.evaluation import cap_rows, select_rows
+from instructcell.evaluation import predictions as evaluation
+from instructcell.evaluation.predictions import cap_rows, select_rows
+from instructcell.evaluation.report import Request, write_demo_report
 from instructcell.hub import save_for_hub
-from instructcell.training import DataArguments, InstructCellTrainingArguments, ModelArguments, run_training
+from instructcell.training import parse_training_arguments, run_training, training_budget
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = REPO / "configuration" / "train" / "demo.yaml"
+DEFAULT_RECIPE = "demo"
 SHARED_DATASETS = (
     "bastidas_ponce_2019_pancreas",
     "zheng2017_sorted_pbmc",
@@ -59,8 +57,6 @@ SHARED_DATASETS = (
 FALLBACK_NAME = "pbmc68k_reduced_counts"
 DEMO_DEFAULTS = {
     "n_top_genes": 3600,
-    "budget_minutes": 15.0,
-    "eval_reserve_minutes": 2.5,
     "max_test_cells": 500,
     "max_generated_per_label": 200,
     "generated_per_request": 1,
@@ -156,16 +152,16 @@ def build_data(data_dir: Path, datasets_arg: str | None, n_top_genes: int, outpu
 
 
 # ------------------------------------------------------------------------------------------- training
-def load_recipe(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Training arguments and demo settings (the ``demo:`` mapping) of a YAML recipe."""
-    recipe = yaml.safe_load(path.read_text()) or {}
-    demo = {**DEMO_DEFAULTS, **(recipe.pop("demo", None) or {})}
-    unknown = set(demo) - set(DEMO_DEFAULTS)
+def demo_settings(recipe: str) -> dict[str, Any]:
+    """The recipe's ``demo:`` settings over :data:`DEMO_DEFAULTS` (unknown keys are an error)."""
+    _, _, _, sections = parse_training_arguments(recipe)
+    settings = {**DEMO_DEFAULTS, **sections.get("demo", {})}
+    unknown = set(settings) - set(DEMO_DEFAULTS)
     if unknown:
         raise ValueError(
-            f"Unknown demo settings {sorted(unknown)} in {path}; known: {sorted(DEMO_DEFAULTS)}."
+            f"Unknown demo settings {sorted(unknown)} in {recipe}; known: {sorted(DEMO_DEFAULTS)}."
         )
-    return recipe, demo
+    return settings
 
 
 def model_is_complete(model_dir: Path) -> bool:
@@ -177,13 +173,17 @@ def model_is_complete(model_dir: Path) -> bool:
     )
 
 
-def train(recipe: dict[str, Any], data: Path, out: Path, train_minutes: float) -> dict[str, Any]:
-    """Train with ``run_training`` (resuming ``out/checkpoints``) and save the model to ``out/model``."""
-    config = {"report_to": "none", **recipe, "dataset_dir": str(data), "output_dir": str(out / "checkpoints")}
-    config["max_train_minutes"] = train_minutes
-    parser = HfArgumentParser((ModelArguments, DataArguments, InstructCellTrainingArguments))
-    model_args, data_args, training_args = parser.parse_dict(config)
-    logger.info("Training for at most %.1f min (%s)", train_minutes, config)
+def train(recipe: str, data: Path, out: Path, max_steps: int | None) -> dict[str, Any]:
+    """Train with ``run_training`` (resuming ``out/checkpoints``), save to ``out/model``, return a summary."""
+    overrides: dict[str, Any] = {
+        "report_to": "none",
+        "dataset_dir": str(data),
+        "output_dir": str(out / "checkpoints"),
+    }
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    model_args, data_args, training_args, _ = parse_training_arguments(recipe, overrides)
+    logger.info("Training %d steps with the %s recipe", training_args.max_steps, recipe)
     start = time.time()
     trainer, processor, interrupted = run_training(model_args, data_args, training_args)
     seconds = time.time() - start
@@ -191,12 +191,17 @@ def train(recipe: dict[str, Any], data: Path, out: Path, train_minutes: float) -
         raise SystemExit(f"Interrupted: rerun the same command to resume from {training_args.output_dir}.")
     model = trainer.model.merge_and_unload() if model_args.use_lora else trainer.model
     model.eval()
+    budget = training_budget(trainer)
+    if budget["stopped_by_time_cap"]:
+        raise SystemExit(
+            f"Training stopped at the wall-clock cap after {budget['steps']} of {budget['planned_steps']} "
+            "steps: rerun the same command to train the rest."
+        )
     losses = [log for log in trainer.state.log_history if "loss" in log]
     summary = {
-        "steps": trainer.state.global_step,
+        **budget,
         "epochs": round(float(trainer.state.epoch or 0), 3),
         "train_seconds": round(seconds, 1),
-        "max_train_minutes": round(train_minutes, 2),
         "last_log": losses[-1] if losses else None,
     }
     tmp = out / ".model.tmp"
@@ -298,14 +303,10 @@ def main() -> None:
     )
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "demo")
     parser.add_argument(
-        "--recipe", type=Path, default=DEFAULT_RECIPE, help="Training recipe + demo settings (YAML)."
+        "--recipe", default=DEFAULT_RECIPE, help="Training recipe with a demo: section (name or YAML path)."
     )
     parser.add_argument(
-        "--train-minutes",
-        type=float,
-        default=None,
-        help="Training wall time (default: the recipe's max_train_minutes, shortened to fit "
-        "the recipe's budget_minutes).",
+        "--max-steps", type=int, default=None, help="Override the recipe's optimizer steps (smoke runs)."
     )
     parser.add_argument(
         "--retrain", action="store_true", help="Train again even if <output-dir>/model exists."
@@ -322,10 +323,10 @@ def main() -> None:
     start = time.time()
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    recipe, settings = load_recipe(args.recipe)
+    settings = demo_settings(args.recipe)
     if args.max_test_cells is not None:
         settings["max_test_cells"] = args.max_test_cells
-    seed = int(recipe.get("seed", 0))
+    seed = 0
     timings, notes = {}, []
 
     data_dir, datasets_arg, source = data_source(args.data_dir, out)
@@ -340,17 +341,12 @@ def main() -> None:
                 shutil.rmtree(stale)
             elif stale.exists():
                 stale.unlink()
-        if args.train_minutes is not None:
-            minutes = args.train_minutes
-        else:
-            left = settings["budget_minutes"] - settings["eval_reserve_minutes"] - (time.time() - start) / 60
-            minutes = max(0.5, min(float(recipe.get("max_train_minutes") or left), left))
-        training = train(recipe, data, out, minutes)
+        training = train(args.recipe, data, out, args.max_steps)
         training["reused"] = False
     else:
         logger.info("Reusing the trained model in %s (pass --retrain to train again).", model_dir)
-        if args.train_minutes is not None:
-            logger.warning("--train-minutes is ignored: the model is reused (add --retrain to train again).")
+        if args.max_steps is not None:
+            logger.warning("--max-steps is ignored: the model is reused (add --retrain to train again).")
         training = (
             json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
         )

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructcell.presets import config_for_processor
-from instructcell.tokenization import train_instruction_tokenizer
+from instructcell.training import config_for_processor, train_instruction_tokenizer
 from modeling_instructcell import (
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,

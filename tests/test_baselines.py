@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from instructcell.baselines import OneVsRestLogisticRegression, label_mean_cells
+from instructcell.evaluation.baselines import OneVsRestLogisticRegression, label_mean_cells
 
 N_GENES = 12
 
@@ -55,7 +55,7 @@ def test_label_mean_cells_are_seeded_and_handle_nothing(training):
 def test_reference_cells_are_real_training_cells_of_the_requested_labels(training):
     import datasets
 
-    from instructcell.evaluation import reference_cells, requested_counts
+    from instructcell.evaluation.predictions import reference_cells, requested_counts
 
     counts, labels = training
     dense = counts.toarray()
@@ -98,7 +98,7 @@ def test_one_vs_rest_logistic_regression_stacks_binary_fits(training):
 
 def test_celltypist_predicts_separable_labels(training):
     pytest.importorskip("celltypist")
-    from instructcell.baselines import celltypist_predictions
+    from instructcell.evaluation.baselines import celltypist_predictions
 
     counts, labels = training
     test_labels = ["C", "A", "B"] * 4
@@ -112,7 +112,7 @@ def test_celltypist_predicts_separable_labels(training):
 
 def test_scvi_samples_requested_labels_from_its_prior(training):
     pytest.importorskip("scvi")
-    from instructcell.baselines import train_scvi
+    from instructcell.evaluation.baselines import train_scvi
 
     counts, labels = training
     counts = sp.csr_matrix(counts.toarray() * (np.arange(N_GENES) < N_GENES - 1))  # last gene: no counts

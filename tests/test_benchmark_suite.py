@@ -21,7 +21,7 @@ from datasets_builder import (
     write_gene_vocab,
 )
 from instructcell.hub import save_for_hub
-from instructcell.presets import config_for_processor
+from instructcell.training import config_for_processor
 from modeling_instructcell import (
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,
@@ -79,9 +79,7 @@ def _argv(dataset_dir, model_dir, tmp_path, *extra):
                 "per_device_train_batch_size": 4,
                 "learning_rate": 1e-3,
                 "variant": "instruct",
-                # the recipes' wall-clock budget and the lr decay over it: replaced by --train-steps
-                "max_train_minutes": 9,
-                "anneal_to_time_limit": True,
+                "extends": "demo",  # a user's recipe on top of a shipped one; its budget: --train-steps
                 "demo": {"ignored": 1},
             }
         )

@@ -1,6 +1,7 @@
 import pytest
+from instructcell.configuration import load_preset
 
-from instructcell.presets import config_for_processor, load_preset
+from instructcell.training import config_for_processor
 from modeling_instructcell import InstructCellConfig
 
 

@@ -9,7 +9,7 @@ from stubs import PCAEmbedding
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from instructcell.demo_report import (  # noqa: E402  (after the skips: needs the [eval] extra)
+from instructcell.evaluation.report import (  # noqa: E402  (after the skips: needs the [eval] extra)
     ClassificationResult,
     GenerationResult,
     Request,

@@ -4,7 +4,12 @@ import math
 
 import pytest
 
-from instructcell.diagnostics import GradientNormRecorder, gradient_norms, module_group, plot_gradient_norms
+from instructcell.training.diagnostics import (
+    GradientNormRecorder,
+    gradient_norms,
+    module_group,
+    plot_gradient_norms,
+)
 
 
 def test_parameter_names_map_to_module_groups(model):

@@ -1,4 +1,4 @@
-"""The evaluation suite (examples/evaluate.py): a tiny model, synthetic rows rendered with the real bank."""
+"""The evaluation suite (instructcell evaluate): a tiny model, synthetic rows rendered with the real bank."""
 
 import json
 import shutil
@@ -14,7 +14,6 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scanpy")
 
 from builder_rows import builder_rows  # noqa: E402
-from script_modules import load_script  # noqa: E402
 
 from datasets_builder import (  # noqa: E402  (after the skips: needs the [data,eval] extras)
     FEATURES,
@@ -23,16 +22,19 @@ from datasets_builder import (  # noqa: E402  (after the skips: needs the [data,
     write_gene_vocab,
 )
 from datasets_builder.collator import DataCollatorForInstructCell  # noqa: E402
-from instructcell import evaluate_suite, evaluation, robustness  # noqa: E402
-from instructcell.evaluate_suite import EvaluationConfig, run_evaluation  # noqa: E402
-from instructcell.hub import save_for_hub  # noqa: E402
-from instructcell.saliency import (  # noqa: E402
+from instructcell import cli  # noqa: E402
+from instructcell.evaluation import predictions as evaluation  # noqa: E402
+from instructcell.evaluation import robustness  # noqa: E402
+from instructcell.evaluation import suite as evaluate_suite  # noqa: E402
+from instructcell.evaluation.saliency import (  # noqa: E402
     masked_saliency,
     mean_saliency_by_label,
     objective_gradients,
     row_answer_saliency,
     top_genes,
 )
+from instructcell.evaluation.suite import EvaluationConfig, run_evaluation  # noqa: E402
+from instructcell.hub import save_for_hub  # noqa: E402
 
 GENES = [f"GENE{i}" for i in range(40)]  # the conftest processor's vocabulary
 LABELS = {"cta": ("T cell", "B cell"), "dsp": ("sensitive", "resistant"), "cpcg": ("T cell", "B cell")}
@@ -305,10 +307,9 @@ def test_clear_errors(model_dir, data_dir, tmp_path, capsys):
         run_evaluation(_config(model_dir, other, tmp_path / "c"))
     assert not (tmp_path / "c" / "metrics.json").exists()
 
-    cli = load_script("examples/evaluate.py", "evaluate_cli")
-    argv = ["--model", str(model_dir), "--dataset-dir", str(data_dir), "--output-dir", str(tmp_path / "d")]
+    argv = ["evaluate", str(model_dir), str(data_dir), "-o", str(tmp_path / "d")]
     assert cli.main([*argv, "--tasks", "cta,xyz"]) == 2
-    assert "Unknown task(s) ['xyz']" in capsys.readouterr().err
+    assert "Unknown task 'xyz'" in capsys.readouterr().err
 
 
 def test_rows_rendered_from_another_bank_are_refused(data_dir):

@@ -9,6 +9,7 @@ import pytest
 from synthetic_anndata import make_counts
 
 from instructcell import cli, inference
+from instructcell.cli.chat import ChatSession
 from instructcell.hub import save_for_hub
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.pipeline_instructcell import TASK
@@ -249,7 +250,7 @@ def test_cli_chat_keeps_history(model_dir, h5ad, tmp_path):
 
 
 def test_chat_session_puts_history_in_the_prompt(pipe, h5ad, monkeypatch):
-    session = cli.ChatSession(pipe, anndata.read_h5ad(h5ad), labels=LABELS, max_new_tokens=2)
+    session = ChatSession(pipe, anndata.read_h5ad(h5ad), labels=LABELS, max_new_tokens=2)
     session.respond("what is cell 2?")
     seen = []
     original = InstructCellPipeline.__call__

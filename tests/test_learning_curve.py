@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from script_modules import REPO, load_script
 
 learning_curve = load_script("benchmarks/learning_curve.py", "learning_curve")
@@ -44,10 +43,22 @@ def test_merge_rejects_a_mark_scored_twice_and_mixed_units(tmp_path):
         learning_curve.merge_runs([first, steps])
 
 
-@pytest.mark.parametrize("recipe_file", ["demo.yaml", "small-instruct.yaml", "small-chat.yaml"])
-def test_training_recipes_use_the_benchmarked_default(recipe_file):
-    """The learning curve measures the recipe that `make demo` and `make train-small` train with."""
-    recipe = yaml.safe_load((REPO / "configuration/train" / recipe_file).read_text())
-    model_overrides, training_overrides = learning_curve.RECIPES[learning_curve.DEFAULT_RECIPE]
-    expected = {**model_overrides, **training_overrides}
-    assert {key: recipe.get(key) for key in expected} == expected
+@pytest.mark.parametrize("recipe", ["demo", "small-instruct", "small-chat"])
+def test_training_recipes_extend_the_default(recipe):
+    """`make demo` and `make train-small` train with the default recipe the learning curve measures."""
+    from instructcell.configuration import load_recipe
+
+    default = load_recipe("default")
+    shared = {key: value for key, value in load_recipe(recipe).items() if key in default}
+    budget = {"max_steps", "max_train_minutes", "cell_decoder_steps", "eval_strategy", "save_steps"}
+    assert {k: v for k, v in shared.items() if k not in budget} == {
+        k: v for k, v in default.items() if k not in budget
+    }
+    assert learning_curve.RECIPES["default"] == ("default", {})
+
+
+def test_budget_overrides_train_step_recipes_once_per_mark():
+    assert learning_curve.budget_overrides("paper", 5.0, "minutes") is None
+    assert learning_curve.budget_overrides("default", 300.0, "steps") == {"max_steps": 300}
+    minutes = learning_curve.budget_overrides("default", 5.0, "minutes")
+    assert minutes["max_train_minutes"] == 5.0 and minutes["anneal_to_time_limit"] and minutes["max_steps"] == -1

@@ -11,10 +11,10 @@ import pytest
 import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the evaluate modules import the project package `instructcell_eval`
+if str(ROOT) not in sys.path:  # the evaluate modules import the project package `instructcell.evaluation.metrics`
     sys.path.insert(0, str(ROOT))
 
-from instructcell_eval import (  # noqa: E402
+from instructcell.evaluation.metrics import (  # noqa: E402
     ReferenceEmbedding,
     cell_classification_metrics,
     cell_generation_metrics,

@@ -1,4 +1,4 @@
-"""examples/train.py's machinery on a tiny Parquet dataset: Trainer, loss parts, interruption and resume."""
+"""`instructcell train`'s machinery on a tiny Parquet dataset: Trainer, loss parts, interruption and resume."""
 
 import json
 import os
@@ -80,6 +80,8 @@ def _args(dataset_dir: Path, output_dir: Path, **overrides):
         eval_steps=2,
         logging_steps=1,
         learning_rate=3e-3,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
         disable_tqdm=True,
         use_cpu=True,
     )
@@ -123,7 +125,7 @@ def test_interrupted_run_resumes_without_lost_steps(dataset_dir, tmp_path):
         eval_strategy="no",
         load_best_model_at_end=False,
     )
-    from instructcell import training
+    from instructcell.training import run as training
 
     original = training.InstructCellTrainer.__init__
 
@@ -204,7 +206,7 @@ def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_pat
         cell_decoder_steps=3,
         cell_decoder_batch_size=4,
     )
-    from instructcell import cell_decoder_fitting
+    from instructcell.training import cell_decoder as cell_decoder_fitting
 
     snapshots = {}
     original = cell_decoder_fitting.fit_cell_decoder
@@ -213,7 +215,7 @@ def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_pat
         snapshots["before"] = {k: v.clone() for k, v in model.state_dict().items()}
         return original(model, *a, **kw)
 
-    from instructcell import training
+    from instructcell.training import run as training
 
     training.fit_cell_decoder = spy
     try:
@@ -241,7 +243,7 @@ def test_cell_decoder_stage_trains_only_the_vae_and_resumes(dataset_dir, tmp_pat
 
 
 def test_signal_states_need_one_signal_per_generation_row(dataset_dir, tmp_path):
-    from instructcell.cell_decoder_fitting import conditioned_cells
+    from instructcell.training.cell_decoder import conditioned_cells
 
     trainer, processor, _ = run_training(
         *_args(
@@ -263,7 +265,7 @@ def test_signal_states_need_one_signal_per_generation_row(dataset_dir, tmp_path)
 
 
 def test_wall_clock_budget_survives_a_resume():
-    from instructcell.training import WallClockLimitCallback
+    from instructcell.training.trainer import WallClockLimitCallback
 
     callback = WallClockLimitCallback(minutes=1.0, elapsed_before=50.0)
     state = callback.state()
@@ -277,7 +279,7 @@ def test_wall_clock_budget_survives_a_resume():
 
 
 def test_lr_anneals_over_the_wall_clock_budget(dataset_dir, tmp_path):
-    from instructcell.training import WallClockLimitCallback
+    from instructcell.training.trainer import WallClockLimitCallback
 
     budget = dict(
         max_train_minutes=60.0,
@@ -346,7 +348,7 @@ def test_wall_clock_annealing_rejects_what_it_cannot_schedule(dataset_dir, tmp_p
 
 
 def test_progress_bar_counts_minutes_of_the_budget_not_steps():
-    from instructcell.training import WallClockProgressCallback
+    from instructcell.training.trainer import WallClockProgressCallback
 
     elapsed = [270.0]
     callback = WallClockProgressCallback(budget_minutes=9.0, elapsed_seconds=lambda: elapsed[0])

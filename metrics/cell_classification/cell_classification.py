@@ -1,6 +1,6 @@
 """`evaluate` module: cell type annotation / drug sensitivity metrics with unanswered predictions.
 
-Thin wrapper: the math lives in ``instructcell_eval.classification_metrics`` (installed with the project,
+Thin wrapper: the math lives in ``instructcell.evaluation.metrics.classification`` (installed with the project,
 ``pip install -e ".[eval]"``), so the module, the benchmarks and the tests share one implementation.
 """
 
@@ -10,7 +10,7 @@ import datasets
 import evaluate
 
 try:  # indented: evaluate's import scanner skips it, so a missing package gets the message below
-    from instructcell_eval.classification_metrics import cell_classification_metrics
+    from instructcell.evaluation.metrics.classification import cell_classification_metrics
 except ImportError as error:  # pragma: no cover - only without the project installed
     raise ImportError(
         'The cell_classification metric needs the InstructCell package: run `pip install -e ".[eval]"` '

@@ -1,6 +1,6 @@
 """`evaluate` module: InstructCell's conditional pseudo-cell generation metrics (MMD, ΔsKNN, pKNN).
 
-Thin wrapper: the math lives in ``instructcell_eval.generation_metrics`` (installed with the project,
+Thin wrapper: the math lives in ``instructcell.evaluation.metrics.generation`` (installed with the project,
 ``pip install -e ".[eval]"``), so the module, the benchmarks and the tests share one implementation.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 try:  # indented: evaluate's import scanner skips it, so a missing package gets the message below
     import scipy.sparse as sp
 
-    from instructcell_eval.generation_metrics import DEFAULT_KS, cell_generation_metrics
+    from instructcell.evaluation.metrics.generation import DEFAULT_KS, cell_generation_metrics
 except ImportError as error:  # pragma: no cover - only without the project installed
     raise ImportError(
         'The cell_generation metric needs the InstructCell package: run `pip install -e ".[eval]"` '

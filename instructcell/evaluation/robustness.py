@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from datasets_builder.builder import example_key, option_order
 from datasets_builder.templates import SIGNAL_TOKEN, Template, TemplateBank, render
-from instructcell_eval.classification_metrics import cell_classification_metrics
+from instructcell.evaluation.metrics.classification import cell_classification_metrics
 
 __all__ = [
     "GROUPS",

@@ -41,18 +41,10 @@ import pandas as pd
 
 from datasets_builder.gene_vocab import GENE_VOCAB_FILENAME, read_gene_vocab
 from datasets_builder.templates import DEFAULT_BANK_DIR, TemplateBank
-from instructcell_eval.generation_metrics import ReferenceEmbedding, normalize_log1p
+from instructcell.evaluation.metrics.generation import ReferenceEmbedding, normalize_log1p
 
 from . import robustness
-from .demo_report import (
-    ClassificationResult,
-    GenerationResult,
-    classification_entry,
-    classification_table,
-    generation_entry,
-    generation_table,
-)
-from .evaluation import cap_rows, evaluate_classification, evaluate_generation, model_predictions, select_rows
+from .files import fmt, publish, safe_name, staging_dir, write_json
 from .plotting import (
     plot_confusion,
     plot_marker_dotplot,
@@ -60,7 +52,21 @@ from .plotting import (
     plot_saliency_heatmap,
     plot_umap,
 )
-from .reporting import fmt, publish, safe_name, staging_dir, write_json
+from .predictions import (
+    cap_rows,
+    evaluate_classification,
+    evaluate_generation,
+    model_predictions,
+    select_rows,
+)
+from .report import (
+    ClassificationResult,
+    GenerationResult,
+    classification_entry,
+    classification_table,
+    generation_entry,
+    generation_table,
+)
 from .saliency import mean_saliency_by_label, row_answer_saliency, top_genes
 
 __all__ = [
@@ -628,7 +634,7 @@ def run_evaluation(
         Unknown task / dataset / method / variant, missing dataset files, a model whose gene vocabulary
         differs from the dataset's, or a dataset built from another template bank (robustness, chat scoring).
     """
-    from .inference import load_pipeline
+    from ..inference import load_pipeline
 
     start = time.time()
     datasets.disable_progress_bars()

@@ -1,7 +1,7 @@
 """Figures of the evaluation reports (matplotlib, Agg): confusion matrices, UMAPs, dot plots, heatmaps.
 
 Every function takes plain data (no model), writes one PNG to ``path`` and closes its figure. Used by
-``instructcell.demo_report`` (``make demo``) and ``instructcell.evaluate_suite`` (``examples/evaluate.py``).
+``instructcell.evaluation.report`` (``make demo``) and ``instructcell.evaluation.suite`` (``examples/evaluate.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .demo_report import ClassificationResult, GenerationResult
+    from .report import ClassificationResult, GenerationResult
 
 __all__ = [
     "plot_confusion",
@@ -109,7 +109,7 @@ def plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.ndar
         Labels of the three cell sets.
     coords : dict of str to numpy.ndarray
         ``real``, ``generated``, ``reference``: ``(n, 2)`` coordinates from
-        :func:`instructcell.demo_report.generation_entry` (UMAP fitted on the real cells, the others mapped
+        :func:`instructcell.evaluation.report.generation_entry` (UMAP fitted on the real cells, the others mapped
         in with ``transform``).
     """
     plt = _pyplot()

@@ -1,7 +1,7 @@
 """Evaluation metrics for InstructCell: the numeric code behind the ``metrics/*`` evaluate modules."""
 
-from .classification_metrics import cell_classification_metrics
-from .generation_metrics import (
+from .classification import cell_classification_metrics
+from .generation import (
     DEFAULT_KS,
     ReferenceEmbedding,
     cell_generation_metrics,

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from instructcell_eval.classification_metrics import cell_classification_metrics
-from instructcell_eval.generation_metrics import DEFAULT_KS, ReferenceEmbedding, compare_generators
+from instructcell.evaluation.metrics.classification import cell_classification_metrics
+from instructcell.evaluation.metrics.generation import DEFAULT_KS, ReferenceEmbedding, compare_generators
 
+from .files import fmt, json_default, publish, safe_name, staging_dir
 from .plotting import plot_confusion, plot_umap
-from .reporting import fmt, json_default, publish, safe_name, staging_dir
 
 __all__ = [
     "CLASSIFICATION_KEYS",
@@ -140,7 +140,7 @@ def generation_entry(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``metrics.json`` entry of one CPCG dataset and the 2-D coordinates for its figure.
 
-    The protocol of :func:`instructcell_eval.generation_metrics.cell_generation_metrics`: PCA + UMAP fitted
+    The protocol of :func:`instructcell.evaluation.metrics.generation.cell_generation_metrics`: PCA + UMAP fitted
     on the real test cells; generated and reference cells are mapped into that embedding and scored
     against the real cells with the same kernel width.
 
@@ -148,7 +148,7 @@ def generation_entry(
     ----------
     result : GenerationResult
     embedding : object, optional
-        An unfitted :class:`~instructcell_eval.generation_metrics.ReferenceEmbedding` (default) or any object
+        An unfitted :class:`~instructcell.evaluation.metrics.generation.ReferenceEmbedding` (default) or any object
         with ``fit(counts)``, ``transform(counts)`` and ``real_embedding_``.
     ks : sequence of int
         Neighbourhood sizes; must contain 10 (``pknn_k10``).

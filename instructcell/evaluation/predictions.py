@@ -16,8 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from datasets_builder.collator import DataCollatorForInstructCell
-from instructcell.demo_report import ClassificationResult, GenerationResult
-from instructcell_eval.classification_metrics import cell_classification_metrics
+from instructcell.evaluation.metrics.classification import cell_classification_metrics
+from instructcell.evaluation.report import ClassificationResult, GenerationResult
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 from modeling_instructcell.answer_extraction import extract_label
 

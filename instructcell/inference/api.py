@@ -482,7 +482,7 @@ def gene_saliency(
         :meth:`score_labels` distribution), or the answer's log-likelihood when no label set is given; its
         gradient with respect to the raw counts (before the model's normalization) is averaged over the
         cells and genes are ranked by the mean absolute gradient. ``"masked"``: the InstructCell paper's
-        protocol (:func:`instructcell.saliency.masked_saliency`): the loss is the answer's negative
+        protocol (:func:`instructcell.evaluation.saliency.masked_saliency`): the loss is the answer's negative
         log-likelihood; a gene counts in a cell when it was measured in the input, more of it lowers the
         loss and its count is positive; per-cell min-max normalized, then averaged over the cells.
 
@@ -493,7 +493,7 @@ def gene_saliency(
         saliency), ``mean_gradient`` (signed gradient of the objective: positive = more counts make the
         label more likely) and ``mean_count``.
     """
-    from .saliency import masked_saliency, objective_gradients
+    from ..evaluation.saliency import masked_saliency, objective_gradients
 
     if method not in ("mean_abs_gradient", "masked"):
         raise ValueError(f"method must be 'mean_abs_gradient' or 'masked', got {method!r}.")

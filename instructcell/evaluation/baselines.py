@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from instructcell.evaluation import log_normalize
+from instructcell.evaluation.predictions import log_normalize
 
 __all__ = [
     "ScviGenerator",

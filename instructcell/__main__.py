@@ -1,0 +1,7 @@
+"""``python -m instructcell`` (and ``accelerate launch -m instructcell``) runs the ``instructcell`` command."""
+
+import sys
+
+from instructcell.cli import main
+
+sys.exit(main())
