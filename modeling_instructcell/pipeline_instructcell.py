@@ -44,7 +44,6 @@ names no label verbatim).
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,6 +52,7 @@ import torch
 from transformers.pipelines.base import ChunkPipeline
 
 from .answer_extraction import extract_label
+from .processing_instructcell import metadata_from_obs, template_fields
 
 try:  # optional: generated cells are returned as AnnData when it is installed
     import anndata
@@ -62,13 +62,8 @@ except ImportError:  # pragma: no cover - anndata is a dependency of the package
     pd = None
 
 TASK = "single-cell-instruction"
-METADATA_FIELDS = ("species", "tissue", "sequencing_method", "drug", "cell_type", "choices")
 
 __all__ = ["TASK", "InstructCellPipeline", "candidate_answers", "resolve_label_set"]
-
-
-def _template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
 def resolve_label_set(
@@ -82,7 +77,7 @@ def resolve_label_set(
         if isinstance(labels, str):
             raise ValueError("`labels` must be a list of label strings, not one string.")
         labels = [str(label) for label in labels]
-    elif "choices" in _template_fields(instruction) and metadata_rows:
+    elif "choices" in template_fields(instruction) and metadata_rows:
         choices = metadata_rows[0].get("choices")
         if isinstance(choices, str):
             choices = [c.strip() for c in choices.split(",")]
@@ -110,18 +105,6 @@ def _auto_template(answer: str | None, label: str | None) -> str:
         if start >= 0:
             return answer[:start] + "{output}" + answer[start + len(label) :]
     return "{output}"
-
-
-def metadata_from_obs(obs: Any, n_rows: int) -> list[dict[str, Any]]:
-    """Read placeholder values from the ``obs`` columns named like the template placeholders."""
-    rows: list[dict[str, Any]] = [{} for _ in range(n_rows)]
-    if obs is None or len(obs) != n_rows:
-        return rows
-    columns = [name for name in METADATA_FIELDS if name in obs.columns]
-    if columns:
-        for row, record in zip(rows, obs[columns].astype(str).to_dict("records"), strict=True):
-            row.update(record)
-    return rows
 
 
 def generated_cells_to_anndata(counts: np.ndarray, gene_names: Sequence[str] | None, obs_rows: list[dict]):

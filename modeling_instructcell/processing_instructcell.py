@@ -27,6 +27,27 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
+def metadata_from_obs(obs: Any, n_rows: int) -> list[dict[str, Any]]:
+    """Placeholder values of each row from the AnnData ``obs`` columns named like the metadata placeholders.
+
+    A missing value (NaN / None) is left out rather than written as the word "nan", so a template that needs
+    it gets the clear missing-placeholder error. Returns ``n_rows`` empty dicts when ``obs`` is None or has
+    another number of rows.
+    """
+    rows: list[dict[str, Any]] = [{} for _ in range(n_rows)]
+    if obs is None or len(obs) != n_rows:
+        return rows
+    for name in METADATA_PLACEHOLDERS:
+        if name not in obs.columns:
+            continue
+        column = obs[name]
+        present = ~column.isna().to_numpy()
+        for row, value, keep in zip(rows, column.astype(str).to_numpy(), present, strict=True):
+            if keep:
+                row[name] = value
+    return rows
+
+
 class InstructCellProcessor(ProcessorMixin):
     r"""Tokenizer + gene-vector featurizer for [`InstructCellForConditionalGeneration`].
 
@@ -355,12 +376,7 @@ class InstructCellProcessor(ProcessorMixin):
 
     def _metadata_rows(self, cells: Any, metadata: Any, n_prompts: int) -> list[dict[str, Any]]:
         """One metadata dict per prompt: AnnData ``obs`` columns, overridden by ``metadata``."""
-        rows: list[dict[str, Any]] = [{} for _ in range(n_prompts)]
-        obs = getattr(cells, "obs", None)
-        if obs is not None and len(obs) == n_prompts:
-            columns = [name for name in METADATA_PLACEHOLDERS if name in obs.columns]
-            for row, record in zip(rows, obs[columns].astype(str).to_dict("records"), strict=True):
-                row.update(record)
+        rows = metadata_from_obs(getattr(cells, "obs", None), n_prompts)
         if metadata is None:
             return rows
         if isinstance(metadata, Mapping):
@@ -411,4 +427,4 @@ def _original_config_dict(path, hub_kwargs: dict) -> dict | None:
     return config if is_original_config_dict(config) else None
 
 
-__all__ = ["InstructCellProcessor", "template_fields"]
+__all__ = ["InstructCellProcessor", "metadata_from_obs", "template_fields"]

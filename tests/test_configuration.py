@@ -1,7 +1,7 @@
 import pytest
-from instructcell.configuration import load_preset
+from instructcell.configuration import load_preset, load_recipe, recipe_names
 
-from instructcell.training import config_for_processor
+from instructcell.training import config_for_processor, parse_training_arguments
 from modeling_instructcell import InstructCellConfig
 
 
@@ -57,3 +57,44 @@ def test_unknown_preset_and_mismatched_queries(processor):
         load_preset("huge")
     with pytest.raises(ValueError, match="num_query_tokens"):
         config_for_processor("small", processor)
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_shipped_recipe_parses(recipe):
+    overrides = {"output_dir": "unused"}
+    if load_recipe(recipe).get("bf16"):  # a GPU recipe: the Trainer refuses bf16 on a CPU-only machine
+        overrides["bf16"] = False
+    model_args, data_args, training_args, sections = parse_training_arguments(recipe, overrides)
+    assert model_args.preset in ("small", "base") and data_args.variant in ("instruct", "chat")
+    assert all(isinstance(section, dict) for section in sections.values())
+
+
+def test_recipes_extend_and_flags_override(tmp_path):
+    _, _, training_args, _ = parse_training_arguments("demo", ["--max_steps", "7"])
+    assert (
+        training_args.max_steps == 7
+        and training_args.learning_rate == load_recipe("default")["learning_rate"]
+    )
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: small-chat\nlearning_rate: 0.0005\n")
+    model_args, data_args, training_args, _ = parse_training_arguments(mine)
+    assert (data_args.variant, training_args.learning_rate, model_args.alignment_loss_weight) == (
+        "chat",
+        5e-4,
+        1.0,
+    )
+
+
+def test_misspelled_or_unknown_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown training argument\(s\) \['learning_rat'\]"):
+        parse_training_arguments("default", {"learning_rat": 0.1})
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("extends: default\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_training_arguments(typo)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        load_recipe(loop)
+    with pytest.raises(ValueError, match="No recipe 'nope'.*default"):
+        load_recipe("nope")

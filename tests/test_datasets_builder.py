@@ -72,6 +72,7 @@ def _build(inputs, config_name, tmp_path):
 def test_builder_yields_expected_examples_per_split_and_task(inputs, tmp_path):
     builder = _build(inputs, "all-chat", tmp_path)
     bank = TemplateBank.load(inputs["bank"])
+    cells, templates = {}, {}
     for split in ("train", "validation", "test"):
         ds = builder.as_dataset(split)
         counts = Counter(ds["task"])
@@ -82,6 +83,11 @@ def test_builder_yields_expected_examples_per_split_and_task(inputs, tmp_path):
         assert all(split_of(d, c) == split for d, c in zip(ds["dataset"], ds["cell_id"], strict=True))
         allowed = {t.id for task in ("cta", "dsp", "cpcg") for t in bank.select(task, "chat", split)}
         assert set(ds["template_id"]) <= allowed
+        cells[split] = set(zip(ds["dataset"], ds["cell_id"], strict=True))
+        templates[split] = set(ds["template_id"])
+    for first, second in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not cells[first] & cells[second], f"a cell is in both {first} and {second}"
+        assert not templates[first] & templates[second], f"a template is in both {first} and {second}"
     with open(f"{builder.cache_dir}/gene_vocab.txt") as f:
         assert f.read().split() == inputs["vocab"]
 

@@ -52,7 +52,10 @@ def tasks_of_family(family: str) -> tuple[str, ...]:
 
 
 __all__ = [
+    "CELL_TYPE_ANNOTATION",
+    "DRUG_SENSITIVITY_PREDICTION",
     "METRIC_FAMILIES",
+    "PSEUDO_CELL_GENERATION",
     "TASKS",
     "Task",
     "TaskGrammar",
