@@ -11,6 +11,7 @@ schema the builder needs (``cell_type`` or ``drug_response``, ``species``, ``tis
     python -m datasets_builder.original_datasets --list
     python -m datasets_builder.original_datasets --dataset Ma-2020 --root data/original
 
+The file is long because it is a registry: one reader per paper dataset, each for its own file layout.
 Not run in CI. See docs/data.md ("The paper's datasets") for sources, verification and caveats.
 """
 

@@ -6,7 +6,8 @@ single cell vector) into ``cell_values``: a dense float32 matrix of **raw counts
 ``log1p``) happens inside the model, so the same tensor serves as encoder input, ZINB target and
 library size.
 
-This file is Hub remote code. transformers' ``check_imports`` walks the whole AST (function bodies
+One cohesive file (input parsing, gene alignment and count validation of one class), as transformers keeps a
+feature extractor. This file is Hub remote code. transformers' ``check_imports`` walks the whole AST (function bodies
 included) and only skips ``try:`` blocks, so the only imports are stdlib, numpy and transformers.
 scipy, pandas and anndata are only touched when the input is one of their objects, and they are
 looked up in ``sys.modules`` rather than imported (the one scipy import sits in a ``try:`` block).

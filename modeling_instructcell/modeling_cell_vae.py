@@ -10,7 +10,9 @@ so that original checkpoints load into it with a key map. The ZINB likelihood is
 also when the module runs in bfloat16: every tensor that leaves a linear layer for the likelihood is cast at
 that boundary.
 
-This file is Hugging Face remote code: it imports only ``torch`` and the standard library.
+One cohesive file, as scvi-tools' module and distribution code it mirrors: the ZINB/NB likelihoods and their
+Distribution, the encoder/decoder blocks and the conditional VAE that uses them. This file is Hugging Face
+remote code: it imports only ``torch`` and the standard library.
 """
 
 from __future__ import annotations

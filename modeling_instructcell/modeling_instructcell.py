@@ -1,4 +1,9 @@
-"""InstructCell: a seq2seq (or decoder-only) language model that reads cells and writes cells."""
+"""InstructCell: a seq2seq (or decoder-only) language model that reads cells and writes cells.
+
+One file, as transformers keeps a model family's ``modeling_*.py``: the output dataclasses, the pretrained base
+class and ``InstructCellForConditionalGeneration`` (forward, generate, label scoring, cell generation, loading
+of original checkpoints) belong together and travel to the Hub as one remote-code file.
+"""
 
 import copy
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """A built wheel carries everything a non-editable install needs: presets, recipes, the template bank."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -31,6 +32,15 @@ print("ok")
 
 @pytest.mark.slow
 def test_wheel_loads_presets_recipes_and_templates_outside_the_source_tree(tmp_path):
+    # setuptools writes build/ and *.egg-info next to the sources: build from a copy, not the checkout
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "outputs", "build", "*.egg-info", "__pycache__", "*.h5ad"
+        ),
+    )
     build = subprocess.run(
         [
             sys.executable,
@@ -42,7 +52,7 @@ def test_wheel_loads_presets_recipes_and_templates_outside_the_source_tree(tmp_p
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,

@@ -1,14 +1,13 @@
 """Second training stage: fit the cell VAE on frozen ``<SIGNAL>`` states.
 
 During joint training the VAE's condition, the language model's last hidden state at ``<SIGNAL>``, changes
-with every optimizer step, so the VAE chases a moving target and sees each CPCG cell only a few times.
-Measured on the `make demo` model (docs/learning_efficiency.md): a logistic regression on its ``<SIGNAL>``
-states predicted the requested Kang cell type with test accuracy 1.0, yet the jointly trained VAE's cells
-scored pKNN(K=10) 0.33 (real-cell reference 0.75); 1,000 VAE steps on the frozen states (70 s) gave 0.68.
+with every optimizer step, so the VAE chases a moving target and sees each generated-cell example only a few
+times; the states themselves already separate the requested cell types (docs/experiments.md has the
+measurements that led to this stage).
 
-So, after the main stage, :func:`fit_cell_decoder` computes every CPCG training row's ``<SIGNAL>`` state once
-(teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and trains the VAE alone with a
-Hugging Face ``Trainer``, which brings checkpoints, resume and logging.
+So, after the main stage, :func:`fit_cell_decoder` computes the ``<SIGNAL>`` state of every training row with a
+target cell once (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and trains the
+VAE alone with a Hugging Face ``Trainer``, which brings checkpoints, resume and logging.
 """
 
 import logging
