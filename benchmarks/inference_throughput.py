@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from datasets_builder.templates import TemplateBank  # noqa: E402
 from instructcell import inference  # noqa: E402
+from instructcell.tasks import CELL_TYPE_ANNOTATION  # noqa: E402
 from instructcell.training import (
     config_for_processor,  # noqa: E402
     train_instruction_tokenizer,  # noqa: E402
@@ -148,7 +149,7 @@ def one_at_a_time(pipe, adata, labels, max_new_tokens):
     with torch.inference_mode():
         for i in range(adata.n_obs):
             values = extractor(adata.X[i : i + 1], alignment=alignment, return_tensors="np")["cell_values"]
-            batch = processor(text=inference.CTA_TEMPLATE, cells=values)
+            batch = processor(text=CELL_TYPE_ANNOTATION.default_instruction, cells=values)
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
             text = processor.post_process_generation(ids)[0]["text"]
             answers.append(extract_label(text, labels))
@@ -243,7 +244,7 @@ def compare_modes(
 
         def greedy_and_score():
             results = pipe(
-                inference.CTA_TEMPLATE,
+                CELL_TYPE_ANNOTATION.default_instruction,
                 cells=adata,
                 labels=labels,
                 batch_size=batch_size,
