@@ -31,12 +31,10 @@ import matplotlib.pyplot as plt
 import torch
 from transformers import TrainerCallback
 
-from instructcell.evaluation.predictions import (
-    classification_metrics,
-    load_rows,
-    logistic_regression_predictions,
-    model_predictions,
-)
+from datasets_builder.dataset_folder import dataset_genes, load_split
+from instructcell.evaluation.baselines import BASELINES, ClassificationCells
+from instructcell.evaluation.candidates import model_predictions
+from instructcell.evaluation.classification_evaluator import classification_scores
 from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training
 from instructcell.training.diagnostics import GradientNormRecorder, plot_gradient_norms
 
@@ -98,7 +96,7 @@ class WallClockEvaluation(TrainerCallback):
             model.eval()
             predictions = model_predictions(model, processing_class, self.test_rows, method=self.method)
             model.train()
-            metrics = classification_metrics(predictions, self.test_rows)
+            metrics = classification_scores(predictions, self.test_rows)
             self.results.append(
                 {
                     "mark": mark,
@@ -310,13 +308,14 @@ def main() -> None:
     marks = [float(m) for m in args.minutes.split(",")]
     results = {}
     for dataset in args.datasets.split(","):
-        train_rows = load_rows(args.dataset_dir, "train", "cta", dataset)
-        test_rows = load_rows(args.dataset_dir, args.split, "cta", dataset)
-        n_genes = len((Path(args.dataset_dir) / "gene_vocab.txt").read_text().split())
-        began = time.monotonic()
-        logreg = classification_metrics(
-            logistic_regression_predictions(train_rows, test_rows, n_genes), test_rows
+        train_rows, test_rows = (
+            load_split(args.dataset_dir, split, tasks=["cta"], variant="instruct", datasets_names=[dataset])
+            for split in ("train", args.split)
         )
+        cells = ClassificationCells.from_rows(train_rows, test_rows, dataset_genes(args.dataset_dir))
+        began = time.monotonic()
+        predictions, _ = BASELINES["logistic_regression"].run(cells, seed=args.seed)
+        logreg = classification_scores(predictions, test_rows)
         logreg["seconds"] = round(time.monotonic() - began, 1)
         results[dataset] = {"logreg": logreg, "recipes": {}, "gradient_norms": {}}
         for recipe in args.recipes.split(","):

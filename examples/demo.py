@@ -6,12 +6,14 @@
 1. Builds the instruct-variant multi-task dataset with ``examples/build_dataset.py``: from
    ``../shared/datasets`` (CTA, DSP, CPCG) when present, otherwise from scanpy's bundled ``pbmc68k_reduced``
    (counts recovered from its log-normalized ``.raw``; CTA + CPCG only). An existing build is reused.
-2. Trains the ``small`` preset on all tasks mixed with the ``demo`` recipe (``configuration/recipes/demo.yaml``,
-   ``instructcell train``'s code), a fixed number of optimizer steps, and saves it in the Hub layout to
-   ``<output-dir>/model``. A finished model is reused unless ``--retrain``.
-3. Reloads the saved model and answers natural-language requests on the test split: annotate held-out
-   cells (CTA), predict the drug response (DSP) and generate cells of a requested type (CPCG), next to a
-   logistic regression fitted in the same run on the same split (CTA/DSP) and real training cells (CPCG).
+2. Trains the ``small`` preset on all tasks mixed with the ``demo`` recipe
+   (``configuration/recipes/demo.yaml``, ``instructcell train``'s code), a fixed number of optimizer steps,
+   and saves it in the Hub layout to ``<output-dir>/model``. A finished model is reused unless ``--retrain``.
+3. Evaluates the saved model on the test split with ``instructcell evaluate``'s code
+   (:func:`instructcell.evaluation.suite.run_evaluation`): annotate held-out cells, predict drug responses
+   and generate cells of requested types, next to the cheap baselines fitted in the same run on the same
+   split (logistic regression; a per-label-mean generator and real training cells as the reference), with one
+   request per task answered in natural language at the top of the report.
 4. Writes ``report.md``, ``metrics.json`` and ``figures/*.png`` into ``<output-dir>`` (atomically).
 
 Rerunning reuses ``<output-dir>/data`` (same build settings) and ``<output-dir>/model``; ``--retrain`` trains
@@ -36,15 +38,10 @@ from typing import Any
 import datasets
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from datasets_builder.collator import DataCollatorForInstructCell
-from instructcell.evaluation import predictions as evaluation
-from instructcell.evaluation.predictions import cap_rows, select_rows
-from instructcell.evaluation.report import Request, write_demo_report
+from instructcell.evaluation.suite import EvaluationConfig, run_evaluation
 from instructcell.hub import save_for_hub
 from instructcell.training import parse_training_arguments, run_training, training_budget
-from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = "demo"
@@ -153,7 +150,7 @@ def build_data(data_dir: Path, datasets_arg: str | None, n_top_genes: int, outpu
 
 # ------------------------------------------------------------------------------------------- training
 def demo_settings(recipe: str) -> dict[str, Any]:
-    """The recipe's ``demo:`` settings over :data:`DEMO_DEFAULTS` (unknown keys are an error)."""
+    """Read the recipe's ``demo:`` settings over :data:`DEMO_DEFAULTS` (unknown keys are an error)."""
     _, _, _, sections = parse_training_arguments(recipe)
     settings = {**DEMO_DEFAULTS, **sections.get("demo", {})}
     unknown = set(settings) - set(DEMO_DEFAULTS)
@@ -216,79 +213,37 @@ def train(recipe: str, data: Path, out: Path, max_steps: int | None) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-@torch.inference_mode()
-def greedy_answer(model, processor, row: dict[str, Any], max_new_tokens: int = 32) -> str:
-    """Return the model's raw greedy answer to one row's instruction."""
-    batch = DataCollatorForInstructCell(processor)([row])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "cell_values") if k in batch}
-    sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    answer = processor.post_process_generation(sequences, skip_special_tokens=False)[0]["text"]
-    for token in (processor.tokenizer.pad_token, processor.tokenizer.eos_token):
-        answer = answer.replace(token or "\0", "")
-    return answer.strip()
+def evaluation_config(
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    settings: dict[str, Any],
+    seed: int,
+    started_at: float,
+    run_info: dict[str, Any],
+) -> EvaluationConfig:
+    """Configure the demo's evaluation: ``instructcell evaluate`` on the test split, plus the requests.
 
-
-def evaluate_classification(model, processor, train, test, task, dataset, settings, seed):
-    """Label scoring, greedy answers and the logistic regression on one CTA/DSP dataset's test cells."""
-    rows = cap_rows(select_rows(test, task, dataset), settings["max_test_cells"], seed)
-    start = time.time()
-    result = evaluation.evaluate_classification(
-        model, processor, select_rows(train, task, dataset), rows, task, dataset, ("score", "generate"), seed
-    )
-    score = result.predictions["score"]
-    accuracy = np.mean([p == t for p, t in zip(score, rows["label"], strict=True)])
-    logreg_accuracy = np.mean([p == t for p, t in zip(result.logreg, rows["label"], strict=True)])
-    logger.info(
-        "%s %s: accuracy %.3f (logreg %.3f) on %d test cells, %.0f s",
-        task,
-        dataset,
-        accuracy,
-        logreg_accuracy,
-        len(rows),
-        time.time() - start,
-    )
-    row = rows[0]
-    request = Request(
-        "annotate held-out cells" if task == "cta" else "predict a drug response",
-        dataset,
-        row["instruction"],
-        greedy_answer(model, processor, row),
-        f"scored label: {score[0]}; truth: {row['label']}",
-    )
-    return result, request
-
-
-def evaluate_generation(model, processor, train, test, dataset, settings, seed):
-    """Generate cells for the test split's CPCG requests of one dataset; real test and training references."""
-    rows = cap_rows(select_rows(test, "cpcg", dataset), settings["max_test_cells"], seed)
-    start = time.time()
-    result, example = evaluation.evaluate_generation(
-        model,
-        processor,
-        select_rows(train, "cpcg", dataset),
-        rows,
-        dataset,
-        max_generated_per_label=settings["max_generated_per_label"],
+    Labels are predicted by scoring every label and by mapping the greedy answer to a label; the cheap
+    baselines run beside the model; the first request of every task is answered in natural language; the
+    report's wall time counts from ``started_at`` (data building and training included).
+    """
+    return EvaluationConfig(
+        model=model_dir,
+        dataset_dir=data,
+        output_dir=out,
+        max_test_cells=int(settings["max_test_cells"]),
+        max_generated_per_label=int(settings["max_generated_per_label"]),
         generated_per_request=int(settings["generated_per_request"]),
+        method=("score", "generate"),
         seed=seed,
+        requests=True,
+        title="InstructCell demo",
+        device="cpu",
+        progress=False,
+        started_at=started_at,
+        extra=run_info,
     )
-    logger.info(
-        "cpcg %s: %d/%d requests answered with <SIGNAL>, %d cells generated, %.0f s",
-        dataset,
-        result.n_answered_with_signal,
-        result.n_requests,
-        result.generated.shape[0],
-        time.time() - start,
-    )
-    detail = f"{example['n_cells']} cell(s) of requested type {example['label']!r}"
-    if example["mean_total_counts"] is None:
-        detail += " (no <SIGNAL>: no cells)"
-    else:
-        detail += f", total counts {example['mean_total_counts']:.0f}"
-    request = Request(
-        "generate cells of a requested type", dataset, example["instruction"], example["answer"], detail
-    )
-    return result, request
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -357,51 +312,23 @@ def main() -> None:
         )
     timings["train"] = round(time.time() - start - timings["data"], 1)
 
-    model = InstructCellForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = InstructCellProcessor.from_pretrained(model_dir)
-    torch.manual_seed(seed)
-    splits = datasets.load_dataset(
-        "parquet", data_files={s: str(data / f"{s}.parquet") for s in ("train", "test")}
-    )
-    train_split = splits["train"].filter(lambda r: r["variant"] == "instruct")
-    test = splits["test"].filter(lambda r: r["variant"] == "instruct")
-    pairs = sorted(set(zip(test["task"], test["dataset"], strict=True)))
-    classification, generation, requests = [], [], {}
-    eval_start = time.time()
-    for task, dataset in pairs:
-        if task in ("cta", "dsp"):
-            result, request = evaluate_classification(
-                model, processor, train_split, test, task, dataset, settings, seed
-            )
-            classification.append(result)
-        else:
-            result, request = evaluate_generation(
-                model, processor, train_split, test, dataset, settings, seed
-            )
-            generation.append(result)
-        if request is not None:
-            requests.setdefault(task, request)
-    ordered = [requests[t] for t in ("cta", "dsp", "cpcg") if t in requests]
-    timings["predict"] = round(time.time() - eval_start, 1)
     command = "python examples/demo.py " + " ".join(sys.argv[1:])
     run_info = {
         "data_source": source,
-        "model_dir": str(model_dir),
         "recipe": str(args.recipe),
         "training": training,
         "settings": settings,
         "timings": timings,
         "command": command.strip(),
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
         "notes": notes,
     }
-    logger.info("Computing metrics (UMAP embeddings) and writing the report")
-    metrics = write_demo_report(out, classification, generation, ordered, start_time=start, run_info=run_info)
+    config = evaluation_config(model_dir, data, out, settings, seed, start, run_info)
+    logger.info("Evaluating the saved model on the test split")
+    metrics = run_evaluation(config)
     print((out / "report.md").read_text())
     print(
         f"Wrote {out / 'report.md'}, {out / 'metrics.json'} and {out / 'figures'} "
-        f"in {metrics['wall_seconds']:.0f} s."
+        f"in {metrics['run']['wall_seconds']:.0f} s."
     )
 
 

@@ -1,10 +1,21 @@
-"""Benchmark baselines: per-label-mean generator; CellTypist and scVI (skipped when not installed)."""
+"""The baselines registry: each baseline on separable toy cells; CellTypist and scVI when installed."""
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from instructcell.evaluation.baselines import OneVsRestLogisticRegression, label_mean_cells
+from instructcell.evaluation.baselines import (
+    BASELINES,
+    ClassificationCells,
+    choose_baselines,
+    label_mean_cells,
+    logistic_regression_predictions,
+    parse_baseline_choice,
+    reference_cells,
+)
+from instructcell.evaluation.generation_evaluator import requested_counts
+from instructcell.evaluation.optional_baselines import OneVsRestLogisticRegression
+from instructcell.tasks import TASKS
 
 N_GENES = 12
 
@@ -53,25 +64,11 @@ def test_label_mean_cells_are_seeded_and_handle_nothing(training):
 
 
 def test_reference_cells_are_real_training_cells_of_the_requested_labels(training):
-    import datasets
-
-    from instructcell.evaluation.predictions import reference_cells, requested_counts
-
     counts, labels = training
     dense = counts.toarray()
-    rows = datasets.Dataset.from_list(
-        [
-            {
-                "label": label,
-                "target_gene_indices": np.flatnonzero(row).tolist(),
-                "target_gene_counts": row[row > 0].tolist(),
-            }
-            for row, label in zip(dense, labels, strict=True)
-        ]
-    )
     requested = requested_counts(["C", "A", "C"], generated_per_request=25)
     assert requested == {"A": 25, "C": 50}
-    reference, reference_labels = reference_cells(rows, {**requested, "Z": 3}, N_GENES, seed=0)
+    reference, reference_labels = reference_cells(counts, labels, {**requested, "Z": 3}, seed=0)
     assert reference_labels == ["A"] * 25 + ["C"] * 50
     real = {tuple(row) for row in dense}
     assert all(tuple(row) in real for row in reference.toarray())
@@ -98,7 +95,7 @@ def test_one_vs_rest_logistic_regression_stacks_binary_fits(training):
 
 def test_celltypist_predicts_separable_labels(training):
     pytest.importorskip("celltypist")
-    from instructcell.evaluation.baselines import celltypist_predictions
+    from instructcell.evaluation.optional_baselines import celltypist_predictions
 
     counts, labels = training
     test_labels = ["C", "A", "B"] * 4
@@ -112,7 +109,7 @@ def test_celltypist_predicts_separable_labels(training):
 
 def test_scvi_samples_requested_labels_from_its_prior(training):
     pytest.importorskip("scvi")
-    from instructcell.evaluation.baselines import train_scvi
+    from instructcell.evaluation.optional_baselines import train_scvi
 
     counts, labels = training
     counts = sp.csr_matrix(counts.toarray() * (np.arange(N_GENES) < N_GENES - 1))  # last gene: no counts
@@ -130,3 +127,37 @@ def test_scvi_samples_requested_labels_from_its_prior(training):
     assert dense[30:, 8:11].mean() > 2 * dense[30:, 0:4].mean()
     again, _ = generator.sample({"C": 30, "A": 30}, seed=0)
     assert (again != cells).nnz == 0
+
+
+def test_logistic_regression_labels_separable_cells(training):
+    counts, labels = training
+    test_labels = ["C", "A", "B"] * 4
+    assert logistic_regression_predictions(counts, labels, _cells(test_labels, seed=1)) == test_labels
+    cells = ClassificationCells(
+        counts, labels, _cells(test_labels, seed=1), [f"GENE{i}" for i in range(N_GENES)]
+    )
+    predictions, details = BASELINES["logistic_regression"].run(cells, seed=0)
+    assert predictions == test_labels and details == {}
+
+
+def test_every_task_names_registered_baselines_of_its_family():
+    for task in TASKS.values():
+        assert task.baselines, task.name
+        for name in task.baselines:
+            assert BASELINES[name].family == task.metric_family, (task.name, name)
+
+
+def test_choose_baselines_cheap_all_names_and_missing_installs(monkeypatch):
+    generation = next(task for task in TASKS.values() if "scvi" in task.baselines)
+    skipped = {}
+    cheap = [b.name for b in choose_baselines(generation, "cheap", skipped)]
+    assert cheap == [n for n in generation.baselines if BASELINES[n].cheap] and "scvi" not in cheap
+    assert [b.name for b in choose_baselines(generation, ("reference",), skipped)] == ["reference"]
+    assert choose_baselines(generation, "none", skipped) == [] and skipped == {}
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no optional install
+    everything = [b.name for b in choose_baselines(generation, "all", skipped)]
+    assert "scvi" not in everything and "reference" in everything
+    assert skipped == {"scvi": 'scvi-tools is not installed (pip install -e ".[bench]")'}
+    assert parse_baseline_choice("reference, label_mean") == ("reference", "label_mean")
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        parse_baseline_choice("forest")

@@ -1,4 +1,4 @@
-"""benchmarks/run_benchmarks.py on a tiny dataset and model: table formatting and every section's JSON."""
+"""benchmarks/run_benchmarks.py on a tiny dataset and model: the shared renderer and every section's JSON."""
 
 import copy
 import json
@@ -20,6 +20,7 @@ from datasets_builder import (
     TemplateBank,
     write_gene_vocab,
 )
+from instructcell.evaluation.render import load_note, machine_line, markdown_table, method_rows, render_report
 from instructcell.hub import save_for_hub
 from instructcell.training import config_for_processor
 from modeling_instructcell import (
@@ -93,6 +94,8 @@ def _argv(dataset_dir, model_dir, tmp_path, *extra):
         str(model_dir),
         "--output",
         str(tmp_path / "out" / "suite"),
+        "--baselines",
+        "cheap",
         "--max-test-cells",
         "5",
         "--batch-size",
@@ -114,7 +117,7 @@ def _argv(dataset_dir, model_dir, tmp_path, *extra):
 
 
 def test_markdown_table_formats_values_and_checks_widths():
-    table = suite.markdown_table(["name", "n", "score"], [["a", 3, 0.12345], ["b", None, float("nan")]], 1)
+    table = markdown_table(["name", "n", "score"], [["a", 3, 0.12345], ["b", None, float("nan")]], 1)
     assert table.splitlines() == [
         "| name | n | score |",
         "|---|---:|---:|",
@@ -122,59 +125,106 @@ def test_markdown_table_formats_values_and_checks_widths():
         "| b | n/a | n/a |",
     ]
     with pytest.raises(ValueError, match="columns"):
-        suite.markdown_table(["a", "b"], [["only one"]])
+        markdown_table(["a", "b"], [["only one"]])
 
 
-def test_tables_put_methods_side_by_side_and_leave_out_absent_ones():
-    classification = {
-        "cta/toy": {
-            "task": "cta",
-            "dataset": "toy",
-            "n_test": 4,
-            "methods": {
-                "instruct": {"accuracy": 0.5, "macro_f1": 0.4, "weighted_f1": 0.45},
-                "logreg": {"accuracy": 1.0, "macro_f1": 1.0, "weighted_f1": 1.0},
-            },
-        },
+def test_family_tables_list_every_method_and_leave_out_absent_ones():
+    methods = {
+        "instruct": {"kind": "model", "title": "InstructCell instruct"},
+        "logistic_regression": {"kind": "baseline", "title": "logistic regression"},
+        "reference": {"kind": "baseline", "title": "reference (real training cells)"},
+        "scvi": {"kind": "baseline", "title": "scVI"},
     }
-    lines = suite.classification_table(classification).splitlines()
-    assert lines[0] == "| task | dataset | n test | metric | InstructCell instruct | logistic regression |"
-    assert lines[2] == "| CTA | toy | 4 | accuracy | 0.500 | 1.000 |"
-    assert len(lines) == 2 + 3  # one row per metric
-    generation = {
-        "toy": {
-            "requested": {"A": 2, "B": 3},
-            "generators": {
-                "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.9, "pknn_k10": 0.8, "n_cells": 5},
-                "instruct": {"mmd": None, "delta_sknn": None, "pknn": None, "pknn_k10": None, "n_cells": 0},
-            },
+    classification = {
+        "cta": {
+            "toy": {
+                "n_test": 4,
+                "methods": {
+                    "instruct": {"accuracy": 0.5, "macro_f1": 0.4, "weighted_f1": 0.45, "method": "score"},
+                    "logistic_regression": {
+                        "accuracy": 1.0,
+                        "macro_f1": 1.0,
+                        "weighted_f1": 1.0,
+                        "seconds": 0.21,
+                    },
+                },
+            }
         }
     }
-    lines = suite.generation_table(generation).splitlines()
-    assert lines[0] == "| dataset | metric | InstructCell instruct | reference (real training cells) |"
-    assert lines[2] == "| toy | MMD | n/a | 0.100 |"
-    assert lines[-1] == "| toy | cells generated / requested | 0 / 5 | 5 / 5 |"
+    header, rows = method_rows("classification", classification, methods)
+    assert header == [
+        "task",
+        "dataset",
+        "n test",
+        "method",
+        "accuracy",
+        "macro F1",
+        "weighted F1",
+        "answered",
+        "s",
+    ]
+    assert rows[0] == ["CTA", "toy", 4, "InstructCell instruct (score)", 0.5, 0.4, 0.45, None, None]
+    assert rows[1][3:] == ["logistic regression", 1.0, 1.0, 1.0, None, "0.2"]
+    generation = {
+        "cpcg": {
+            "toy": {
+                "n_test": 6,
+                "requested": {"A": 2, "B": 3},
+                "methods": {
+                    "instruct": {"mmd": None, "pknn": None, "n_cells": 0, "signal_rate": 0.0},
+                    "reference": {"mmd": 0.1, "delta_sknn": 0.0, "pknn": 0.9, "pknn_k10": 0.8, "n_cells": 5},
+                },
+            }
+        }
+    }
+    header, rows = method_rows("generation", generation, methods)
+    assert header[4:7] == ["cells / requested", "answered `<SIGNAL>`", "MMD"]
+    assert rows == [
+        ["CPCG", "toy", 6, "InstructCell instruct", "0 / 5", 0.0, None, None, None, None, None],
+        ["CPCG", "toy", 6, "reference (real training cells)", "5 / 5", None, 0.1, 0.0, 0.9, 0.8, None],
+    ]
+    generation["cpcg"]["toy"]["methods"]["scvi"] = {"mmd": 0.2, "n_cells": 5, "details": {"epochs": 2}}
+    report = render_report(
+        {
+            "title": "T",
+            "run": {"methods": methods, "skipped": {"celltypist": "not installed"}},
+            "scores": generation,
+        }
+    )
+    assert "| CPCG | toy | 6 | reference (real training cells) | 5 / 5 | n/a | 0.100 |" in report
+    assert "- scVI on toy: epochs 2" in report and "Skipped: celltypist: not installed." in report
+    assert "## Conditional pseudo-cell generation (test split)" in report
 
 
 def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
-    args = suite.parse_args(_argv(dataset_dir, model_dir, tmp_path, "--skip-scvi", "--skip-celltypist"))
+    args = suite.parse_args(_argv(dataset_dir, model_dir, tmp_path))
     try:
         results = suite.run_suite(args, embedding_factory=PCAEmbedding)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    md, js = suite.write_outputs(results, args.output)
-    written = json.loads(js.read_text())
-    assert written == suite._plain(results)
-    assert set(written) == {"run", "skipped", "classification", "generation", "throughput", "training"}
-    assert written["skipped"] == {"celltypist": "--skip-celltypist", "scvi": "--skip-scvi"}
-    machine = written["run"]["machine"]
+    folder = Path(args.output)
+    written = json.loads((folder / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert set(written) == {"title", "run", "scores", "sections", "figures"}
+    run = written["run"]
+    assert run["skipped"] == {}
+    machine = run["machine"]
     assert machine["torch_threads"] >= 1 and machine["logical_cpus"] >= 1 and "cpu" in machine
-    assert written["run"]["models"] == {"instruct": str(model_dir), "chat": str(model_dir)}
+    assert run["models"] == {"instruct": str(model_dir), "chat": str(model_dir)}
+    assert set(run["section_cpu_share"]) == {"classification", "generation", "throughput", "training"}
+    assert run["methods"]["chat"] == {
+        "kind": "model",
+        "title": "InstructCell chat",
+        "path": str(model_dir),
+        "variant": "chat",
+    }
 
-    assert set(written["classification"]) == {"cta/toy", "dsp/toy"}
-    for entry in written["classification"].values():
+    scores = written["scores"]
+    assert set(scores) == {"cta", "dsp", "cpcg"}
+    for task in ("cta", "dsp"):
+        entry = scores[task]["toy"]
         assert entry["n_test"] == 5 and entry["n_train"] == N_ROWS["train"]
-        assert set(entry["methods"]) == {"instruct", "chat", "logreg"}
+        assert list(entry["methods"]) == ["instruct", "chat", "logistic_regression"]
         for values in entry["methods"].values():
             assert {"accuracy", "macro_f1", "weighted_f1", "answered_rate", "seconds"} <= set(values)
             assert 0.0 <= values["accuracy"] <= 1.0
@@ -182,12 +232,12 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
         assert entry["methods"]["instruct"]["answered_rate"] == 1.0  # scoring always names a label
         assert entry["methods"]["chat"]["method"] == "score"  # whole chat responses, one per label
         assert entry["methods"]["chat"]["answered_rate"] == 1.0
-        assert entry["methods"]["logreg"]["accuracy"] == 1.0  # the toy labels separate
+        assert entry["methods"]["logistic_regression"]["accuracy"] == 1.0  # the toy labels separate
 
-    entry = written["generation"]["toy"]
-    assert entry["n_real"] == 5 and entry["requested"] == {"B cell": 2, "T cell": 3}
-    generators = entry["generators"]
-    assert set(generators) == {"instruct", "chat", "label_mean", "reference"}
+    entry = scores["cpcg"]["toy"]
+    assert entry["n_test"] == 5 and entry["requested"] == {"B cell": 2, "T cell": 3}
+    generators = entry["methods"]
+    assert list(generators) == ["instruct", "chat", "label_mean", "reference"]
     for name in ("label_mean", "reference"):
         assert generators[name]["n_cells"] == 5
         assert all(isinstance(generators[name][k], float) for k in ("mmd", "delta_sknn", "pknn", "pknn_k10"))
@@ -196,8 +246,10 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
         assert 0.0 <= values["signal_rate"] <= 1.0
         assert (values["mmd"] is None) == (values["n_cells"] < 2)
 
-    throughput = written["throughput"]
-    assert throughput["model"] == "instruct" and throughput["dataset"] == "toy"
+    throughput = written["sections"]["throughput"]
+    assert (
+        throughput["model"] == "instruct" and throughput["task"] == "cta" and throughput["dataset"] == "toy"
+    )
     modes = [row["mode"] for row in throughput["modes"]]
     assert modes == [
         "annotate (score, batched)",
@@ -208,26 +260,34 @@ def test_suite_sections_and_json(dataset_dir, model_dir, tmp_path):
     assert all(row["cells_per_s"] > 0 for row in throughput["modes"])
     assert throughput["speedup_vs_single"]["generate, 1 cell at a time"] == 1.0
 
-    training = written["training"]
+    training = written["sections"]["training"]
     assert training["steps"] == 3 and training["timed_steps"] == 2 and training["examples_per_step"] == 4
     assert training["tasks"] == "cta,dsp,cpcg" and training["preset"] == "tiny"
     assert math.isclose(training["examples_per_s"], training["steps_per_s"] * 4)
 
-    report = md.read_text()
+    assert {p.name for p in (folder / "figures").iterdir()} == {
+        "confusion_cta_toy.png",
+        "confusion_dsp_toy.png",
+        "umap_cpcg_toy.png",
+        "markers_cpcg_toy.png",
+    }
+    report = (folder / "report.md").read_text()
     assert report.startswith("# InstructCell benchmark suite") and "Ran on " in report
-    assert suite.main(["--render", str(js), "--output", str(tmp_path / "again")]) == written
-    assert (tmp_path / "again.md").read_text() == report
+    assert (
+        suite.main(["--render", str(folder / "metrics.json"), "--output", str(tmp_path / "again")]) == written
+    )
+    assert (tmp_path / "again" / "report.md").read_text() == report
     for title in (
-        "InstructCell instruct",
-        "InstructCell chat",
+        "InstructCell instruct (score)",
+        "InstructCell chat (score)",
         "logistic regression",
         "per-label mean",
         "reference (real training cells)",
         "annotate (score, batched)",
         "examples/s",
+        "figures/umap_cpcg_toy.png",
     ):
         assert title in report
-    assert "Skipped: celltypist: --skip-celltypist; scvi: --skip-scvi." in report
 
 
 def test_baseline_columns_appear_when_installed(dataset_dir, tmp_path):
@@ -245,15 +305,17 @@ def test_baseline_columns_appear_when_installed(dataset_dir, tmp_path):
         "2",
     ]
     results = suite.run_suite(suite.parse_args(argv), embedding_factory=PCAEmbedding)
-    assert results["skipped"] == {
+    assert results["run"]["skipped"] == {
         "throughput": "no model given (--instruct-model / --chat-model)",
         "training": "--skip-training",
     }
     assert results["run"]["models"] == {}
-    assert set(results["classification"]["cta/toy"]["methods"]) == {"logreg", "celltypist"}
-    assert results["classification"]["cta/toy"]["methods"]["celltypist"]["accuracy"] == 1.0
-    scvi = results["generation"]["toy"]["generators"]["scvi"]
-    assert scvi["n_cells"] == 5 and scvi["epochs"] == 2 and isinstance(scvi["mmd"], float)
+    methods = results["scores"]["cta"]["toy"]["methods"]
+    assert list(methods) == ["logistic_regression", "celltypist"]
+    assert methods["celltypist"]["accuracy"] == 1.0 and methods["celltypist"]["details"] == {"mode": "lr"}
+    scvi = results["scores"]["cpcg"]["toy"]["methods"]["scvi"]
+    assert scvi["n_cells"] == 5 and scvi["details"]["epochs"] == 2 and isinstance(scvi["mmd"], float)
+    assert "- scVI on toy: epochs 2, train seconds" in (tmp_path / "suite" / "report.md").read_text()
 
 
 def test_models_must_share_the_dataset_gene_vocabulary(dataset_dir, model_dir, tmp_path):
@@ -274,18 +336,18 @@ def test_load_note_flags_starved_sections():
         "nice": 19,
         "load_average_1_5_15": [0.5, 0.4, 0.3],
     }
-    assert suite.machine_line(info).startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
+    assert machine_line(info).startswith("Ran on toy CPU (2 logical CPUs, 2 usable), torch threads 1")
     run = {
         "machine": info,
         "section_cpu_share": {"throughput": 0.97, "generation": 0.12},
         "section_load": {"throughput": [2.1, 1.5, 1.0], "generation": [4.0, 4.0, 3.5]},
     }
-    quiet = suite.load_note(run, "throughput")
+    quiet = load_note(run, "throughput")
     assert quiet == (
         "This process got 97% of a CPU during this section (load average at its end 2.10 on 2 usable CPUs)."
     )
-    assert "lower bounds" in suite.load_note(run, "generation")
-    assert suite.load_note(run, "training") == ""
+    assert "lower bounds" in load_note(run, "generation")
+    assert load_note(run, "training") == ""
 
 
 def test_sections_record_their_cpu_share(dataset_dir, tmp_path):
@@ -297,7 +359,8 @@ def test_sections_record_their_cpu_share(dataset_dir, tmp_path):
         "--skip-generation",
         "--skip-throughput",
         "--skip-training",
-        "--skip-celltypist",
+        "--baselines",
+        "logistic_regression",
     ]
     run = suite.run_suite(suite.parse_args(argv))["run"]
     assert set(run["section_cpu_share"]) == {"classification"}

@@ -23,9 +23,7 @@ from datasets_builder import (  # noqa: E402  (after the skips: needs the [data,
 )
 from datasets_builder.collator import DataCollatorForInstructCell  # noqa: E402
 from instructcell import cli  # noqa: E402
-from instructcell.evaluation import predictions as evaluation  # noqa: E402
-from instructcell.evaluation import robustness  # noqa: E402
-from instructcell.evaluation import suite as evaluate_suite  # noqa: E402
+from instructcell.evaluation import classification_evaluator, robustness, sections  # noqa: E402
 from instructcell.evaluation.saliency import (  # noqa: E402
     masked_saliency,
     mean_saliency_by_label,
@@ -101,18 +99,37 @@ def test_full_run_writes_consistent_metrics_report_and_figures(model_dir, data_d
 
     written = json.loads((out / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
-    assert set(written["cta"]) == {"toy_pbmc"} and set(written["dsp"]) == {"toy_drug"}
+    assert set(written) == {"title", "run", "scores", "sections", "figures"}
+    scores = written["scores"]
+    assert set(scores) == {"cta", "dsp", "cpcg"}
+    assert set(scores["cta"]) == {"toy_pbmc"} and set(scores["dsp"]) == {"toy_drug"}
     for task in ("cta", "dsp"):
-        entry = written[task][NAMES[task]]
-        assert entry["n"] == N_TEST and entry["method"] == "score" and entry["answered_rate"] == 1.0
-        assert {"accuracy", "macro_f1", "weighted_f1"} <= set(entry["logreg"])
-        assert 0.0 <= entry["accuracy"] <= 1.0
-    gen = written["cpcg"]["toy_pbmc"]
-    assert gen["n_requests"] == N_TEST and {"mmd", "pknn", "delta_sknn", "reference"} <= set(gen)
+        entry = scores[task][NAMES[task]]
+        assert (
+            entry["n_test"] == N_TEST and entry["n_train"] == 16 and entry["labels"] == sorted(LABELS[task])
+        )
+        assert list(entry["methods"]) == ["instructcell", "logistic_regression"]  # the cheap baselines
+        model = entry["methods"]["instructcell"]
+        assert (
+            model["method"] == "score" and model["answered_rate"] == 1.0 and 0.0 <= model["accuracy"] <= 1.0
+        )
+        assert {"accuracy", "macro_f1", "weighted_f1", "seconds"} <= set(
+            entry["methods"]["logistic_regression"]
+        )
+        assert entry["methods"]["logistic_regression"]["accuracy"] == 1.0  # the toy labels separate
+    gen = scores["cpcg"]["toy_pbmc"]
+    assert gen["n_requests"] == N_TEST and gen["requested"] == {"B cell": 4, "T cell": 4}
+    assert list(gen["methods"]) == ["instructcell", "label_mean", "reference"]
+    for name, values in gen["methods"].items():
+        assert {"mmd", "pknn", "delta_sknn", "pknn_k10", "n_cells", "seconds"} <= set(values)
+        assert name == "instructcell" or (values["n_cells"] == N_TEST and isinstance(values["mmd"], float))
     assert set(gen["markers"]) == set(LABELS["cpcg"]) and all(len(g) == 3 for g in gen["markers"].values())
+    run = written["run"]
+    assert run["skipped"] == {} and run["methods"]["instructcell"]["kind"] == "model"
+    assert run["methods"]["reference"]["title"] == "reference (real training cells)"
 
     # robustness: 2 + 2 held-out test templates; summary = numpy's mean / sd (ddof=1) per template
-    section = written["robustness"]
+    section = written["sections"]["robustness"]
     train_ids = set(
         datasets.load_dataset("parquet", data_files=str(data_dir / "train.parquet"))["train"]["template_id"]
     )
@@ -136,7 +153,7 @@ def test_full_run_writes_consistent_metrics_report_and_figures(model_dir, data_d
     csv = (out / "saliency_top_genes.csv").read_text().strip().splitlines()
     n_listed = 0
     for task in ("cta", "dsp"):
-        entry = written["saliency"][task][NAMES[task]]
+        entry = written["sections"]["saliency"][task][NAMES[task]]
         assert entry["n_cells"] == {label: N_TEST // 2 for label in LABELS[task]}
         for items in entry["top_genes"].values():
             values = [item["saliency"] for item in items]
@@ -159,7 +176,10 @@ def test_full_run_writes_consistent_metrics_report_and_figures(model_dir, data_d
     assert all((figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in expected)
     report = (out / "report.md").read_text()
     assert all(f"figures/{name}" in report for name in expected)
-    assert "| CTA | toy_pbmc | 8 | score |" in report and "with options (2)" in report
+    assert report.startswith("# InstructCell evaluation (test split)")
+    assert "| CTA | toy_pbmc | 8 | InstructCell (score) |" in report and "with options (2)" in report
+    assert "| CTA | toy_pbmc | 8 | logistic regression | 1.000 | 1.000 | 1.000 | 1.000 |" in report
+    assert "| CPCG | toy_pbmc | 8 | reference (real training cells) | 8 / 8 | n/a |" in report
     assert not [p for p in out.iterdir() if p.name.startswith(".report-")]
 
 
@@ -177,21 +197,22 @@ def test_accuracy_and_template_spread_from_fixed_predictions(model_dir, data_dir
             return [row["label"] if i < k else other[row["label"]] for i, row in enumerate(rows)]
         return [row["label"] for row in rows[:6]] + [other[rows[6]["label"]], None]
 
-    monkeypatch.setattr(evaluation, "model_predictions", fixed)
-    monkeypatch.setattr(evaluate_suite, "model_predictions", fixed)
+    monkeypatch.setattr(classification_evaluator, "model_predictions", fixed)
+    monkeypatch.setattr(sections, "model_predictions", fixed)
     config = _config(model_dir, data_dir, tmp_path / "eval", tasks=["cta", "dsp"], robustness=True)
     metrics = run_evaluation(config)
+    assert set(metrics["scores"]) == {"cta", "dsp"}
     for task in ("cta", "dsp"):
-        entry = metrics[task][NAMES[task]]
+        entry = metrics["scores"][task][NAMES[task]]["methods"]["instructcell"]
         # refs alternate a, b; answered pairs (a,a) (b,b) x3 and (a, b): F1 = 6/7 for both labels
         assert entry["accuracy"] == pytest.approx(6 / 8)
         assert entry["answered_rate"] == pytest.approx(7 / 8)
         assert entry["macro_f1"] == pytest.approx(6 / 7)
-        result = metrics["robustness"]["results"][task][NAMES[task]]
+        result = metrics["sections"]["robustness"]["results"][task][NAMES[task]]
         per_template = {r["template_id"]: r["accuracy"] for r in result["per_template"]}
         hand = {tid: (int(tid.split("-")[1]) % 9) / 8 for tid in per_template}
         assert per_template == pytest.approx(hand)
-        for group, ids in metrics["robustness"]["templates"][task].items():
+        for group, ids in metrics["sections"]["robustness"]["templates"][task].items():
             values = np.array([hand[i] for i in ids])
             assert result["summary"][group]["accuracy"]["mean"] == pytest.approx(values.mean())
             assert result["summary"][group]["accuracy"]["sd"] == pytest.approx(values.std(ddof=1))
@@ -206,12 +227,19 @@ def test_chat_variant_scores_whole_responses_and_parses_greedy_answers(model_dir
         assert all(choice in text for choice, text in zip(row["choices"], texts, strict=True))
     config = _config(model_dir, chat_data_dir, tmp_path / "score", variant="chat", robustness=True)
     metrics = run_evaluation(config)
-    assert metrics["cta"]["toy_pbmc"]["answered_rate"] == 1.0 and metrics["cta"]["toy_pbmc"]["n"] == 4
-    ids = metrics["robustness"]["templates"]["cta"]
+    entry = metrics["scores"]["cta"]["toy_pbmc"]
+    assert entry["methods"]["instructcell"]["answered_rate"] == 1.0 and entry["n_test"] == 4
+    ids = metrics["sections"]["robustness"]["templates"]["cta"]
     assert all(lookup[(i, "chat")].response != "{output}" for group in ids.values() for i in group)
-    config = _config(model_dir, chat_data_dir, tmp_path / "generate", variant="chat", method="generate")
-    entry = run_evaluation(config)["cta"]["toy_pbmc"]
-    assert entry["method"] == "generate" and 0.0 <= entry["answered_rate"] <= 1.0
+    config = _config(
+        model_dir, chat_data_dir, tmp_path / "generate", variant="chat", method="generate", baselines="none"
+    )
+    methods = run_evaluation(config)["scores"]["cta"]["toy_pbmc"]["methods"]
+    assert list(methods) == ["instructcell"]
+    assert (
+        methods["instructcell"]["method"] == "generate"
+        and 0.0 <= methods["instructcell"]["answered_rate"] <= 1.0
+    )
 
 
 def test_masked_saliency_hand_made_case():
@@ -295,9 +323,11 @@ def test_clear_errors(model_dir, data_dir, tmp_path, capsys):
         )
     with pytest.raises(ValueError, match="Unknown method"):
         EvaluationConfig(model=model_dir, dataset_dir=data_dir, output_dir=tmp_path, method="vote")
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        EvaluationConfig(model=model_dir, dataset_dir=data_dir, output_dir=tmp_path, baselines="forest")
     with pytest.raises(ValueError, match=r"Unknown dataset\(s\) \['nope'\].*toy_drug, toy_pbmc"):
         run_evaluation(_config(model_dir, data_dir, tmp_path / "a", datasets=["toy_pbmc", "nope"]))
-    with pytest.raises(ValueError, match="no 'chat' rows"):
+    with pytest.raises(ValueError, match="No train rows .*variant 'chat'"):
         run_evaluation(_config(model_dir, data_dir, tmp_path / "b", variant="chat"))
 
     other = tmp_path / "other-vocab"

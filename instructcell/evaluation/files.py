@@ -1,8 +1,11 @@
-"""Small helpers shared by the report writers (``demo_report``, ``evaluate_suite``).
+"""Writing a report folder: ``metrics.json``, ``report.md``, ``figures/`` and extra files, all or nothing.
 
-Number formatting for markdown tables, file-name-safe names, JSON conversion of numpy values, and an atomic
-"write into a temporary folder, then move into place" step so that a failed run never leaves a partial
-report behind.
+Every report (``instructcell evaluate``, ``make demo``, the benchmark suite) is written through
+:func:`report_folder`: figures and files go into a temporary folder inside the destination, and
+:meth:`ReportFolder.publish` renders ``report.md`` from the metrics
+(:func:`instructcell.evaluation.render.render_report`), writes ``metrics.json`` and moves everything into
+place, ``metrics.json`` last. An exception before that
+leaves the destination as it was, never a partial report.
 """
 
 from __future__ import annotations
@@ -12,34 +15,16 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["fmt", "json_default", "publish", "safe_name", "staging_dir", "write_json"]
+from .render import render_report
 
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """Format a metric for a markdown table: ``digits`` decimals, ``n/a`` for None or NaN.
-
-    Parameters
-    ----------
-    value : float, int, str or None
-    digits : int
-        Decimals of floats.
-
-    Returns
-    -------
-    str
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}f}"
-    return str(value)
+__all__ = ["ReportFolder", "plain", "report_folder", "safe_name"]
 
 
 def safe_name(name: str) -> str:
@@ -47,42 +32,82 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` hook: numpy scalars and arrays, paths."""
+def plain(value: Any) -> Any:
+    """JSON-ready copy of ``value``: numpy scalars and arrays to Python, paths to str, NaN and inf to None."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
+        value = value.item()
+    if isinstance(value, os.PathLike):
         return str(value)
-    raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON (numpy values converted) with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
+class ReportFolder:
+    """A report being written into a staging folder, moved into ``out_dir`` by :meth:`publish`.
 
+    Parameters
+    ----------
+    staging : Path
+        The temporary folder (inside ``out_dir``) the files are written to.
+    out_dir : Path
+        The destination; files in it other than the report's own are left alone.
+    """
 
-def publish(tmp: Path, out_dir: Path, names: Sequence[str]) -> None:
-    """Move ``names`` from ``tmp`` into ``out_dir``, replacing older results; ``metrics.json`` goes last."""
-    for name in sorted(names, key=lambda n: n == "metrics.json"):
-        target = out_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
+    def __init__(self, staging: Path, out_dir: Path) -> None:
+        self.staging = staging
+        self.out_dir = out_dir
+        self.figures: dict[str, str] = {}
+        self._files: list[str] = []
+
+    def figure(self, title: str, name: str) -> Path:
+        """Register the figure ``title`` as ``figures/<name>.png`` and return the path to write it to."""
+        relative = f"figures/{safe_name(name)}.png"
+        self.figures[title] = relative
+        (self.staging / "figures").mkdir(exist_ok=True)
+        return self.staging / relative
+
+    def file(self, name: str) -> Path:
+        """Register an extra file of the report (e.g. a CSV) and return the path to write it to."""
+        self._files.append(name)
+        return self.staging / name
+
+    def publish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Add the figures to ``metrics``, write ``report.md`` and ``metrics.json``, move all into place.
+
+        Returns
+        -------
+        dict
+            The metrics as written (JSON values: numpy scalars converted, NaN as None).
+        """
+        metrics.setdefault("figures", {}).update(self.figures)
+        written = plain(metrics)
+        (self.staging / "report.md").write_text(render_report(written))
+        (self.staging / "metrics.json").write_text(json.dumps(written, indent=2) + "\n")
+        names = [*(["figures"] if self.figures else []), *self._files, "report.md", "metrics.json"]
+        for name in names:  # metrics.json last: its presence means the report is complete
+            target = self.out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(self.staging / name, target)
+        return written
 
 
 @contextmanager
-def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Create ``out_dir`` and yield a temporary folder inside it, deleted afterwards whatever happens.
+def report_folder(out_dir: str | os.PathLike) -> Iterator[ReportFolder]:
+    """Create ``out_dir`` and yield a :class:`ReportFolder` staged inside it; the staging folder is removed.
 
-    Write the results into the yielded folder and :func:`publish` them at the end of the ``with`` block;
-    an exception before that leaves ``out_dir`` as it was.
+    Call :meth:`ReportFolder.publish` at the end of the ``with`` block; an exception before that leaves
+    ``out_dir`` as it was.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
-        yield tmp
+        yield ReportFolder(staging, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)

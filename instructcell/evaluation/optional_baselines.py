@@ -1,13 +1,8 @@
-"""Baselines trained on the same training cells as InstructCell: CellTypist, scVI and a per-label mean.
+"""The baselines that need optional installs: CellTypist (classification) and scVI (generation).
 
-CellTypist annotates (CTA, DSP); scVI and the per-label mean generate cells (CPCG).
-
-scvi-tools and CellTypist are heavy optional dependencies (``pip install -e ".[bench]"``); they are imported
-inside the functions that need them, so this module imports without them.
-
-Every generator takes the training counts, their labels and the cells requested per label, and returns counts
-over the same genes plus the label of every cell, like the real-training-cell reference of
-:func:`instructcell.evaluation.reference_cells`; labels without training cells are left out.
+scvi-tools and CellTypist are heavy (``pip install -e ".[bench]"``); they are imported inside the functions
+that need them, so this module imports without them. :data:`instructcell.evaluation.baselines.BASELINES`
+runs them and records why they were skipped when they are missing.
 """
 
 from __future__ import annotations
@@ -27,69 +22,14 @@ import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from instructcell.evaluation.predictions import log_normalize
+from .metrics.generation import normalize_log1p
 
-__all__ = [
-    "ScviGenerator",
-    "celltypist_predictions",
-    "label_mean_cells",
-    "train_scvi",
-]
-
-
-def _label_rows(labels: Sequence[str]) -> dict[str, np.ndarray]:
-    """Row indices of every label."""
-    labels = np.asarray(labels).astype(str)
-    return {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
+__all__ = ["OneVsRestLogisticRegression", "ScviGenerator", "celltypist_predictions", "train_scvi"]
 
 
 def _expressed_genes(*matrices: sp.spmatrix) -> np.ndarray:
     """Sorted indices of the genes with a non-zero count in any of the matrices."""
     return np.unique(np.concatenate([sp.csr_matrix(m).indices for m in matrices]))
-
-
-# ------------------------------------------------------------------------------------ per-label mean
-def label_mean_cells(
-    train_counts: sp.spmatrix | np.ndarray,
-    train_labels: Sequence[str],
-    requested: Mapping[str, int],
-    seed: int = 0,
-) -> tuple[sp.csr_matrix | None, list[str]]:
-    """Generate every cell as a Poisson sample of its label's mean training profile.
-
-    A generator that collapses each label onto its centroid: it gets the labels right (high pKNN) but has
-    none of the within-type variation of real cells, which the MMD and sKNN should expose.
-
-    Parameters
-    ----------
-    train_counts : scipy.sparse matrix or numpy.ndarray, shape (n_train, n_genes)
-        Raw training counts.
-    train_labels : sequence of str, length n_train
-    requested : mapping of str to int
-        Cells to generate per label (visited in sorted order, so seeded draws are reproducible).
-    seed : int
-        Seed of the Poisson draws.
-
-    Returns
-    -------
-    counts : scipy.sparse.csr_matrix or None
-        ``(sum of requested, n_genes)`` integer-valued float32 counts; None when no label has training cells.
-    labels : list of str
-        The label of every generated cell.
-    """
-    counts = sp.csr_matrix(train_counts, dtype=np.float64)
-    if len(train_labels) != counts.shape[0]:
-        raise ValueError(f"Got {len(train_labels)} labels for {counts.shape[0]} training cells.")
-    rows = _label_rows(train_labels)
-    rng = np.random.default_rng(seed)
-    blocks, labels = [], []
-    for label, n in sorted(requested.items()):
-        if label not in rows or n < 1:
-            continue
-        mean = np.asarray(counts[rows[label]].mean(axis=0)).ravel()
-        blocks.append(sp.csr_matrix(rng.poisson(mean, size=(n, mean.size)).astype(np.float32)))
-        labels += [label] * n
-    return (sp.vstack(blocks).tocsr() if blocks else None), labels
 
 
 # ---------------------------------------------------------------------------------------------- scVI
@@ -363,7 +303,7 @@ def celltypist_predictions(
         obs = pd.DataFrame(index=[str(i) for i in range(counts.shape[0])])
         if labels is not None:
             obs["label"] = np.asarray(labels).astype(str)
-        return anndata.AnnData(X=log_normalize(counts)[:, genes], obs=obs, var=pd.DataFrame(index=names))
+        return anndata.AnnData(X=normalize_log1p(counts)[:, genes], obs=obs, var=pd.DataFrame(index=names))
 
     logging.getLogger("celltypist").setLevel(logging.WARNING)
     np.random.seed(seed)

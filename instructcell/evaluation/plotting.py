@@ -1,20 +1,17 @@
 """Figures of the evaluation reports (matplotlib, Agg): confusion matrices, UMAPs, dot plots, heatmaps.
 
-Every function takes plain data (no model), writes one PNG to ``path`` and closes its figure. Used by
-``instructcell.evaluation.report`` (``make demo``) and ``instructcell.evaluation.suite`` (``examples/evaluate.py``).
+Every function takes plain data (no model, no result type), writes one PNG to ``path`` and closes its figure.
+The metric-family evaluators and the report sections of :mod:`instructcell.evaluation` call them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .report import ClassificationResult, GenerationResult
 
 __all__ = [
     "plot_confusion",
@@ -39,33 +36,42 @@ def _label_colors(plt, labels: Sequence[str]) -> dict[str, Any]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def plot_confusion(path: Path, result: ClassificationResult) -> None:
-    """Confusion matrices of the model's headline method and of the logistic regression, side by side.
+def plot_confusion(
+    path: Path,
+    title: str,
+    references: Sequence[str],
+    labels: Sequence[str],
+    panels: Mapping[str, Sequence[str | None]],
+) -> None:
+    """Confusion matrices of several methods on the same cells, side by side.
 
     Rows are true labels, columns predicted ones; cells show counts, shaded by the fraction of the row.
     Unanswered predictions (None / outside the label set) are left out of the matrix but count as wrong in
-    the accuracy of the title.
+    the accuracy of the panel's title.
 
     Parameters
     ----------
     path : Path
         PNG to write.
-    result : ClassificationResult
-        ``predictions`` (first method = headline), ``logreg``, ``references`` and ``label_set``.
+    title : str
+        Figure title.
+    references : sequence of str
+        ``(n_cells,)`` true labels.
+    labels : sequence of str
+        The label set, in axis order.
+    panels : mapping of str to sequence
+        Panel title (a method) -> its ``(n_cells,)`` predictions.
     """
     plt = _pyplot()
     from sklearn.metrics import confusion_matrix
 
-    labels = list(result.label_set)
-    method = next(iter(result.predictions))
-    panels = [
-        (f"InstructCell ({method})", result.predictions[method]),
-        ("logistic regression", result.logreg),
-    ]
+    labels = list(labels)
     size = max(4.0, 0.45 * len(labels) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
-    for ax, (title, preds) in zip(axes, panels, strict=True):
-        pairs = [(r, p) for r, p in zip(result.references, preds, strict=True) if p in labels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * size + 1, size), constrained_layout=True, squeeze=False
+    )
+    for ax, (panel, preds) in zip(axes[0], panels.items(), strict=True):
+        pairs = [(r, p) for r, p in zip(references, preds, strict=True) if p in labels]
         if pairs:
             matrix = confusion_matrix([r for r, _ in pairs], [p for _, p in pairs], labels=labels)
         else:  # nothing answered (e.g. greedy answers naming no label): an empty matrix
@@ -89,57 +95,54 @@ def plot_confusion(path: Path, result: ClassificationResult) -> None:
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        accuracy = np.mean([r == p for r, p in zip(result.references, preds, strict=True)])
-        ax.set_title(f"{title}: accuracy {accuracy:.3f}", fontsize=9)
-    fig.suptitle(
-        f"{result.task.upper()} {result.dataset} (test split, n={len(result.references)})", fontsize=10
-    )
+        accuracy = np.mean([r == p for r, p in zip(references, preds, strict=True)])
+        ax.set_title(f"{panel}: accuracy {accuracy:.3f}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_umap(path: Path, result: GenerationResult, coords: Mapping[str, np.ndarray]) -> None:
-    """Real test cells, generated cells and the training-cell reference in the real cells' UMAP.
+def plot_umap(path: Path, title: str, panels: Mapping[str, tuple[np.ndarray, Sequence[str]]]) -> None:
+    """Cell sets in the real cells' UMAP, one panel each, coloured by label over the real cells in grey.
 
     Parameters
     ----------
     path : Path
         PNG to write.
-    result : GenerationResult
-        Labels of the three cell sets.
-    coords : dict of str to numpy.ndarray
-        ``real``, ``generated``, ``reference``: ``(n, 2)`` coordinates from
-        :func:`instructcell.evaluation.report.generation_entry` (UMAP fitted on the real cells, the others mapped
-        in with ``transform``).
+    title : str
+        Figure title.
+    panels : mapping of str to (numpy.ndarray, sequence of str)
+        Panel title -> ``(n, 2)`` coordinates and ``(n,)`` labels; the first panel holds the real cells
+        (UMAP fitted on them, the others mapped in with ``transform``).
     """
     plt = _pyplot()
-    panels = [
-        ("real test cells", coords["real"], np.asarray(result.real_labels).astype(str)),
-        ("generated cells", coords["generated"], np.asarray(result.generated_labels).astype(str)),
-        (
-            "reference: real training cells",
-            coords["reference"],
-            np.asarray(result.reference_labels).astype(str),
-        ),
-    ]
-    labels = sorted(set(panels[0][2]) | set(panels[1][2]) | set(panels[2][2]))
+    panels = {name: (xy, np.asarray(labels).astype(str)) for name, (xy, labels) in panels.items()}
+    labels = sorted(set().union(*(set(point_labels) for _, point_labels in panels.values())))
     colors = _label_colors(plt, labels)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, constrained_layout=True)
-    real_xy = coords["real"]
-    for ax, (title, xy, point_labels) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(5 * len(panels), 5),
+        sharex=True,
+        sharey=True,
+        constrained_layout=True,
+        squeeze=False,
+    )
+    real_xy = next(iter(panels.values()))[0]
+    for ax, (panel, (xy, point_labels)) in zip(axes[0], panels.items(), strict=True):
         ax.scatter(real_xy[:, 0], real_xy[:, 1], s=6, c="lightgrey", linewidths=0)
         for label in labels:
             mask = point_labels == label
             if mask.any():
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colors[label], label=label, linewidths=0)
-        ax.set_title(f"{title} (n={len(xy)})", fontsize=10)
+        ax.set_title(f"{panel} (n={len(xy)})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].set_ylabel("UMAP 2 (fitted on real test cells)")
-    axes[1].set_xlabel("UMAP 1")
+    axes[0][0].set_ylabel("UMAP 2 (fitted on real test cells)")
+    axes[0][len(panels) // 2].set_xlabel("UMAP 1")
     handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label], label=label) for label in labels]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle(f"CPCG {result.dataset}: real vs generated cells, coloured by cell type", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from datasets_builder.builder import example_key, option_order
 from datasets_builder.templates import SIGNAL_TOKEN, Template, TemplateBank, render
-from instructcell.evaluation.metrics.classification import cell_classification_metrics
+from instructcell.tasks import get_task
+
+from .metrics.classification import cell_classification_metrics
 
 __all__ = [
     "GROUPS",
@@ -69,7 +71,7 @@ def render_row(row: Mapping[str, Any], template: Template, output: str | None = 
     template : Template
         The template to render with (same task and variant as the row).
     output : str, optional
-        The response's ``{output}``; default the row's label (CTA/DSP) or ``<SIGNAL>`` (CPCG).
+        The response's ``{output}``; default the row's label (``<SIGNAL>`` for a task that generates a cell).
 
     Returns
     -------
@@ -81,12 +83,13 @@ def render_row(row: Mapping[str, Any], template: Template, output: str | None = 
             f"Template {template.id} is a {template.task}/{template.variant} template; the row is "
             f"{row['task']}/{row['variant']}."
         )
+    task = get_task(row["task"])
     key = example_key(row["task"], row["variant"], row["dataset"], row["cell_id"])
     options = option_order(list(row["choices"]), key) if template.has_choices else []
     metadata = {name: row.get(name) or "" for name in _METADATA}
-    default = row["label"]
-    if row["task"] == "cpcg":  # as the builder: the instruction names the cell type, the answer is <SIGNAL>
-        metadata["cell_type"], default = row["label"], SIGNAL_TOKEN
+    if task.label_placeholder is not None:  # as the builder: the label is part of the request
+        metadata[task.label_placeholder] = row["label"]
+    default = SIGNAL_TOKEN if task.output_cell else row["label"]
     return render(template, metadata, default if output is None else output, options)
 
 
@@ -146,7 +149,7 @@ def choose_templates(
     ----------
     bank : TemplateBank
     task, variant : str
-        ``cta`` or ``dsp``; ``instruct`` or ``chat``.
+        A classification task's name; ``instruct`` or ``chat``.
     n_per_group : int
         Templates per group.
     seed : int

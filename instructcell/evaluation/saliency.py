@@ -217,7 +217,7 @@ def row_answer_saliency(
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`masked_saliency` of dataset rows (CTA/DSP), the loss being the NLL of each row's true answer.
+    """:func:`masked_saliency` of rows with an input cell, the loss being the NLL of each row's true answer.
 
     Parameters
     ----------
@@ -257,7 +257,7 @@ def row_answer_saliency(
         chunk = rows[start : start + batch_size]
         batch = collator(chunk)
         if batch.get("cell_values") is None or batch["cell_values"].shape[0] != len(chunk):
-            raise ValueError("Every row needs an input cell (CTA/DSP rows); CPCG rows have none.")
+            raise ValueError("Every row needs an input cell; rows of tasks that generate a cell have none.")
         encoded = processor.tokenizer(answers[start : start + batch_size], padding=True, return_tensors="pt")
         gradients.append(
             objective_gradients(
