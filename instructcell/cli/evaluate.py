@@ -42,6 +42,12 @@ def add_parsers(subparsers) -> None:
         choices=list(METHODS),
         help="labels: most likely label (score) or greedy answer mapped to a label (generate)",
     )
+    parser.add_argument(
+        "--baselines",
+        default="cheap",
+        help="baselines beside the model: cheap (logistic regression, per-label mean, real-cell reference), "
+        "all (also CellTypist and scVI when installed), none, or comma-separated names",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--robustness", action="store_true", help="accuracy across held-out templates")
     parser.add_argument("--templates-per-group", type=int, default=20)
@@ -73,6 +79,7 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
         variant=args.variant,
         max_test_cells=args.max_test_cells or None,
         method=args.method,
+        baselines=args.baselines,
         seed=args.seed,
         robustness=args.robustness,
         templates_per_group=args.templates_per_group,
