@@ -61,7 +61,8 @@ class Task:
     metric_family : {"classification", "generation"}
         How test answers are scored (:mod:`instructcell.evaluation` has one evaluator per family).
     baselines : tuple of str
-        Baselines the evaluation runs beside the model (names of :data:`instructcell.evaluation.baselines`).
+        Baselines the evaluation runs beside the model, of the same metric family (keys of
+        :data:`instructcell.evaluation.baselines.BASELINES`).
     drop_rare_labels : bool
         Preprocessing drops labels with too few cells (off where every label matters, e.g. drug response).
     default_instruction : str or None
