@@ -141,7 +141,9 @@ class Evaluation:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    _templates: tuple[TemplateBank, dict[tuple[str, str], Template]] | None = None
+    _templates: tuple[TemplateBank, dict[tuple[str, str], Template]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         for candidate in self.models:

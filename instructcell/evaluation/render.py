@@ -10,7 +10,7 @@ without a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from instructcell.tasks import METRIC_FAMILIES, TASKS
@@ -248,7 +248,7 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
     return [*lines, *(["", *notes] if notes else []), *(["", note] if note else [])]
 
 
-def _robustness_lines(section: Mapping[str, Any]) -> list[str]:
+def _robustness_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Robustness to the instruction's wording (held-out templates)",
         "",
@@ -290,7 +290,7 @@ def _robustness_lines(section: Mapping[str, Any]) -> list[str]:
     return [*lines, markdown_table(header, rows, numeric_from=2)]
 
 
-def _saliency_lines(section: Mapping[str, Any]) -> list[str]:
+def _saliency_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Marker genes by gradient saliency",
         "",
@@ -401,6 +401,15 @@ def _training_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[
     return [*lines, markdown_table(header, [row], numeric_from=2), *(["", note] if note else [])]
 
 
+#: The optional sections after the score tables, in report order: ``render(section, run) -> lines``.
+_SECTION_RENDERERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
+    "robustness": _robustness_lines,
+    "saliency": _saliency_lines,
+    "throughput": _throughput_lines,
+    "training": _training_lines,
+}
+
+
 def render_report(metrics: Mapping[str, Any]) -> str:
     """Render the markdown report of one ``metrics.json`` (schema in :mod:`instructcell.evaluation`).
 
@@ -428,15 +437,9 @@ def render_report(metrics: Mapping[str, Any]) -> str:
         }
         if by_task:
             lines += [*_family_lines(family, by_task, run), ""]
-    renderers = {
-        "robustness": lambda s: _robustness_lines(s),
-        "saliency": lambda s: _saliency_lines(s),
-        "throughput": lambda s: _throughput_lines(s, run),
-        "training": lambda s: _training_lines(s, run),
-    }
-    for name, render in renderers.items():
+    for name, render in _SECTION_RENDERERS.items():
         if sections.get(name):
-            lines += [*render(sections[name]), ""]
+            lines += [*render(sections[name], run), ""]
     if run.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in run["skipped"].items()) + ".", ""]
     if metrics.get("figures"):

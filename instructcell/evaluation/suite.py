@@ -20,7 +20,7 @@ import datasets
 import torch
 
 from datasets_builder.dataset_folder import SplitRows, dataset_genes
-from instructcell.tasks import get_task, task_names
+from instructcell.tasks import Task, get_task, task_names
 
 from .candidates import METHODS, Candidate
 from .classification_evaluator import evaluate_classification
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("instruct", "chat")
 #: The evaluator of every metric family: ``(evaluation, task, dataset) -> (scores entry, test rows)``.
-EVALUATORS: dict[str, Callable[[Evaluation, Any, str], tuple[dict[str, Any], datasets.Dataset]]] = {
+EVALUATORS: dict[str, Callable[[Evaluation, Task, str], tuple[dict[str, Any], datasets.Dataset]]] = {
     "classification": evaluate_classification,
     "generation": evaluate_generation,
 }
@@ -237,7 +237,7 @@ def score_pairs(
     ev: Evaluation,
     pairs: Sequence[tuple[str, str]],
     scores: dict[str, dict[str, Any]],
-    after: Callable[[Any, str, datasets.Dataset], None] | None = None,
+    after: Callable[[Task, str, datasets.Dataset], None] | None = None,
 ) -> dict[str, float]:
     """Score every (task, dataset) pair with its metric family's evaluator, into ``scores[task][dataset]``.
 
@@ -330,7 +330,7 @@ def run_evaluation(
             config.template_bank,
         )
 
-        def model_sections(task: Any, dataset: str, rows: datasets.Dataset) -> None:
+        def model_sections(task: Task, dataset: str, rows: datasets.Dataset) -> None:
             if task.metric_family != "classification":
                 return
             if config.robustness:
