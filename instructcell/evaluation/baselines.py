@@ -325,8 +325,7 @@ BASELINES: dict[str, Baseline] = {
             "scVI",
             "generation",
             "scVI trained on the training cells with the label as its batch covariate; cells sampled from "
-            "its "
-            "prior (z ~ N(0, I), per-label library-size prior).",
+            "its prior (z ~ N(0, I), per-label library-size prior).",
             cheap=False,
             run=_run_scvi,
             requires=("scvi", "scvi-tools"),
@@ -344,8 +343,8 @@ BASELINES: dict[str, Baseline] = {
             "reference",
             "reference (real training cells)",
             "generation",
-            "real training cells of the requested labels, as many per label: what a perfect generator would "
-            "score (closeness to it is the goal, not the maximum).",
+            "real training cells of the requested labels, as many per label: what a perfect generator "
+            "would score (closeness to it is the goal, not the maximum).",
             cheap=True,
             run=_run_reference,
         ),

@@ -44,17 +44,15 @@ FAMILY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 FAMILY_PROTOCOLS: dict[str, str] = {
     "classification": (
         "InstructCell `score` picks the most likely label of the dataset's label set; `generate` maps the "
-        "greedy "
-        "answer to a label (unanswered = wrong; F1 over the answered cells). The baselines are fitted in "
-        "this "
-        "run on the training split's cells of the same dataset and predict the same test cells."
+        "greedy answer to a label (unanswered = wrong; F1 over the answered cells). The baselines are "
+        "fitted in this run on the training split's cells of the same dataset and predict the same test "
+        "cells."
     ),
     "generation": (
         "One request per test cell (its own held-out instruction); every generator is asked for the same "
         "labels and counts. Cells are compared with the real test cells in one PCA-50 + UMAP embedding "
-        "fitted "
-        "on the real test cells (generated cells mapped in with `transform`); KNN metrics are averaged over "
-        "K = 5, 10, 25, 50."
+        "fitted on the real test cells (generated cells mapped in with `transform`); KNN metrics are "
+        "averaged over K = 5, 10, 25, 50."
     ),
 }
 #: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
@@ -159,10 +157,10 @@ def method_rows(
 def machine_line(info: Mapping[str, Any]) -> str:
     """Say where and with how many threads a run went."""
     return (
-        f"Ran on {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['usable_cpus']} usable), "
-        f"torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}), "
-        f"OMP_NUM_THREADS={info['OMP_NUM_THREADS']}, MKL_NUM_THREADS={info['MKL_NUM_THREADS']}, "
-        f"nice {info['nice']}, load average (1, 5, 15 min) at start {info.get('load_average_1_5_15')}"
+        f"Ran on {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['usable_cpus']} usable), torch "
+        f"threads {info['torch_threads']} (interop {info['torch_interop_threads']}), "
+        f"OMP_NUM_THREADS={info['OMP_NUM_THREADS']}, MKL_NUM_THREADS={info['MKL_NUM_THREADS']}, nice "
+        f"{info['nice']}, load average (1, 5, 15 min) at start {info.get('load_average_1_5_15')}"
         + (f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU")
         + "."
     )
@@ -188,8 +186,8 @@ def load_note(run: Mapping[str, Any], section: str) -> str:
     note += "."
     if share < MIN_CPU_SHARE:
         note += (
-            " **Other jobs took the CPUs: its timings (seconds, cells/s, steps/s) are lower bounds, not this "
-            "machine's speed.**"
+            " **Other jobs took the CPUs: its timings (seconds, cells/s, steps/s) are lower bounds, not "
+            "this machine's speed.**"
         )
     return note
 
@@ -252,14 +250,11 @@ def _robustness_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> lis
     lines = [
         "## Robustness to the instruction's wording (held-out templates)",
         "",
-        f"The same test cells are asked with {section['templates_per_group']} test-split templates that list "
-        "the "
-        f"label options in the prompt and {section['templates_per_group']} that do not (drawn from the "
-        "template bank, none used in training); each cell's instruction is re-rendered with every template "
-        "as "
-        f"the dataset builder would have. Method: `{section['method']}`. sd = sample standard deviation "
-        "across "
-        f"templates (ddof = {section['sd_ddof']}).",
+        f"The same test cells are asked with {section['templates_per_group']} test-split templates that "
+        f"list the label options in the prompt and {section['templates_per_group']} that do not (drawn from "
+        "the template bank, none used in training); each cell's instruction is re-rendered with every "
+        f"template as the dataset builder would have. Method: `{section['method']}`. sd = sample standard "
+        f"deviation across templates (ddof = {section['sd_ddof']}).",
         "",
     ]
     header = [
@@ -295,11 +290,9 @@ def _saliency_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[
         "## Marker genes by gradient saliency",
         "",
         "Per test cell: gradient of the loss (negative log-likelihood of its true answer) with respect to "
-        "the "
-        "input counts; genes kept where the gradient is negative (more of the gene lowers the loss) and the "
-        "count is positive; |gradient| min-max normalized per cell, averaged over the cells of each true "
-        "label. "
-        "Full list: `saliency_top_genes.csv`.",
+        "the input counts; genes kept where the gradient is negative (more of the gene lowers the loss) "
+        "and the count is positive; |gradient| min-max normalized per cell, averaged over the cells of "
+        "each true label. Full list: `saliency_top_genes.csv`.",
         "",
     ]
     for task, by_dataset in section.items():
@@ -326,12 +319,10 @@ def _throughput_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> lis
         "## Annotation throughput and memory",
         "",
         f"Model `{section['model']}`, test cells of {section['dataset']} ({section['n_labels']} labels), "
-        "batch size "
-        f"{section['batch_size']}; generating modes write exactly {section['answer_tokens']} tokens (median "
-        "label "
-        "length). RSS before / peak RSS: the process's resident memory before the mode and its peak during "
-        "it "
-        "(model and data included; the difference is what the mode itself needs).",
+        f"batch size {section['batch_size']}; generating modes write exactly {section['answer_tokens']} "
+        "tokens (median label length). RSS before / peak RSS: the process's resident memory before the "
+        "mode and its peak during it (model and data included; the difference is what the mode itself "
+        "needs).",
         "",
     ]
     base = section["modes"][-1]["cells_per_s"]
@@ -369,10 +360,8 @@ def _training_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[
         "## Training throughput",
         "",
         f"`run_training` with `max_steps={section['steps']}` on the {section['tasks']} mix "
-        f"({section['variant']} "
-        f"variant, {section['n_train_rows']} training rows, recipe `{section['recipe']}`, its cell-decoder "
-        "stage "
-        "off); the first step is not timed.",
+        f"({section['variant']} variant, {section['n_train_rows']} training rows, recipe "
+        f"`{section['recipe']}`, its cell-decoder stage off); the first step is not timed.",
         "",
     ]
     header = [
