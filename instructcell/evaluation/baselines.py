@@ -388,11 +388,20 @@ def choose_baselines(task: Task, choice: str | Sequence[str], skipped: dict[str,
     Returns
     -------
     list of Baseline
+
+    Raises
+    ------
+    ValueError
+        When the task names a baseline of another metric family.
     """
     choice = parse_baseline_choice(choice)
     chosen = []
     for name in task.baselines:
         baseline = BASELINES[name]
+        if baseline.family != task.metric_family:
+            raise ValueError(
+                f"Task {task.name!r} ({task.metric_family}) names the {baseline.family} baseline {name!r}."
+            )
         wanted = baseline.cheap if choice == "cheap" else choice == "all" or name in choice
         if not wanted:
             continue

@@ -141,11 +141,7 @@ def evaluate_classification(
     if baselines:
         cells = ClassificationCells.from_rows(train_rows, rows, ev.genes)
         for baseline in baselines:
-            (predictions[baseline.name], details), seconds = ev.run_baseline(baseline, cells)
-            extras[baseline.name] = {
-                "seconds": round(seconds, 2),
-                **({"details": details} if details else {}),
-            }
+            predictions[baseline.name], extras[baseline.name] = ev.run_baseline(baseline, cells)
     label_set = list(rows[0]["choices"])
     entry = classification_entry(list(rows["label"]), label_set, predictions, extras, len(train_rows))
     figure = ev.report.figure(

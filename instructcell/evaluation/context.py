@@ -182,10 +182,11 @@ class Evaluation:
             }
         return chosen
 
-    def run_baseline(self, baseline: Baseline, cells: Any) -> tuple[tuple[Any, dict[str, Any]], float]:
-        """Run one baseline with its options: ``((output, details), seconds)``."""
+    def run_baseline(self, baseline: Baseline, cells: Any) -> tuple[Any, dict[str, Any]]:
+        """Run one baseline with its options: its output, and ``seconds`` and ``details`` for its scores."""
         options = self.settings.baseline_options.get(baseline.name, {})
-        return timed(baseline.run, cells, seed=self.settings.seed, **options)
+        (output, details), seconds = timed(baseline.run, cells, seed=self.settings.seed, **options)
+        return output, {"seconds": round(seconds, 2), **({"details": details} if details else {})}
 
     def wants_request(self, task: Task) -> bool:
         """Whether the requests section still lacks an example of ``task`` (and there is a model to ask)."""

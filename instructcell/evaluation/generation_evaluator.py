@@ -115,11 +115,7 @@ def evaluate_generation(ev: Evaluation, task: Task, dataset: str) -> tuple[dict[
             sparse_cells(train_rows, "target", n_genes), list(train_rows["label"]), requested, ev.genes
         )
         for baseline in baselines:
-            (generated[baseline.name], details), seconds = ev.run_baseline(baseline, cells)
-            extras[baseline.name] = {
-                "seconds": round(seconds, 2),
-                **({"details": details} if details else {}),
-            }
+            generated[baseline.name], extras[baseline.name] = ev.run_baseline(baseline, cells)
     real = sparse_cells(rows, "target", n_genes)
     scores, coords = compare_generators(real, rows["label"], generated, ev.embedding_factory(), DEFAULT_KS)
     methods = {
