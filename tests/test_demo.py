@@ -4,6 +4,7 @@ Model predictions and generated cells are fixed by hand, so the scores in metric
 baselines, the embedding (a PCA stand-in), the report and the figures run for real. No training.
 """
 
+import dataclasses
 import json
 import re
 import time
@@ -184,3 +185,33 @@ def test_failure_leaves_no_partial_output(fixed_model, data_dir, tmp_path, monke
     with pytest.raises(RuntimeError, match="plotting failed"):
         run_evaluation(config, embedding_factory=PCAEmbedding)
     assert list(out.iterdir()) == []
+
+
+def test_a_new_task_of_an_existing_family_needs_no_evaluation_change(
+    fixed_model, data_dir, tmp_path, monkeypatch
+):
+    """A task registered with an existing metric family is scored, tabled and plotted like the others."""
+    from instructcell.tasks import CELL_TYPE_ANNOTATION, TASKS
+
+    task = dataclasses.replace(CELL_TYPE_ANNOTATION, name="ctb", title="cell type bisection")
+    monkeypatch.setitem(TASKS, "ctb", task)
+    new_data = tmp_path / "data"
+    new_data.mkdir()
+    for split in ("train", "test"):
+        table = datasets.load_dataset("parquet", data_files=str(data_dir / f"{split}.parquet"))["train"]
+        rows = table.filter(lambda row: row["task"] == "cta").map(lambda row: {"task": "ctb"})
+        rows.to_parquet(str(new_data / f"{split}.parquet"))
+    write_gene_vocab(GENES, new_data / "gene_vocab.txt")
+    config = demo.evaluation_config(fixed_model, new_data, tmp_path / "out", SETTINGS, 0, time.time(), {})
+    metrics = run_evaluation(config, embedding_factory=PCAEmbedding)
+    assert list(metrics["scores"]) == ["ctb"]
+    methods = metrics["scores"]["ctb"]["toy"]["methods"]
+    assert methods["instructcell"]["accuracy"] == pytest.approx(5 / 6)
+    assert methods["logistic_regression"]["accuracy"] == 1.0
+    assert metrics["sections"]["requests"][0]["task"] == "ctb"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert (
+        "## Cell type bisection (test split)" in report
+        and "| CTB | toy | 6 | InstructCell (score) |" in report
+    )
+    assert (tmp_path / "out" / "figures" / "confusion_ctb_toy.png").is_file()
