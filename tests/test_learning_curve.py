@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
-from script_modules import REPO, load_script
+from script_modules import load_script
 
 learning_curve = load_script("benchmarks/learning_curve.py", "learning_curve")
 
@@ -61,4 +61,5 @@ def test_budget_overrides_train_step_recipes_once_per_mark():
     assert learning_curve.budget_overrides("paper", 5.0, "minutes") is None
     assert learning_curve.budget_overrides("default", 300.0, "steps") == {"max_steps": 300}
     minutes = learning_curve.budget_overrides("default", 5.0, "minutes")
-    assert minutes["max_train_minutes"] == 5.0 and minutes["anneal_to_time_limit"] and minutes["max_steps"] == -1
+    assert minutes["max_train_minutes"] == 5.0 and minutes["anneal_to_time_limit"]
+    assert minutes["max_steps"] == -1

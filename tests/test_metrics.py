@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the evaluate modules import the project package `instructcell.evaluation.metrics`
+if str(ROOT) not in sys.path:  # the evaluate modules import `instructcell.evaluation.metrics`
     sys.path.insert(0, str(ROOT))
 
 from instructcell.evaluation.metrics import (  # noqa: E402

@@ -1,7 +1,7 @@
 """`evaluate` module: cell type annotation / drug sensitivity metrics with unanswered predictions.
 
-Thin wrapper: the math lives in ``instructcell.evaluation.metrics.classification`` (installed with the project,
-``pip install -e ".[eval]"``), so the module, the benchmarks and the tests share one implementation.
+Thin wrapper: the math lives in ``instructcell.evaluation.metrics.classification`` (installed with the
+project, ``pip install -e ".[eval]"``), so the module, the benchmarks and the tests share one implementation.
 """
 
 from __future__ import annotations
