@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation")
+METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation", "multicell")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Task:
         Metadata a chat response may echo (besides ``{output}``).
     metadata_keys : tuple of str
         Metadata each example carries (``species``, ``tissue``, ``sequencing_method``, ``drug``).
-    metric_family : {"classification", "generation"}
+    metric_family : {"classification", "generation", "multicell"}
         How test answers are scored (:mod:`instructcell.evaluation` has one evaluator per family).
     baselines : tuple of str
         Baselines the evaluation runs beside the model, of the same metric family (keys of
