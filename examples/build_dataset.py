@@ -41,6 +41,7 @@ from datasets_builder.preprocessing import (
     preprocess_dataset,
 )
 from datasets_builder.templates import DEFAULT_BANK_DIR
+from instructcell.tasks import tasks_of_family
 
 # dataset name -> tasks it serves and its label column
 DATASETS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -165,6 +166,11 @@ def main() -> None:
         help=f"Comma-separated subset of {sorted({**DATASETS, **OPTIONAL_DATASETS})} "
         f"(default: {sorted(DATASETS)}).",
     )
+    parser.add_argument(
+        "--multicell",
+        action="store_true",
+        help="Also build the multi-cell and follow-up tasks for every dataset with cell type annotation.",
+    )
     parser.add_argument("--orthologs", default="", help="MGI/BioMart mouse->human table (file or URL).")
     parser.add_argument("--template-bank", default=str(DEFAULT_BANK_DIR))
     parser.add_argument("--cache-dir", type=Path, default=None, help="Default: OUTPUT.cache")
@@ -177,6 +183,11 @@ def main() -> None:
         raise SystemExit(f"{output} exists: pass --overwrite or choose another --output.")
     cache = (args.cache_dir or output.with_name(output.name + ".cache")).resolve()
     selected = select_datasets(args.datasets)
+    if args.multicell:
+        selected = {
+            name: ((*tasks, *tasks_of_family("multicell")) if "cta" in tasks else tasks, label_key)
+            for name, (tasks, label_key) in selected.items()
+        }
     settings = {
         "n_top_genes": args.n_top_genes,
         "orthologs": args.orthologs,
