@@ -40,6 +40,11 @@ FAMILY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pknn", "pKNN"),
         ("pknn_k10", "pKNN K=10"),
     ),
+    "multicell": (
+        ("accuracy", "accuracy"),
+        ("cell_accuracy", "cells right"),
+        ("answered_rate", "answered"),
+    ),
 }
 FAMILY_PROTOCOLS: dict[str, str] = {
     "classification": (
@@ -53,6 +58,14 @@ FAMILY_PROTOCOLS: dict[str, str] = {
         "labels and counts. Cells are compared with the real test cells in one PCA-50 + UMAP embedding "
         "fitted on the real test cells (generated cells mapped in with `transform`); KNN metrics are "
         "averaged over K = 5, 10, 25, 50."
+    ),
+    "multicell": (
+        "Each test row shows several held-out cells of one dataset, or a question after earlier turns, in a "
+        "held-out template. InstructCell answers the whole prompt (greedy); accuracy counts whole answers "
+        "(unanswered = wrong), *cells right* the task's partial credit (cells counted or labelled right, "
+        "the right position, or the right label). *Single-cell calls* answer the same question from "
+        "per-cell label probabilities: the model's own (each cell asked alone with its annotation test "
+        "row; for a follow-up, the question without its earlier turns) and the logistic regression's."
     ),
 }
 #: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
@@ -246,6 +259,29 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
     return [*lines, *(["", *notes] if notes else []), *(["", note] if note else [])]
 
 
+def _by_size_lines(by_task: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family)."""
+    methods = run.get("methods", {})
+    lines = ["", "Accuracy by the cells a question shows, or by a follow-up's earlier turns:", ""]
+    for task, by_dataset in by_task.items():
+        for dataset, entry in by_dataset.items():
+            names = list(entry["methods"])
+            titles = [method_title(name, entry["methods"][name], methods) for name in names]
+            header = [entry["by_size"]["variable"], "n", *titles]
+            rows = [
+                [size, group["n"], *(group["methods"].get(name) for name in names)]
+                for size, group in sorted(entry["by_size"]["groups"].items(), key=lambda item: int(item[0]))
+            ]
+            lines += [f"**{task} {dataset}**", "", markdown_table(header, rows, numeric_from=1), ""]
+    return lines
+
+
+#: Tables after a metric family's table: ``render(by_task, run) -> lines``.
+_FAMILY_DETAIL_RENDERERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
+    "multicell": _by_size_lines,
+}
+
+
 def _robustness_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Robustness to the instruction's wording (held-out templates)",
@@ -425,7 +461,8 @@ def render_report(metrics: Mapping[str, Any]) -> str:
             if by_dataset and task in TASKS and TASKS[task].metric_family == family
         }
         if by_task:
-            lines += [*_family_lines(family, by_task, run), ""]
+            details = _FAMILY_DETAIL_RENDERERS.get(family)
+            lines += [*_family_lines(family, by_task, run), *(details(by_task, run) if details else []), ""]
     for name, render in _SECTION_RENDERERS.items():
         if sections.get(name):
             lines += [*render(sections[name], run), ""]
