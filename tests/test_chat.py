@@ -47,6 +47,12 @@ def test_cell_references():
         cell_references("what is cell 20?", 20)
 
 
+def test_references_become_cell_slots_numbered_as_the_model_reads_them(session):
+    question = session._question("Which of cells 1-2 and cell 5 is the B cell?")
+    assert question == "Which of cell 1: <CELL>, cell 2: <CELL> and cell 3: <CELL> is the B cell?"
+    assert session._question("What is cell 7 {really}?") == "What is this cell <CELL> {{really}}?"
+
+
 def test_every_turn_goes_to_the_model_with_earlier_turns_and_their_cells(session, calls, tester, adata):
     session.respond("What is cell 2?")
     session.respond("And cell 3 {too}?")  # braces are text, not placeholders
