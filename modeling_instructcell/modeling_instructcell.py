@@ -1,8 +1,8 @@
 """InstructCell: a seq2seq (or decoder-only) language model that reads cells and writes cells.
 
-One file, as transformers keeps a model family's ``modeling_*.py``: the output dataclasses, the pretrained base
-class and ``InstructCellForConditionalGeneration`` (forward, generate, label scoring, cell generation, loading
-of original checkpoints) belong together and travel to the Hub as one remote-code file.
+One file, as transformers keeps a model family's ``modeling_*.py``: the output dataclasses, the pretrained
+base class and ``InstructCellForConditionalGeneration`` (forward, generate, label scoring, cell generation,
+loading of original checkpoints) belong together and travel to the Hub as one remote-code file.
 """
 
 import copy
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from .configuration_instructcell import InstructCellConfig
@@ -110,6 +110,88 @@ class InstructCellLabelScoresOutput(ModelOutput):
 
     log_likelihoods: torch.FloatTensor | None = None
     probabilities: torch.FloatTensor | None = None
+
+
+@dataclass
+class CandidatePrefixTree:
+    """Candidate answers of each prompt as a prefix tree: which decoder state scores which token.
+
+    A node is a distinct (prompt, candidate prefix) pair; every candidate token is predicted from the node of
+    the prefix before it, so candidates that share a prefix share its vocabulary projection.
+
+    Attributes
+    ----------
+    node_state_index : torch.LongTensor
+        Row of each node's decoder state in the scoring passes' stacked states, ``(n_nodes,)``.
+    token_node : torch.LongTensor
+        Node each scored candidate token is predicted from, ``(n_tokens,)``.
+    token_target : torch.LongTensor
+        The token's id, ``(n_tokens,)``.
+    token_candidate : torch.LongTensor
+        The token's flat (prompt x candidate) row, ``(n_tokens,)``.
+    """
+
+    node_state_index: torch.LongTensor
+    token_node: torch.LongTensor
+    token_target: torch.LongTensor
+    token_candidate: torch.LongTensor
+
+
+def candidate_prefix_tree(
+    candidate_ids: torch.LongTensor, lengths: torch.LongTensor, state_index: torch.LongTensor
+) -> CandidatePrefixTree:
+    """Build the :class:`CandidatePrefixTree` of right-padded candidates.
+
+    Parameters
+    ----------
+    candidate_ids : torch.LongTensor
+        ``(n_rows, n_candidates, cand_len)``, right-padded.
+    lengths : torch.LongTensor
+        Real tokens per candidate, ``(n_rows, n_candidates)``, each at least 1.
+    state_index : torch.LongTensor
+        ``(n_rows, n_candidates, cand_len)``: the row, among the stacked decoder states of the scoring passes,
+        of the state that predicts each candidate token (the state after the tokens before it).
+
+    Returns
+    -------
+    CandidatePrefixTree
+    """
+    n_rows, n_candidates, _ = candidate_ids.shape
+    device = candidate_ids.device
+    flat = candidate_ids.reshape(n_rows * n_candidates, -1)
+    flat_states = state_index.reshape(n_rows * n_candidates, -1)
+    flat_lengths = lengths.reshape(-1)
+    max_length = int(flat_lengths.max())
+    candidate = torch.arange(flat.shape[0], device=device)
+    node = candidate // n_candidates  # level 0: the empty prefix, one node per prompt
+    level_start, level_size = 0, n_rows
+    node_states, token_node, token_target, token_candidate = [], [], [], []
+    for position in range(max_length):
+        alive = flat_lengths > position
+        rows = candidate[alive]
+        state = flat_states[alive, position]
+        local = node[alive] - level_start
+        first = torch.full((level_size,), rows.shape[0], dtype=torch.long, device=device)
+        first = first.scatter_reduce(0, local, torch.arange(rows.shape[0], device=device), reduce="amin")
+        node_states.append(state[first])
+        token_node.append(node[alive])
+        token_target.append(flat[alive, position])
+        token_candidate.append(rows)
+        following = flat_lengths > position + 1
+        if not bool(following.any()):
+            break
+        keys = torch.stack([node[following], flat[following, position]], dim=1)
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        level_start += level_size
+        level_size = int(inverse.max()) + 1
+        node = torch.full_like(node, -1)
+        node[following] = level_start + inverse
+    return CandidatePrefixTree(
+        node_state_index=torch.cat(node_states),
+        token_node=torch.cat(token_node),
+        token_target=torch.cat(token_target),
+        token_candidate=torch.cat(token_candidate),
+    )
 
 
 class InstructCellPreTrainedModel(PreTrainedModel):
@@ -547,6 +629,37 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **kwargs
         )
 
+    def encode_prompts(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+    ) -> BaseModelOutput:
+        """Run the cell encoder and the language model's encoder once over the prompts.
+
+        The result can be passed as ``encoder_outputs`` to :meth:`generate`, :meth:`score_labels` and
+        :meth:`signal_states_for_sequences`, so that answering, scoring a label set and reading ``<SIGNAL>``
+        states for the same prompts share one encoder pass. Encoder-decoder backbones only.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            The prompts, as given to :meth:`generate`.
+
+        Returns
+        -------
+        BaseModelOutput
+            ``last_hidden_state`` ``(batch_size, seq_len, hidden_size)``.
+        """
+        if self.config.use_decoder_only_language_model:
+            raise ValueError(
+                "encode_prompts needs an encoder-decoder backbone: decoder-only ones have no encoder."
+            )
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        return self.get_encoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -574,7 +687,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         inputs_embeds : torch.FloatTensor, optional
             Text embeddings ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
         **generate_kwargs
-            Generation settings (``max_new_tokens``, ``num_beams``, ...) and backbone kwargs.
+            Generation settings (``max_new_tokens``, ``num_beams``, ...) and backbone kwargs, among them
+            ``encoder_outputs`` from :meth:`encode_prompts` (then the prompts are not encoded again).
 
         Returns
         -------
@@ -585,18 +699,19 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         generate_kwargs.pop(
             "target_cell_values", None
         )  # training-only column that Seq2SeqTrainer passes along
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
-        if attention_mask is None:
-            attention_mask = torch.ones(
-                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-            )
         generation_config = copy.deepcopy(self.generation_config)
         model_kwargs = generation_config.update(**generate_kwargs)
+        encoder_outputs = model_kwargs.get("encoder_outputs")
+        if encoder_outputs is None:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
+            model_kwargs["inputs_embeds"] = inputs_embeds
+            shape = inputs_embeds.shape[:2]
+        else:  # the prompts were encoded once by `encode_prompts`
+            shape = encoder_outputs.last_hidden_state.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=self.device)
         return self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            **model_kwargs,
+            attention_mask=attention_mask, generation_config=generation_config, **model_kwargs
         )
 
     @torch.no_grad()
@@ -672,6 +787,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_ids: torch.LongTensor | None = None,
         candidate_attention_mask: torch.LongTensor | None = None,
         max_rows_per_pass: int | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
     ) -> InstructCellLabelScoresOutput:
         """Score every candidate answer of every prompt: one encoder pass, one batched decoder pass.
 
@@ -694,8 +810,11 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_attention_mask : torch.LongTensor, optional
             Same shape as ``candidate_ids``; 0 on padding. Derived from the pad token when omitted.
         max_rows_per_pass : int, optional
-            Bound on prompt x candidate rows per decoder call (memory of the logits); the encoder still
-            runs once. Default: all rows at once.
+            Bound on prompt x candidate rows per decoder call (memory of the decoder states); the encoder
+            still runs once. Default: all rows at once.
+        encoder_outputs : BaseModelOutput, optional
+            The prompts' encoding from :meth:`encode_prompts` (encoder-decoder backbones), reused instead of
+            running the cell encoder and the encoder again, e.g. after :meth:`generate` on the same prompts.
 
         Returns
         -------
@@ -703,7 +822,12 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         """
         if candidate_ids is None:
             raise ValueError("Pass `candidate_ids`: the tokenized candidate answers (e.g. the label set).")
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        if encoder_outputs is not None and self.config.use_decoder_only_language_model:
+            raise ValueError("`encoder_outputs` only apply to encoder-decoder backbones.")
+        if encoder_outputs is None:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        else:
+            inputs_embeds = encoder_outputs.last_hidden_state
         batch_size = inputs_embeds.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones(
@@ -724,8 +848,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_ids = candidate_ids.to(inputs_embeds.device)
         candidate_mask = candidate_attention_mask.to(inputs_embeds.device)
         if not self.config.use_decoder_only_language_model:
+            if encoder_outputs is None:
+                encoder_outputs = self.get_encoder()(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+                )
             log_likelihoods = self._score_encoder_decoder(
-                inputs_embeds, attention_mask, candidate_ids, candidate_mask, max_rows_per_pass
+                encoder_outputs.last_hidden_state,
+                attention_mask,
+                candidate_ids,
+                candidate_mask,
+                max_rows_per_pass,
             )
             return InstructCellLabelScoresOutput(
                 log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
@@ -755,7 +887,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
     def _score_encoder_decoder(
         self,
-        inputs_embeds: torch.Tensor,
+        encoder_states: torch.Tensor,
         attention_mask: torch.Tensor,
         candidate_ids: torch.LongTensor,
         candidate_mask: torch.LongTensor,
@@ -763,89 +895,134 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
     ) -> torch.Tensor:
         """Return summed candidate log-probabilities ``(batch, n_candidates)`` (encoder-decoder backbones).
 
-        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once
-        per prompt on the decoder start token
-        plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
-        cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
+        ``encoder_states`` ``(batch, seq_len, hidden)`` come from one encoder pass. The decoder runs once per
+        prompt on the start token plus the prefix that all candidates share (this also fills the
+        cross-attention key/value cache), then once over every candidate's remaining tokens with that cache
+        repeated. The vocabulary projection and its log-normalizer, most of the work at a large vocabulary,
+        run once per distinct candidate prefix of a prompt rather than once per candidate token
+        (:func:`candidate_prefix_tree`).
         """
         batch_size, n_candidates, _ = candidate_ids.shape
         lengths = candidate_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("Every candidate answer needs at least one token.")
-        encoder_states = self.get_encoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
-        ).last_hidden_state
-        # Candidates are decoded in buckets of equal (longest) length, so no decoder step is spent on padding.
-        bucket_length = lengths.max(0).values
-        scores = torch.zeros(batch_size, n_candidates, device=encoder_states.device)
-        for length in bucket_length.unique().tolist():
-            columns = torch.nonzero(bucket_length == length).flatten()
-            scores[:, columns] = self._score_bucket(
-                encoder_states,
-                attention_mask,
-                candidate_ids[:, columns, :length],
-                candidate_mask[:, columns, :length],
-                max_rows_per_pass,
-            )
-        return scores
-
-    def _score_bucket(
-        self,
-        encoder_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        candidate_ids: torch.LongTensor,
-        candidate_mask: torch.LongTensor,
-        max_rows_per_pass: int | None,
-    ) -> torch.Tensor:
-        """Score one bucket of candidates: shared prefix once per prompt, then the rest per candidate."""
-        batch_size, n_candidates, length = candidate_ids.shape
-        lengths = candidate_mask.sum(-1)
-        flat = candidate_ids.reshape(-1, length)
+        flat = candidate_ids.reshape(-1, candidate_ids.shape[-1])
         same = (flat == flat[:1]).all(0)
         shared = 0
         while shared < int(lengths.min()) - 1 and bool(same[shared]):
             shared += 1
-        start_id = self.config.text_config.decoder_start_token_id
         step = batch_size if not max_rows_per_pass else max(1, int(max_rows_per_pass) // n_candidates)
-        results = []
-        for begin in range(0, batch_size, step):
-            rows = slice(begin, begin + step)
-            n_rows = encoder_states[rows].shape[0]
-            ids, mask = candidate_ids[rows], candidate_mask[rows]
-            prefix = flat[:1, :shared].expand(n_rows, -1)
-            start = torch.full((n_rows, 1), start_id, dtype=prefix.dtype, device=prefix.device)
-            first_inputs = torch.cat([start, prefix], dim=1)
-            first = self.language_model(
-                encoder_outputs=(encoder_states[rows],),
-                attention_mask=attention_mask[rows],
-                decoder_input_ids=first_inputs,
+        return torch.cat(
+            [
+                self._score_rows(
+                    encoder_states[begin : begin + step],
+                    attention_mask[begin : begin + step],
+                    candidate_ids[begin : begin + step],
+                    lengths[begin : begin + step],
+                    shared,
+                )
+                for begin in range(0, batch_size, step)
+            ]
+        )
+
+    def _score_rows(
+        self,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        shared: int,
+    ) -> torch.Tensor:
+        """Score candidates ``(n_rows, n_candidates, len)``: summed log-probabilities per candidate."""
+        n_rows, n_candidates, _ = candidate_ids.shape
+        decoder = self.get_decoder()
+        start = torch.full(
+            (n_rows, 1),
+            self.config.text_config.decoder_start_token_id,
+            dtype=candidate_ids.dtype,
+            device=candidate_ids.device,
+        )
+
+        def shared_pass():  # also fills the cross-attention key/value cache
+            return decoder(
+                input_ids=torch.cat([start, candidate_ids[:, 0, :shared]], dim=1),
+                encoder_hidden_states=encoder_states,
+                encoder_attention_mask=attention_mask,
                 use_cache=True,
                 return_dict=True,
             )
-            log_probs = torch.log_softmax(first.logits.float(), dim=-1)
-            total = log_probs[:, shared].gather(-1, ids[:, :, shared])  # (n_rows, n_candidates)
-            if shared:
-                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(
-                    -1
-                )
-            if length - shared - 1 > 0:
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(n_candidates)
-                rest = self.language_model(
-                    encoder_outputs=(encoder_states[rows].repeat_interleave(n_candidates, dim=0),),
-                    attention_mask=attention_mask[rows].repeat_interleave(n_candidates, dim=0),
-                    decoder_input_ids=ids[:, :, shared:-1].reshape(n_rows * n_candidates, -1),
-                    past_key_values=cache,
-                    use_cache=True,
-                    return_dict=True,
-                )
-                log_probs = torch.log_softmax(rest.logits.float(), dim=-1)
-                targets = ids[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
-                token_scores = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                token_scores = token_scores * mask[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
-                total = total + token_scores.sum(-1).reshape(n_rows, n_candidates)
-            results.append(total)
-        return torch.cat(results)
+
+        first = shared_pass()
+        hidden = [first.last_hidden_state.reshape(n_rows * (shared + 1), -1)]
+        # Row of the decoder state that predicts each candidate token: first the shared pass's states.
+        state_index = torch.zeros_like(candidate_ids)
+        prompt_states = torch.arange(n_rows * (shared + 1), device=state_index.device).reshape(n_rows, 1, -1)
+        state_index[:, :, : shared + 1] = prompt_states
+        offset = n_rows * (shared + 1)
+        # Then the candidates' own tokens, in buckets of equal remaining length: no decoder step on padding.
+        remaining = lengths.max(0).values - 1 - shared
+        bucket_lengths = [length for length in remaining.unique().tolist() if length > 0]
+        for number, length in enumerate(bucket_lengths):
+            columns = torch.nonzero(remaining == length).flatten()
+            n_columns = columns.shape[0]
+            # Each bucket repeats a cache of its own (the repeat is in place; a copy would break autograd).
+            cache = first.cache if number == 0 else shared_pass().cache
+            cache.batch_repeat_interleave(n_columns)
+            rest = decoder(
+                input_ids=candidate_ids[:, columns, shared : shared + length].reshape(-1, length),
+                encoder_hidden_states=encoder_states.repeat_interleave(n_columns, dim=0),
+                encoder_attention_mask=attention_mask.repeat_interleave(n_columns, dim=0),
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            n_states = n_rows * n_columns * length
+            hidden.append(rest.last_hidden_state.reshape(n_states, -1))
+            rows = torch.arange(offset, offset + n_states, device=state_index.device)
+            state_index[:, columns, shared + 1 : shared + 1 + length] = rows.reshape(
+                n_rows, n_columns, length
+            )
+            offset += n_states
+        tree = candidate_prefix_tree(candidate_ids, lengths, state_index)
+        node_states = torch.cat(hidden)[tree.node_state_index]
+        token_scores = self._token_log_probs(node_states, tree.token_node, tree.token_target)
+        totals = torch.zeros(n_rows * n_candidates, dtype=token_scores.dtype, device=token_scores.device)
+        return totals.index_add(0, tree.token_candidate, token_scores).reshape(n_rows, n_candidates)
+
+    def _token_log_probs(
+        self, node_states: torch.Tensor, token_node: torch.LongTensor, token_target: torch.LongTensor
+    ) -> torch.Tensor:
+        """Log-probabilities ``(n_tokens,)`` of ``token_target`` after the decoder states ``node_states``.
+
+        ``node_states`` ``(n_nodes, hidden)`` are projected on the vocabulary in chunks of at most ``2**22``
+        logits, so memory stays flat at any vocabulary size; token ``i`` reads node ``token_node[i]``.
+        """
+        vocab_size = self.get_output_embeddings().weight.shape[0]
+        chunk = max(1, 2**22 // vocab_size)
+        scores = []
+        for begin in range(0, node_states.shape[0], chunk):
+            logits = self._decoder_logits(node_states[begin : begin + chunk]).float()
+            in_chunk = (token_node >= begin) & (token_node < begin + chunk)
+            rows = token_node[in_chunk] - begin
+            target_logits = logits[rows, token_target[in_chunk]]
+            scores.append((in_chunk, target_logits - torch.logsumexp(logits, dim=-1)[rows]))
+        token_scores = torch.zeros(token_node.shape[0], dtype=torch.float32, device=node_states.device)
+        for in_chunk, values in scores:
+            token_scores = token_scores.masked_scatter(in_chunk, values)
+        return token_scores
+
+    def _decoder_logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """Project last-layer decoder states ``(..., hidden)`` on the vocabulary: ``(..., vocab)`` logits.
+
+        What ``language_model.forward`` does after its decoder: T5's ``d_model ** -0.5`` rescaling of tied
+        embeddings, the LM head, and BART-style ``final_logits_bias``.
+        """
+        language_model = self.language_model
+        if getattr(language_model.config, "scale_decoder_outputs", False):
+            decoder_states = decoder_states * language_model.config.d_model**-0.5
+        logits = language_model.get_output_embeddings()(decoder_states)
+        bias = getattr(language_model, "final_logits_bias", None)
+        return logits if bias is None else logits + bias.to(logits.dtype)
 
     @torch.no_grad()
     def signal_states_for_sequences(
@@ -854,6 +1031,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         attention_mask: torch.LongTensor | None,
         cell_values: torch.FloatTensor | None,
         sequences: torch.LongTensor,
+        encoder_outputs: BaseModelOutput | None = None,
     ) -> tuple[torch.Tensor, torch.BoolTensor]:
         """Hidden state at the first ``<SIGNAL>`` of each generated answer, with the answer fed back.
 
@@ -863,6 +1041,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             The prompts, as given to :meth:`generate`.
         sequences : torch.LongTensor
             Generated ids ``(batch_size, generated_length)``.
+        encoder_outputs : BaseModelOutput, optional
+            The prompts' encoding from :meth:`encode_prompts` (encoder-decoder backbones), reused.
 
         Returns
         -------
@@ -875,12 +1055,12 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if not bool(has_signal.any()):
             hidden_size = self.config.text_config.hidden_size
             return torch.zeros(0, hidden_size, device=sequences.device), has_signal
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
-        if attention_mask is None:
-            attention_mask = torch.ones(
-                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-            )
         if self.config.use_decoder_only_language_model:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+                )
             outputs = self._causal_forward(
                 inputs_embeds,
                 attention_mask,
@@ -890,8 +1070,10 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             )
             hidden = outputs.hidden_states[-1][:, inputs_embeds.shape[1] :]
         else:
+            if encoder_outputs is None:
+                encoder_outputs = self.encode_prompts(input_ids, attention_mask, cell_values)
             outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
+                encoder_outputs=encoder_outputs,
                 attention_mask=attention_mask,
                 decoder_input_ids=sequences,
                 output_hidden_states=True,
