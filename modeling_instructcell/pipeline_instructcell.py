@@ -133,7 +133,9 @@ class InstructCellPipeline(ChunkPipeline):
     A :class:`~transformers.ChunkPipeline` (a ``Pipeline`` whose ``preprocess`` yields chunks): one request
     (instruction + cells/metadata) is cut into chunks of ``batch_size`` prompts, each chunk is one batched
     ``generate`` (+ one ``score_labels``) call under ``torch.inference_mode``, and the chunks' outputs are
-    joined into one list with a dict per prompt (see the module docstring).
+    joined into one list with a dict per prompt (see the module docstring). The prompts of a chunk are
+    encoded once (:meth:`~InstructCellForConditionalGeneration.encode_prompts`); the answer, the ``<SIGNAL>``
+    states and the label scores all read that encoding.
 
     Call parameters
     ---------------
@@ -329,15 +331,32 @@ class InstructCellPipeline(ChunkPipeline):
             "is_last": model_inputs["is_last"],
         }
         model = self.model
+        label_set = model_inputs["labels"]
+        scores_labels = label_set is not None and (return_probabilities or not generate)
+        # One encoder pass serves the answer, the <SIGNAL> states and the label scores.
+        encoder_outputs = None
+        if not model.config.use_decoder_only_language_model and (generate or scores_labels):
+            encoder_outputs = model.encode_prompts(
+                inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("cell_values")
+            )
         if generate:
             kwargs = dict(generate_kwargs or {})
             if max_new_tokens is not None:
                 kwargs["max_new_tokens"] = max_new_tokens
-            sequences = model.generate(**inputs, **kwargs)
+            if encoder_outputs is None:
+                sequences = model.generate(**inputs, **kwargs)
+            else:
+                sequences = model.generate(
+                    attention_mask=inputs.get("attention_mask"), encoder_outputs=encoder_outputs, **kwargs
+                )
             if force_signal:
                 sequences = self._append_signal(sequences)
             states, has_signal = model.signal_states_for_sequences(
-                inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("cell_values"), sequences
+                inputs.get("input_ids"),
+                inputs.get("attention_mask"),
+                inputs.get("cell_values"),
+                sequences,
+                encoder_outputs=encoder_outputs,
             )
             out["answers"] = self.processor.post_process_generation(sequences)
             out["has_signal"] = has_signal
@@ -349,8 +368,7 @@ class InstructCellPipeline(ChunkPipeline):
                     states, num_cells_per_condition=num_cells, library_size=library_size, generator=generator
                 ).long()
                 out["request_index"] = torch.nonzero(has_signal).flatten().repeat_interleave(num_cells)
-        label_set = model_inputs["labels"]
-        if label_set is not None and (return_probabilities or not generate):
+        if scores_labels:
             candidate_ids, candidate_mask = model_inputs["candidate_ids"], model_inputs["candidate_mask"]
             if candidate_ids is None:  # answer_template="auto": per-prompt candidates from the greedy answer
                 texts = []
@@ -368,6 +386,7 @@ class InstructCellPipeline(ChunkPipeline):
                 candidate_ids.to(self.device),
                 candidate_mask.to(self.device),
                 max_rows_per_pass=max_rows_per_pass,
+                encoder_outputs=encoder_outputs,
             )
             out["probabilities"] = scores.probabilities
         return out
