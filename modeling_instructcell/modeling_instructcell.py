@@ -997,7 +997,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         ``node_states`` ``(n_nodes, hidden)`` are projected on the vocabulary in chunks of at most ``2**22``
         logits, so memory stays flat at any vocabulary size; token ``i`` reads node ``token_node[i]``.
         """
-        vocab_size = self.get_output_embeddings().weight.shape[0]
+        vocab_size = self.config.text_config.vocab_size
         chunk = max(1, 2**22 // vocab_size)
         scores = []
         for begin in range(0, node_states.shape[0], chunk):

@@ -36,13 +36,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, 0, ... (default: GPU if available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="use the model folder's own code")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per model call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="CPU: int8 dynamic quantization of the language model's linear layers",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the language model (slow first calls)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def load_pipeline(args):
     """The pipeline of ``args.model`` with the dtype, device and remote-code flags."""
+    speed = inference.SpeedOptions(threads=args.threads, int8=args.int8, compile=args.compile)
     return inference.load_pipeline(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        speed=speed,
     )
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.pipeline_instructcell import TASK
+
+from .speed import SpeedOptions, apply_speed_options, bf16_is_fast
 
 
 def load_pipeline(
@@ -15,6 +18,7 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     device: str | int | None = None,
     trust_remote_code: bool = False,
+    speed: SpeedOptions | None = None,
 ) -> InstructCellPipeline:
     """Build an :class:`InstructCellPipeline` for a model folder or Hub id (a pipeline is returned as is).
 
@@ -27,8 +31,12 @@ def load_pipeline(
         ``"cpu"``, ``"cuda"``, ``0``...; default: the first GPU when there is one, else CPU.
     trust_remote_code : bool
         Load the folder's own code rather than this package's classes.
+    speed : SpeedOptions, optional
+        Threads, int8 linear layers, ``torch.compile`` (:mod:`.speed`); applied to a given pipeline too.
     """
     if isinstance(model, InstructCellPipeline):
+        if speed is not None:
+            apply_speed_options(model.model, speed)
         return model
     from transformers import AutoModel, AutoProcessor
 
@@ -46,4 +54,13 @@ def load_pipeline(
     processor = AutoProcessor.from_pretrained(str(model), trust_remote_code=trust_remote_code)
     if device is None:
         device = 0 if torch.cuda.is_available() else -1
-    return InstructCellPipeline(model=loaded, processor=processor, task=TASK, device=device)
+    pipe = InstructCellPipeline(model=loaded, processor=processor, task=TASK, device=device)
+    if dtype == torch.bfloat16 and not bf16_is_fast(pipe.device):
+        warnings.warn(
+            "This CPU has no native bfloat16 matrix instructions (AVX512-BF16 or AMX): bf16 is emulated "
+            "and slower than float32 here (docs/speed.md).",
+            stacklevel=2,
+        )
+    if speed is not None:
+        apply_speed_options(pipe.model, speed)
+    return pipe
