@@ -47,10 +47,7 @@ sys.path.insert(0, str(ROOT))
 from datasets_builder.templates import TemplateBank  # noqa: E402
 from instructcell import inference  # noqa: E402
 from instructcell.tasks import CELL_TYPE_ANNOTATION  # noqa: E402
-from instructcell.training import (
-    config_for_processor,  # noqa: E402
-    train_instruction_tokenizer,  # noqa: E402
-)
+from instructcell.training import config_for_processor, train_instruction_tokenizer  # noqa: E402
 from modeling_instructcell import (  # noqa: E402
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,
