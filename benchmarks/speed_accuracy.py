@@ -26,7 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from instructcell.evaluation.predictions import classification_metrics, load_rows, model_predictions  # noqa: E402
+from datasets_builder.dataset_folder import load_split  # noqa: E402
+from instructcell.evaluation.candidates import model_predictions  # noqa: E402
+from instructcell.evaluation.metrics import cell_classification_metrics  # noqa: E402
 from instructcell.inference import SpeedOptions, load_pipeline  # noqa: E402
 
 OPTIONS = {"fp32": SpeedOptions(), "int8": SpeedOptions(int8=True), "compile": SpeedOptions(compile=True)}
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.dataset_dir / "test.parquet").is_file():
         parser.error(f"{args.dataset_dir}/test.parquet not found: build it with examples/build_dataset.py")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    rows = {key: load_rows(args.dataset_dir, "test", *key) for key in SETS}
+    rows = {
+        key: load_split(args.dataset_dir, "test", tasks=[key[0]], variant="instruct", datasets_names=[key[1]])
+        for key in SETS
+    }
     results = {}
     for name in names:
         pipe = load_pipeline(args.model, device="cpu", speed=OPTIONS[name])
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["options"][name] = {"seconds": result["seconds"], "sets": {}}
         for key, table in rows.items():
             predicted = result["predictions"][key]
-            metrics = classification_metrics(predicted, table)
+            metrics = cell_classification_metrics(
+                predicted, table["label"], labels=sorted(table["choices"][0])
+            )
             agreement = float(
                 np.mean([a == b for a, b in zip(predicted, results["fp32"]["predictions"][key], strict=True)])
             )
