@@ -897,10 +897,10 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
         ``encoder_states`` ``(batch, seq_len, hidden)`` come from one encoder pass. The decoder runs once per
         prompt on the start token plus the prefix that all candidates share (this also fills the
-        cross-attention key/value cache), then once over every candidate's remaining tokens with that cache
-        repeated. The vocabulary projection and its log-normalizer, most of the work at a large vocabulary,
-        run once per distinct candidate prefix of a prompt rather than once per candidate token
-        (:func:`candidate_prefix_tree`).
+        cross-attention key/value cache), then once per bucket of candidates of equal remaining length over
+        their remaining tokens, with that cache repeated (no decoder step on padding). The vocabulary
+        projection and its log-normalizer, most of the work at a large vocabulary, run once per distinct
+        candidate prefix of a prompt rather than once per candidate token (:func:`candidate_prefix_tree`).
         """
         batch_size, n_candidates, _ = candidate_ids.shape
         lengths = candidate_mask.sum(-1)
