@@ -46,13 +46,13 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets_builder.templates import TemplateBank  # noqa: E402
+from inference_throughput import build_processor, reset_peak_rss, status_mb  # noqa: E402  (benchmarks/)
+
 from instructcell import cli  # noqa: E402
 from instructcell.tasks import CELL_TYPE_ANNOTATION  # noqa: E402
-from instructcell.training import config_for_processor, train_instruction_tokenizer  # noqa: E402
+from instructcell.training import config_for_processor  # noqa: E402
 from modeling_instructcell import (  # noqa: E402
     InstructCellConfig,
-    InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,
     InstructCellPipeline,
     InstructCellProcessor,
@@ -69,18 +69,6 @@ ORIGINAL = {"generate_batched_cells_per_s": 80.0, "one_cell_ms": 64.0, "train_st
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build_processor(adata: anndata.AnnData, labels: list[str], n_genes: int) -> InstructCellProcessor:
-    """Build a processor over the ``n_genes`` most expressed genes, tokenizer trained on the template bank."""
-    totals = np.asarray(adata.X.sum(0)).ravel()
-    genes = [str(g) for g in adata.var_names[np.sort(np.argsort(-totals)[:n_genes])]]
-    bank = TemplateBank.load()
-    corpus = [t.instruction for t in bank.templates] + [t.response for t in bank.templates] + labels
-    tokenizer = train_instruction_tokenizer(corpus, vocab_size=2000)
-    return InstructCellProcessor(
-        InstructCellFeatureExtractor(gene_names=genes), tokenizer, num_query_tokens=8
-    )
-
-
 def original_20m_config(processor: InstructCellProcessor) -> InstructCellConfig:
     """Write the 20M-parameter configuration in the original code's config format and translate it."""
     config = json.loads(ORIGINAL_CONFIG.read_text())
@@ -223,24 +211,6 @@ def counted_flops(fn: Callable[[], object]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return float("nan")
-    for line in status.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (this process, all threads) of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -267,7 +237,7 @@ class Path_:
     def run(self, threads: int) -> None:
         """Time one call next to a probe measured just before it."""
         probe = probe_gflops()
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         wall, cpu = timed(self.fn)
         gflops = self.cells * self.flops_per_cell / wall / 1e9
         self.runs.append(
@@ -277,7 +247,7 @@ class Path_:
                 "probe_gflops": probe,
                 "fraction": gflops / probe,
                 "cpu_share": cpu / (wall * threads),
-                "peak_rss_mb": _peak_rss_mb() if reset else float("nan"),
+                "peak_rss_mb": status_mb() if reset else float("nan"),
             }
         )
 
@@ -525,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
         np.random.default_rng(0).choice(full.n_obs, size=min(args.cells, full.n_obs), replace=False)
     )
     adata = full[rows].copy()
-    processor = build_processor(full, labels, n_genes=2000)
+    processor = build_processor(full, labels, n_genes=2000, vocab_size=2000)
     result = {
         "command": "python benchmarks/roofline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
