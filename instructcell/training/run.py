@@ -180,7 +180,8 @@ def run_training(
     """
     check_launch(training_args)
     check_cell_decoder_batch(training_args)
-    splits = load_training_splits(data_args)
+    with training_args.main_process_first(desc="the training splits", local=False):
+        splits = load_training_splits(data_args)  # the main process writes the datasets cache first
     processor = training_processor(model_args, data_args, training_args, splits["train"])
     set_seed(training_args.seed)
     model = build_model(model_args, processor)
