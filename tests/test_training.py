@@ -1,5 +1,6 @@
 """`instructcell train`'s machinery on a tiny Parquet dataset: Trainer, loss parts, interruption, resume."""
 
+import contextlib
 import io
 import json
 import os
@@ -64,13 +65,19 @@ def _args(dataset_dir: Path, output_dir: Path, **overrides):
     )
 
 
-def _train(model_args, data_args, training_args, callbacks=()):
-    """``run_training``, then the default SIGINT/SIGTERM handlers back (it installs its own)."""
+@contextlib.contextmanager
+def _default_signal_handlers():
+    """Put the default SIGINT/SIGTERM handlers back afterwards (training installs its own)."""
     try:
-        return run_training(model_args, data_args, training_args, callbacks=callbacks)
+        yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _train(model_args, data_args, training_args, callbacks=()):
+    with _default_signal_handlers():
+        return run_training(model_args, data_args, training_args, callbacks=callbacks)
 
 
 def test_training_logs_both_losses_and_keeps_the_best(dataset_dir, tmp_path):
@@ -419,7 +426,8 @@ def test_a_rerun_on_a_rebuilt_gene_vocabulary_is_refused(dataset_dir, tmp_path):
         _train(*_args(data, tmp_path / "run", **short))
 
 
-def _recipe(dataset_dir: Path, path: Path, **values) -> Path:
+def _train_command(dataset_dir: Path, output_dir: Path, **values) -> tuple[int, list[str]]:
+    """Run ``instructcell train`` on a tiny recipe with ``values``; return its status and printed lines."""
     settings = {
         "dataset_dir": str(dataset_dir),
         "preset": "tiny",
@@ -434,32 +442,23 @@ def _recipe(dataset_dir: Path, path: Path, **values) -> Path:
         "cell_decoder_steps": 0,
         **values,
     }
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
-    return path
+    recipe = output_dir.parent / "recipe.yaml"
+    recipe.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
+    out = io.StringIO()
+    with _default_signal_handlers():
+        status = cli_main(["train", str(recipe), "--output_dir", str(output_dir)], stdout=out)
+    return status, out.getvalue().splitlines()
 
 
 def test_train_command_reports_steps_done_against_planned(dataset_dir, tmp_path):
-    recipe = _recipe(dataset_dir, tmp_path / "recipe.yaml", max_steps=2)
-    out = io.StringIO()
-    try:
-        status = cli_main(["train", str(recipe), "--output_dir", str(tmp_path / "run")], stdout=out)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert status == 0
-    assert out.getvalue().splitlines()[0] == "Trained 2 of 2 planned steps."
+    status, printed = _train_command(dataset_dir, tmp_path / "run", max_steps=2)
+    assert status == 0 and printed[0] == "Trained 2 of 2 planned steps."
 
 
 def test_train_command_says_plainly_when_the_wall_clock_cap_cut_training_short(dataset_dir, tmp_path):
-    recipe = _recipe(dataset_dir, tmp_path / "recipe.yaml", max_steps=50, max_train_minutes=1e-5)
-    out = io.StringIO()
-    try:
-        status = cli_main(["train", str(recipe), "--output_dir", str(tmp_path / "run")], stdout=out)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    status, printed = _train_command(dataset_dir, tmp_path / "run", max_steps=50, max_train_minutes=1e-5)
     assert status == 3
-    assert out.getvalue().splitlines() == [
+    assert printed == [
         "Stopped by the wall-clock cap (max_train_minutes=1e-05) at step 1 of 50 planned: this is not the "
         "recipe's model. Rerun the same command to train the remaining steps from the checkpoint.",
         "No final model was saved.",
