@@ -464,3 +464,11 @@ def test_train_command_says_plainly_when_the_wall_clock_cap_cut_training_short(d
         "No final model was saved.",
     ]
     assert (tmp_path / "run" / "checkpoint-1").is_dir() and not (tmp_path / "run" / "final").exists()
+
+
+def test_a_cell_decoder_batch_the_processes_cannot_share_is_refused_before_training(dataset_dir, tmp_path):
+    short = dict(max_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    arguments = _args(dataset_dir, tmp_path / "run", cell_decoder_steps=2, cell_decoder_batch_size=0, **short)
+    with pytest.raises(ValueError, match=r"cell_decoder_batch_size \(0\) must be a positive multiple"):
+        _train(*arguments)
+    assert not (tmp_path / "run").exists()

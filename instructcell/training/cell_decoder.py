@@ -126,6 +126,15 @@ def conditioned_cells(
     return rows.add_column("condition_states", states.numpy().tolist())
 
 
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """Refuse a batch size that ``processes`` processes cannot share equally (ValueError)."""
+    if batch_size < 1 or batch_size % processes:
+        raise ValueError(
+            f"cell_decoder_batch_size ({batch_size}) must be a positive multiple of the number of processes "
+            f"({processes}): each process fits the cell decoder on an equal share of every batch."
+        )
+
+
 def fit_cell_decoder(
     model: InstructCellForConditionalGeneration,
     processor: InstructCellProcessor,
@@ -165,11 +174,7 @@ def fit_cell_decoder(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     processes = training_args.world_size
-    if batch_size < 1 or batch_size % processes:
-        raise ValueError(
-            f"The cell decoder's batch_size ({batch_size}) must be a positive multiple of the number of "
-            f"processes ({processes})."
-        )
+    check_batch_size(batch_size, processes)
     dataset = conditioned_cells(model, processor, train)
     if dataset is None:
         logger.warning("No generation rows with target cells: the cell decoder stage is skipped.")

@@ -31,7 +31,7 @@ from modeling_instructcell import InstructCellProcessor
 
 from .arguments import DataArguments, InstructCellTrainingArguments, ModelArguments
 from .build import build_model, build_processor
-from .cell_decoder import CELL_DECODER_DIR, fit_cell_decoder
+from .cell_decoder import CELL_DECODER_DIR, check_batch_size, fit_cell_decoder
 from .processes import check_launch
 from .trainer import (
     CheckpointLastStepCallback,
@@ -155,16 +155,6 @@ def resume_checkpoint(training_args: InstructCellTrainingArguments) -> str | Non
     return get_last_checkpoint(str(output)) if output.is_dir() else None
 
 
-def check_cell_decoder_batch(training_args: InstructCellTrainingArguments) -> None:
-    """Refuse a cell-decoder batch that the processes cannot share equally (before any training)."""
-    batch, processes = training_args.cell_decoder_batch_size, training_args.world_size
-    if training_args.cell_decoder_steps > 0 and (batch < 1 or batch % processes):
-        raise ValueError(
-            f"cell_decoder_batch_size ({batch}) must be a positive multiple of the number of processes "
-            f"({processes}): each process fits the cell decoder on an equal share of every batch."
-        )
-
-
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -179,7 +169,8 @@ def run_training(
     against the steps planned (:func:`budget_report`).
     """
     check_launch(training_args)
-    check_cell_decoder_batch(training_args)
+    if training_args.cell_decoder_steps > 0:  # before any training
+        check_batch_size(training_args.cell_decoder_batch_size, training_args.world_size)
     with training_args.main_process_first(desc="the training splits", local=False):
         splits = load_training_splits(data_args)  # the main process writes the datasets cache first
     processor = training_processor(model_args, data_args, training_args, splits["train"])
