@@ -219,19 +219,43 @@ class InstructCellPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = list(ORIGINAL_UNUSED_KEYS)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that also reads original InstructCell checkpoints.
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs
+    ):
+        """``PreTrainedModel.from_pretrained`` that also reads original checkpoints and refuses partial ones.
 
         Checkpoints written by the original code (``zjunlp/InstructCell-chat`` / ``-instruct``: keys under
         ``assistant.``) are renamed on load through ``key_mapping`` (``convert_original_instructcell.py``);
         the config is translated by ``InstructCellConfig.from_dict``. Keys of this package's own checkpoints
         match no rule, so they load unchanged. ``save_pretrained`` afterwards writes this package's layout.
+
+        A checkpoint that lacks some of the model's weights (e.g. ``cell_vae.*`` or ``cell_encoder.*``) is
+        refused: those weights would start from random values and the model would read and generate cells
+        from noise. ``allow_missing_weights=True`` starts them from random values on purpose (to train them).
+
+        Raises
+        ------
+        ValueError
+            The checkpoint lacks weights of the model and ``allow_missing_weights`` is False.
         """
         key_mapping = {**ORIGINAL_KEY_MAPPING, **(kwargs.pop("key_mapping", None) or {})}
-        loaded = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            key_mapping=key_mapping,
+            output_loading_info=True,
+            **kwargs,
         )
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        missing = sorted(loading_info["missing_keys"])
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weights of {cls.__name__} ({shown}): "
+                "they would start from random values, and the model would read and generate cells from "
+                "noise. Load a complete checkpoint, or pass allow_missing_weights=True to from_pretrained to "
+                "start them from random values on purpose (e.g. to train them)."
+            )
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
             # transformers reverts used renamings on save; keep only the caller's own ones.
@@ -245,7 +269,7 @@ class InstructCellPreTrainedModel(PreTrainedModel):
             # A generation_config.json without decoding settings (the original checkpoints' one): stop at
             # EOS or <SIGNAL>, as the original `generate` does.
             model._stop_generation_at_signal()
-        return loaded
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

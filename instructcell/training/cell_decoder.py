@@ -5,9 +5,11 @@ with every optimizer step, so the VAE chases a moving target and sees each gener
 times; the states themselves already separate the requested cell types (docs/experiments.md has the
 measurements that led to this stage).
 
-So, after the main stage, :func:`fit_cell_decoder` computes the ``<SIGNAL>`` state of every training row with a
-target cell once (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and trains the
-VAE alone with a Hugging Face ``Trainer``, which brings checkpoints, resume and logging.
+So, after the main stage, :func:`fit_cell_decoder` computes the ``<SIGNAL>`` state of every training row
+with a target cell once (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and
+trains the VAE alone with a Hugging Face ``Trainer``, which brings checkpoints, resume and logging. In several
+processes it is one data-parallel fit, like the main stage: every process computes the states and takes an
+equal share of every batch, and only the main process writes checkpoints.
 """
 
 import logging
@@ -31,6 +33,8 @@ from datasets_builder.anndata_source import densify
 from datasets_builder.collator import DataCollatorForInstructCell
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 from modeling_instructcell.modeling_cell_vae import InstructCellConditionalVAE
+
+from .trainer import CheckpointLastStepCallback
 
 logger = logging.getLogger(__name__)
 CELL_DECODER_DIR = "cell-decoder"
@@ -122,6 +126,15 @@ def conditioned_cells(
     return rows.add_column("condition_states", states.numpy().tolist())
 
 
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """Refuse a batch size that ``processes`` processes cannot share equally (ValueError)."""
+    if batch_size < 1 or batch_size % processes:
+        raise ValueError(
+            f"cell_decoder_batch_size ({batch_size}) must be a positive multiple of the number of processes "
+            f"({processes}): each process fits the cell decoder on an equal share of every batch."
+        )
+
+
 def fit_cell_decoder(
     model: InstructCellForConditionalGeneration,
     processor: InstructCellProcessor,
@@ -130,11 +143,12 @@ def fit_cell_decoder(
     steps: int,
     learning_rate: float = 1e-3,
     batch_size: int = 64,
+    output_dir: str | Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> Trainer | None:
     """Train ``model.cell_vae`` for ``steps`` steps on frozen ``<SIGNAL>`` states; resume if interrupted.
 
-    Checkpoints go to ``<training_args.output_dir>/cell-decoder``; a rerun resumes from the last one.
+    Checkpoints go to ``output_dir``; a rerun resumes from the last one.
 
     Parameters
     ----------
@@ -145,7 +159,10 @@ def fit_cell_decoder(
     training_args
         The main stage's arguments: seed, logging, reporting and device settings are reused.
     steps, learning_rate, batch_size
-        AdamW steps, learning rate and batch size of this stage.
+        AdamW steps, learning rate and batch size of this stage; the batch is split equally among the
+        processes of a multi-process run (``batch_size`` must be a multiple of their number).
+    output_dir
+        The stage's checkpoints (default ``<training_args.output_dir>/cell-decoder``).
     callbacks
         Extra Trainer callbacks (e.g. the interrupt handler).
 
@@ -156,15 +173,17 @@ def fit_cell_decoder(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
+    processes = training_args.world_size
+    check_batch_size(batch_size, processes)
     dataset = conditioned_cells(model, processor, train)
     if dataset is None:
         logger.warning("No generation rows with target cells: the cell decoder stage is skipped.")
         return None
-    output_dir = Path(training_args.output_dir) / CELL_DECODER_DIR
+    output_dir = Path(output_dir or Path(training_args.output_dir) / CELL_DECODER_DIR)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch_size // processes,
         learning_rate=learning_rate,
         optim="adamw_torch",
         lr_scheduler_type="constant",
@@ -186,12 +205,12 @@ def fit_cell_decoder(
         args=args,
         train_dataset=dataset,
         data_collator=ConditionedCellCollator(model.config.n_genes),
-        callbacks=list(callbacks),
+        callbacks=[CheckpointLastStepCallback(), *callbacks],
     )
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if checkpoint:
         state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
-        if state.global_step >= steps:  # finished earlier: load it (the Trainer would run one more step)
+        if state.global_step >= steps:  # finished earlier: load it instead of training
             logger.info("The cell decoder stage already finished: loading %s", checkpoint)
             wrapper.load_state_dict(load_file(str(Path(checkpoint) / SAFE_WEIGHTS_NAME)))
             trainer.state = state
