@@ -2,16 +2,72 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.pipeline_instructcell import TASK
 
+__all__ = ["ModelSource", "load_pipeline", "model_fingerprint"]
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and how to load it: what a worker process needs to load the same pipeline.
+
+    Parameters
+    ----------
+    path : str
+        Model folder or Hub id.
+    dtype : str, optional
+        ``"bf16"`` (language model in bfloat16) or ``"fp32"``.
+    device : str or int, optional
+        ``"cpu"``, ``"cuda"``, ``0``...; default: the first GPU when there is one, else CPU.
+    trust_remote_code : bool
+        Load the folder's own code rather than this package's classes.
+    """
+
+    path: str
+    dtype: str | None = None
+    device: str | int | None = None
+    trust_remote_code: bool = False
+
+    def load(self) -> InstructCellPipeline:
+        """Load the pipeline (see :func:`load_pipeline`)."""
+        return load_pipeline(self.path, self.dtype, self.device, self.trust_remote_code)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Tell a path from a Hub id (``name`` or ``owner/name``): ``./x``, ``/x``, ``a/b/c``, ``~`` are paths."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_model_location(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a model folder (no config.json); pass the folder written by "
+                "save_for_hub / training (<output_dir>/final) or a Hub id."
+            )
+    elif _looks_like_a_path(name):
+        raise ValueError(f"No model folder at {path}; check the path (a Hub id looks like 'owner/name').")
+
 
 def load_pipeline(
-    model: str | os.PathLike | InstructCellPipeline,
+    model: str | os.PathLike | ModelSource | InstructCellPipeline,
     dtype: torch.dtype | str | None = None,
     device: str | int | None = None,
     trust_remote_code: bool = False,
@@ -20,30 +76,57 @@ def load_pipeline(
 
     Parameters
     ----------
-    model : str, PathLike or InstructCellPipeline
-    dtype : torch.dtype or {"bf16", "bfloat16", "fp32"}, optional
+    model : str, PathLike, ModelSource or InstructCellPipeline
+    dtype : torch.dtype or {"bf16", "bfloat16", "fp32", "float32"}, optional
         ``bf16`` runs the language model in bfloat16 (cell encoder and VAE stay float32).
     device : str or int, optional
         ``"cpu"``, ``"cuda"``, ``0``...; default: the first GPU when there is one, else CPU.
     trust_remote_code : bool
         Load the folder's own code rather than this package's classes.
+
+    Raises
+    ------
+    ValueError
+        No model at that path, a folder that is not a model, a Hub id that cannot be loaded, an unknown dtype.
     """
     if isinstance(model, InstructCellPipeline):
         return model
+    if isinstance(model, ModelSource):
+        return model.load()
     from transformers import AutoModel, AutoProcessor
 
     if isinstance(dtype, str):
-        dtype = {
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-            "fp32": torch.float32,
-            "float32": torch.float32,
-        }[dtype.lower()]
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        dtype = _DTYPES[dtype.lower()]
+    name = str(model)
+    _check_model_location(name)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    loaded = AutoModel.from_pretrained(str(model), **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    try:
+        loaded = AutoModel.from_pretrained(name, **kwargs).eval()
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:  # transformers' "not a local folder and not found on the Hub" is an OSError
+        raise ValueError(f"Cannot load the model {name!r}: {err}") from err
     if device is None:
         device = 0 if torch.cuda.is_available() else -1
     return InstructCellPipeline(model=loaded, processor=processor, task=TASK, device=device)
+
+
+def model_fingerprint(pipe: InstructCellPipeline) -> str:
+    """SHA-1 over the model's weights and config and the processor's settings (gene vocabulary included).
+
+    Two pipelines with the same fingerprint give the same answers: a resumed run checks it so that it never
+    mixes the results of two models.
+    """
+    config = pipe.model.config.to_dict()
+    config.pop("_name_or_path", None)  # where it was loaded from does not change the answers
+    digest = hashlib.sha1()
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(pipe.processor.to_json_string().encode())
+    for name, tensor in sorted(pipe.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
