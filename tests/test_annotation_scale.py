@@ -12,6 +12,7 @@ import time
 import anndata
 import pandas as pd
 import pytest
+import torch
 from synthetic_anndata import make_counts
 
 from instructcell import cli, inference
@@ -141,6 +142,14 @@ def test_zarr_input_and_output(pipe, h5ad, tmp_path):
     ]
     with pytest.raises(ValueError, match="must have the input's format"):
         _annotate(pipe, store, tmp_path / "out.h5ad")
+
+
+def test_threads_apply_to_the_run_only(pipe, h5ad, tmp_path):
+    before = torch.get_num_threads()
+    _annotate(pipe, h5ad, tmp_path / "one.h5ad", num_threads=1)
+    _annotate(pipe, h5ad, tmp_path / "default.h5ad")
+    _same_annotation(tmp_path / "one.h5ad", tmp_path / "default.h5ad")
+    assert torch.get_num_threads() == before
 
 
 def test_progress_bar_reports_cells_per_second(pipe, h5ad, tmp_path, capsys):

@@ -151,6 +151,7 @@ CLI_CASES = [
     case("chunk size text", f"annotate cells.h5ad -o o.h5ad --chunk-size ten {L}", 2, "whole number"),
     case("batch size -3", f"annotate cells.h5ad -o o.h5ad --batch-size -3 {L}", 2, "at least 1"),
     case("0 workers", f"annotate cells.h5ad -o o.h5ad --num-workers 0 {L}", 2, "at least 1"),
+    case("0 threads", f"annotate cells.h5ad -o o.h5ad --threads 0 {L}", 2, "at least 1"),
     case("0 new tokens", f"annotate cells.h5ad -o o.h5ad --max-new-tokens 0 {L}", 2, "at least 1"),
     case("empty label", 'annotate cells.h5ad -o o.h5ad --labels "T cell,,B cell"', 2, "empty entry"),
     case("repeated label", 'annotate cells.h5ad -o o.h5ad --labels "T cell,T cell"', 2, "repeats"),

@@ -48,6 +48,12 @@ def _add_arguments(parser: argparse.ArgumentParser, label_key: str, template: st
     parser.add_argument(
         "--num-workers", type=positive_int, default=1, help="processes sharing the chunks (default 1)"
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per process (default: all cores / workers); 1 is often faster on a busy machine",
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=None)
 
 
@@ -91,6 +97,7 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
         num_workers=args.num_workers,
+        num_threads=args.threads,
         **generation_kwargs(args),
     )
     if args.command == "predict-drug":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 from tqdm.auto import tqdm
 
 from instructcell.outputs import check_destination, is_zarr_path
@@ -43,7 +42,14 @@ from .files import CellFile, InMemoryCells, check_counts, write_anndata, write_o
 from .loading import ModelSource, load_pipeline, model_fingerprint
 from .partial import PartialResults
 from .prefetch import prefetched
-from .workers import WorkerProcesses, launched_rank, orphaned, rank_device, threads_per_worker
+from .workers import (
+    WorkerProcesses,
+    launched_rank,
+    orphaned,
+    rank_device,
+    threads_per_worker,
+    torch_threads,
+)
 
 __all__ = ["annotate", "argmax_agreement", "predict_drug"]
 
@@ -187,22 +193,33 @@ def _annotate_chunk(
 
 
 def _columns(
-    results: Sequence[dict[str, Any]], plan: _Plan, label_key: str, probability_key: str
+    results: Iterable[dict[str, Any]], n_obs: int, plan: _Plan, label_key: str, probability_key: str
 ) -> dict[str, Any]:
-    """Build the obs columns from the chunks' results in order; warn about cells without counts."""
-    n_empty = sum(result["empty"] for result in results)
+    """Build the obs columns from the chunks' results, read one at a time in order; warn about empty cells.
+
+    With a label set only two arrays of ``n_obs`` numbers are held (label codes and probabilities), whatever
+    the number of chunks.
+    """
+    codes = np.full(n_obs, -1, dtype=np.int32)
+    probabilities = np.full(n_obs, np.nan, dtype=np.float32)
+    answers: list[str | None] = []
+    start = n_empty = 0
+    for result in results:
+        stop = start + len(result["labels"])
+        if plan.label_set is None:
+            answers.extend(result["labels"])
+        else:
+            codes[start:stop] = result["labels"]
+            probabilities[start:stop] = [np.nan if p is None else p for p in result["probabilities"]]
+        n_empty += result["empty"]
+        start = stop
     if n_empty:
         warnings.warn(
             f"{n_empty} cells have no counts in the model's genes; they were left unannotated (NaN).",
             stacklevel=4,
         )
     if plan.label_set is None:  # free text: categorical, which every AnnData version reads and writes
-        answers = [answer for result in results for answer in result["labels"]]
         return {label_key: pd.Categorical(answers)}
-    codes = np.fromiter((c for result in results for c in result["labels"]), dtype=np.int32)
-    probabilities = np.fromiter(
-        (np.nan if p is None else p for result in results for p in result["probabilities"]), dtype=np.float32
-    )
     return {
         label_key: pd.Categorical.from_codes(codes, categories=plan.label_set),
         probability_key: probabilities,
@@ -286,6 +303,7 @@ def _annotate_file(
     keys: tuple[str, str],
     progress: bool,
     num_workers: int,
+    num_threads: int | None,
 ) -> Path | None:
     """Annotate a file into ``output`` (see the module docstring); ``None`` on launched ranks other than 0."""
     rank, world = launched_rank()
@@ -319,21 +337,23 @@ def _annotate_file(
         world = max(world, num_workers)
         own = _own_chunks(n_chunks, partial.done(), rank, world)
         workers = None
+        if num_threads is None and num_workers > 1:
+            num_threads = threads_per_worker(num_workers)
         if num_workers > 1:
             model = source if isinstance(source, ModelSource) else _model_folder_of(source)
             job = _FileJob(model, fingerprint, path, output, request, settings)
-            workers = WorkerProcesses(_file_worker, job, num_workers)
-        threads = torch.get_num_threads()
-        if num_workers > 1:
-            torch.set_num_threads(threads_per_worker(num_workers))
+            workers = WorkerProcesses(_file_worker, job, num_workers, num_threads)
         try:
-            with tqdm(
-                total=cells.n_obs,
-                initial=_cells_done(partial, request, cells.n_obs),
-                unit="cell",
-                disable=not (progress and rank == 0),
-                desc="instructcell annotate",
-            ) as bar:
+            with (
+                torch_threads(num_threads),
+                tqdm(
+                    total=cells.n_obs,
+                    initial=_cells_done(partial, request, cells.n_obs),
+                    unit="cell",
+                    disable=not (progress and rank == 0),
+                    desc="instructcell annotate",
+                ) as bar,
+            ):
 
                 def refresh() -> None:  # every rank's progress, read from the saved chunks
                     bar.update(_cells_done(partial, request, cells.n_obs) - bar.n)
@@ -354,10 +374,9 @@ def _annotate_file(
                     time.sleep(_POLL_SECONDS)
                 refresh()
         finally:
-            torch.set_num_threads(threads)
             if workers is not None:
                 workers.stop()
-        columns = _columns([partial.load(i) for i in range(n_chunks)], plan, *keys)
+        columns = _columns((partial.load(i) for i in range(n_chunks)), cells.n_obs, plan, *keys)
         write_obs_columns(cells, output, columns)
     partial.remove()
     return output
@@ -379,6 +398,7 @@ def annotate(
     progress: bool = True,
     overwrite: bool = False,
     num_workers: int = 1,
+    num_threads: int | None = None,
     **call_kwargs,
 ) -> anndata.AnnData | Path | None:
     """Annotate every cell; write the label and its probability into ``obs``.
@@ -422,6 +442,10 @@ def annotate(
     num_workers : int
         Processes sharing the chunks of a file (each loads the model and gets ``cores // num_workers``
         threads). Processes started by ``accelerate launch`` share them the same way without it.
+    num_threads : int, optional
+        Torch threads of each process (default: torch's own choice for one process, ``cores //
+        num_workers`` for several). On a machine shared with other jobs one thread per process is often
+        much faster: threads that wait for each other lose their turn on busy cores.
     **call_kwargs
         Passed to the pipeline (``answer_template``, ``max_new_tokens``, ``max_rows_per_pass``...).
 
@@ -439,6 +463,8 @@ def annotate(
     chunk_size = check_whole_number("chunk_size", chunk_size)
     batch_size = check_whole_number("batch_size", batch_size)
     num_workers = check_whole_number("num_workers", num_workers)
+    if num_threads is not None:
+        num_threads = check_whole_number("num_threads", num_threads)
     if label_key == probability_key:
         raise ValueError(f"label_key and probability_key must differ, both are {label_key!r}.")
     if labels is not None and isinstance(labels, str):
@@ -457,8 +483,9 @@ def annotate(
     if isinstance(data, anndata.AnnData):
         if output is not None:
             output = check_destination(output, overwrite, in_place_of=getattr(data, "filename", None))
-        plan, results = _annotate_in_memory(load_pipeline(pipe), data, request, progress)
-        for name, values in _columns(results, plan, *keys).items():
+        with torch_threads(num_threads):
+            plan, results = _annotate_in_memory(load_pipeline(pipe), data, request, progress)
+        for name, values in _columns(results, data.n_obs, plan, *keys).items():
             data.obs[name] = values
         if output is not None:
             write_anndata(data, output)
@@ -476,7 +503,7 @@ def annotate(
     output = check_destination(output, overwrite, in_place_of=path)
     if not isinstance(pipe, InstructCellPipeline) and not isinstance(pipe, ModelSource):
         pipe = ModelSource(str(pipe))
-    return _annotate_file(pipe, path, output, request, keys, progress, num_workers)
+    return _annotate_file(pipe, path, output, request, keys, progress, num_workers, num_threads)
 
 
 def predict_drug(

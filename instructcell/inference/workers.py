@@ -11,12 +11,20 @@ import multiprocessing
 import os
 import queue
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["WorkerProcesses", "launched_rank", "orphaned", "rank_device", "threads_per_worker"]
+__all__ = [
+    "WorkerProcesses",
+    "launched_rank",
+    "orphaned",
+    "rank_device",
+    "threads_per_worker",
+    "torch_threads",
+]
 
 _parent_pid: int | None = None  # set in spawned workers: the process that started them
 
@@ -44,6 +52,18 @@ def threads_per_worker(num_workers: int) -> int:
     """Torch threads for each of ``num_workers`` processes sharing this machine's cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // num_workers)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads (unchanged when None), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def orphaned() -> bool:
@@ -75,12 +95,13 @@ class WorkerProcesses:
         Its first argument.
     num_workers : int
         Ranks in all, the caller (rank 0) included.
+    threads : int
+        Torch threads of each worker.
     """
 
-    def __init__(self, target: Callable[[Any, int, int], None], job: Any, num_workers: int):
+    def __init__(self, target: Callable[[Any, int, int], None], job: Any, num_workers: int, threads: int):
         context = multiprocessing.get_context("spawn")
         self._errors = context.Queue()
-        threads = threads_per_worker(num_workers)
         self._processes = [
             context.Process(
                 target=_run,
