@@ -10,9 +10,19 @@ import anndata
 import numpy as np
 
 from instructcell import inference
+from instructcell.inference.files import read_anndata, write_anndata
+from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
+from modeling_instructcell.pipeline_instructcell import PromptTooLongError
 
-from .common import add_model_arguments, label_set, load_pipeline
+from .common import (
+    add_model_arguments,
+    model_source,
+    non_negative_int,
+    obs_label_set,
+    parse_labels,
+    positive_int,
+)
 
 PROMPT = "you> "
 
@@ -25,8 +35,10 @@ def add_parsers(subparsers) -> None:
     chat.add_argument("--labels")
     chat.add_argument("--labels-from-obs", metavar="COLUMN")
     chat.add_argument("--template", default=get_task("cta").default_instruction)
-    chat.add_argument("--history-turns", type=int, default=4, help="previous turns kept in the prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument(
+        "--history-turns", type=non_negative_int, default=4, help="previous turns kept in the prompt"
+    )
+    chat.add_argument("--max-new-tokens", type=positive_int, default=32)
     chat.set_defaults(run=run)
 
 
@@ -34,7 +46,7 @@ HELP = """Ask about the loaded cells, e.g.
   what are cells 0-99?            annotate a range (becomes the current selection)
   generate 50 naive B cells like these   sample cells conditioned on the selection's metadata
   which genes drive that call?    gradient saliency of the last call's label
-  save generated to out.h5ad      write the last generated cells
+  save generated to out.h5ad      write the last generated cells (to a new file)
   anything else                   free-text question (conversation history is kept in the prompt)
   quit"""
 
@@ -43,7 +55,9 @@ _GENERATE = re.compile(
     r"^\s*(?:please\s+)?(?:generate|simulate|make)\s+(\d+)\s+(.+?)\s*[?.!]*\s*$", re.IGNORECASE
 )
 _SALIENCY = re.compile(r"\b(which|what)\s+genes?\b|\bwhy\b|\bdrive", re.IGNORECASE)
-_SAVE = re.compile(r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.h5ad)\s*$", re.IGNORECASE)
+_SAVE = re.compile(
+    r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.(?:h5ad|zarr))\s*$", re.IGNORECASE
+)
 
 
 class ChatSession:
@@ -67,10 +81,20 @@ class ChatSession:
         self.last_call: tuple[np.ndarray, str] | None = None
         self.generated: anndata.AnnData | None = None
 
-    def _history_prefix(self) -> str:
-        turns = self.history[-self.history_turns :] if self.history_turns > 0 else []
+    def _history_prefix(self, n_turns: int) -> str:
+        turns = self.history[-n_turns:] if n_turns > 0 else []
         text = "".join(f"User: {user}\nAssistant: {reply}\n" for user, reply in turns)
         return text.replace("{", "{{").replace("}", "}}")
+
+    def _with_history(self, ask):
+        """Call ``ask(history_prefix)`` with the last ``history_turns`` turns, fewer while it is too long."""
+        for n_turns in range(min(self.history_turns, len(self.history)), -1, -1):
+            try:
+                return ask(self._history_prefix(n_turns))
+            except PromptTooLongError:
+                if n_turns == 0:
+                    raise
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _cells(self, rows: np.ndarray) -> anndata.AnnData:
         view = self.adata[rows]
@@ -83,7 +107,7 @@ class ChatSession:
             return ""
         try:
             reply = self._dispatch(message)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # the session goes on after bad input or a failed write
             reply = f"Sorry, I could not do that: {err}"
         self.history.append((message, reply.splitlines()[0] if reply else reply))
         return reply
@@ -94,9 +118,9 @@ class ChatSession:
         if match := _SAVE.match(message):
             if self.generated is None:
                 return "Nothing generated yet; try 'generate 50 B cells like these'."
-            with inference.atomic_output(match.group(1)) as tmp:
-                self.generated.write_h5ad(tmp)
-            return f"Saved {self.generated.n_obs} generated cells to {match.group(1)}."
+            path = check_destination(match.group(1), overwrite=False, flag=None)  # never replaces a file
+            write_anndata(self.generated, path)
+            return f"Saved {self.generated.n_obs} generated cells to {path}."
         if match := _GENERATE.match(message):
             return self._generate(int(match.group(1)), match.group(2))
         if _SALIENCY.search(message) and self.last_call is not None and not _RANGE.search(message):
@@ -113,12 +137,14 @@ class ChatSession:
             raise ValueError(f"cells {first}-{last} are outside 0-{n - 1}.")
         rows = np.arange(first, last + 1)
         cells = self._cells(rows)
-        results = self.pipe(
-            self._history_prefix() + self.template,
-            cells=cells,
-            labels=self.labels,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
+        results = self._with_history(
+            lambda history: self.pipe(
+                history + self.template,
+                cells=cells,
+                labels=self.labels,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+            )
         )
         calls = [
             r["label"] if r["label"] is not None else (r["argmax_label"] or r["answer"]) for r in results
@@ -149,20 +175,23 @@ class ChatSession:
         if like_these and self.selection is not None:
             obs = self.adata.obs.iloc[self.selection]
             for name in ("species", "tissue", "sequencing_method"):
-                if name in obs.columns and len(obs):
-                    condition[name] = str(obs[name].astype(str).mode().iloc[0])
+                values = obs[name].dropna() if name in obs.columns else ()
+                if len(values):  # the most common present value; missing values never become "nan"
+                    condition[name] = str(values.astype(str).mode().iloc[0])
             cells = self._cells(self.selection)
             values = self.pipe.processor.feature_extractor(cells, return_tensors="np")["cell_values"]
-            library = float(np.median(values.sum(1)))
+            library = max(1, round(float(np.median(values.sum(1)))))
         template = inference.generation_template(condition)
-        self.generated = inference.generate_cells(
-            self.pipe,
-            [condition],
-            n_cells=n_cells,
-            template=self._history_prefix() + template,
-            library_size=library,
-            progress=False,
-            max_new_tokens=self.max_new_tokens,
+        self.generated = self._with_history(
+            lambda history: inference.generate_cells(
+                self.pipe,
+                [condition],
+                n_cells=n_cells,
+                template=history + template,
+                library_size=library,
+                progress=False,
+                max_new_tokens=self.max_new_tokens,
+            )
         )
         totals = np.asarray(self.generated.X.sum(1)).ravel()
         described = ", ".join(f"{k}={v}" for k, v in condition.items())
@@ -193,18 +222,25 @@ class ChatSession:
         )
 
     def _free_text(self, message: str) -> str:
-        instruction = self._history_prefix() + message.replace("{", "{{").replace("}", "}}")
-        result = self.pipe(instruction, max_new_tokens=self.max_new_tokens)[0]
+        message = message.replace("{", "{{").replace("}", "}}")
+        result = self._with_history(
+            lambda history: self.pipe(history + message, max_new_tokens=self.max_new_tokens)[0]
+        )
         return result["answer"] or "(the model gave an empty answer)"
 
 
 def run(args, stdin: TextIO, out: TextIO) -> int:
     """Load the file and answer messages from ``stdin`` until "quit" or end of input."""
-    adata = anndata.read_h5ad(args.input, backed="r")
+    adata = read_anndata(args.input)
+    if args.labels and args.labels_from_obs:
+        raise ValueError("Give either --labels or --labels-from-obs, not both.")
+    labels = parse_labels(args.labels) if args.labels else None
+    if args.labels_from_obs:
+        labels = obs_label_set(adata, args.labels_from_obs)
     session = ChatSession(
-        load_pipeline(args),
+        model_source(args).load(),
         adata,
-        labels=label_set(args, adata),
+        labels=labels,
         template=args.template,
         history_turns=args.history_turns,
         max_new_tokens=args.max_new_tokens,
@@ -225,6 +261,7 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
             if reply:
                 print(f"instructcell> {reply}", file=out, flush=True)
     finally:
-        adata.file.close()
+        if adata.isbacked:
+            adata.file.close()
     print("", file=out)
     return 0
