@@ -115,3 +115,11 @@ def test_init_from_refuses_a_new_tokenizer(aligned, saved_model, tmp_path):
     model_args.backbone = "google-t5/t5-small"
     with pytest.raises(ValueError, match="drop --backbone"):
         run_training(model_args, data_args, training_args)
+
+
+def test_init_from_is_a_flag_of_instructcell_train():
+    from instructcell.training import parse_training_arguments
+
+    model_args, _, _, _ = parse_training_arguments("default", ["--init-from", "outputs/demo/model"])
+    assert model_args.init_from == "outputs/demo/model"
+    assert parse_training_arguments("default")[0].init_from is None

@@ -77,7 +77,7 @@ class DataArguments:
     dataset_dir: str = field(
         default="outputs/instructcell-data",
         metadata={
-            "help": "Output of examples/build_dataset.py: {train,validation}.parquet + gene_vocab.txt."
+            "help": "A folder written by `instructcell build-data` (splits as Parquet, gene_vocab.txt)."
         },
     )
     tasks: str = field(default="cta,dsp,cpcg", metadata={"help": "Comma-separated tasks to mix."})
