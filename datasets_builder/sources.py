@@ -244,6 +244,13 @@ def inspect_source(source: DataSource, min_cells_per_label: int) -> SourceInfo:
         adata.file.close()
     counts = obs[source.label_key].astype(str).value_counts()
     info.label_counts = {str(label): int(n) for label, n in counts.items()}
+    enough = [label for label, n in info.label_counts.items() if n >= min_cells_per_label]
+    if len(enough) < 2 and any(get_task(task).answer_is_label for task in source.tasks):
+        raise ValueError(
+            f"{source.name} ({source.path}): {len(enough)} label(s) of {source.label_key!r} have "
+            f"{min_cells_per_label} cells or more ({info.label_counts}), and {', '.join(source.tasks)} needs "
+            "two: check --label-key, or lower --min-cells-per-label."
+        )
     if not source.drop_rare_labels:
         from .preprocessing import check_label_counts  # scanpy is imported on demand
 

@@ -215,3 +215,12 @@ def test_missing_species_and_task_errors(files, tmp_path, capsys):
     assert "Unknown task 'cell_type'" in _refused(
         ["--h5ad", path, "--task", "cell_type"], tmp_path / "out", [path], capsys
     )
+
+
+def test_too_few_labels_left_is_refused_before_any_work(files, tmp_path, capsys):
+    adata = make_counts(n_cells=40, n_genes=50, labels=("common", "rare"))
+    adata.obs["cell_type"] = pd.Categorical(["common"] * 39 + ["rare"])
+    path = tmp_path / "one_label.h5ad"
+    adata.write_h5ad(path)
+    err = _refused(["--h5ad", path, "--drop-rare-labels"], tmp_path / "out", [path], capsys)
+    assert "1 label(s) of 'cell_type' have 20 cells or more" in err and "cta needs two" in err
