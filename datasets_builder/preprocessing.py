@@ -147,16 +147,7 @@ def check_label_counts(adata: anndata.AnnData, label_key: str, min_cells: int = 
     """Raise a ``ValueError`` naming every label with fewer than ``min_cells`` cells, and how to proceed.
 
     A label needs cells in the training, validation and test splits to be learned and scored; with a
-    handful of cells it is in one split at best.
-
-    Parameters
-    ----------
-    adata
-        Annotated cells.
-    label_key
-        ``obs`` column with the labels.
-    min_cells
-        Minimum number of cells per label.
+    handful of cells it is in one split at best. Parameters as :func:`filter_rare_labels`.
     """
     if label_key not in adata.obs.columns:
         raise ValueError(

@@ -53,72 +53,51 @@ OPTIONAL_SHARED_DATASETS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 @dataclass(frozen=True)
-class DataSource:
-    """One ``.h5ad`` file (cells x genes, raw counts) and what to build from it.
+class DataSource(AnnDataSource):
+    """One ``.h5ad`` file (cells x genes, raw counts) used for one or more tasks.
+
+    An :class:`~datasets_builder.anndata_source.AnnDataSource` (the file, its name, label column, metadata and
+    layer) with every task it serves and the rare-label rule.
 
     Parameters
     ----------
-    path
-        The file.
-    tasks
-        Task names (:mod:`instructcell.tasks`); every cell gives one example per task.
-    name
-        Dataset name in the split hash and the ``dataset`` column; default: the file's stem.
+    path, name, species, tissue, sequencing_method, drug, layer
+        As :class:`~datasets_builder.anndata_source.AnnDataSource`.
+    task
+        The first task (default ``"cta"``).
     label_key
         ``obs`` column with the labels; default: the tasks' label column (they must agree).
-    species, tissue, sequencing_method, drug
-        Metadata for every cell; an empty value is read from the ``obs`` column of the same name.
-    layer
-        Read raw counts from ``layers[layer]`` instead of ``X``.
+    tasks
+        Every task (:mod:`instructcell.tasks`); default ``(task,)``. Each cell gives one example per task.
     drop_rare_labels
         Leave out labels with fewer than the build's ``min_cells_per_label`` cells; otherwise they are an
         error.
     """
 
-    path: str
-    tasks: tuple[str, ...] = ("cta",)
-    name: str = ""
-    label_key: str = ""
-    species: str = ""
-    tissue: str = ""
-    sequencing_method: str = ""
-    drug: str = ""
-    layer: str = ""
+    task: str = "cta"
+    tasks: tuple[str, ...] = ()
     drop_rare_labels: bool = False
 
     def __post_init__(self) -> None:
-        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        if not tasks:
-            raise ValueError(f"{self.path}: name at least one task (--task / tasks: [...]).")
+        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks) or (self.task,)
         label_keys = {get_task(task).label_key for task in tasks}
         object.__setattr__(self, "tasks", tasks)
-        object.__setattr__(self, "path", os.fspath(self.path))
-        if not self.name:
-            object.__setattr__(self, "name", Path(self.path).stem)
-        if not self.label_key:
-            if len(label_keys) > 1:
-                raise ValueError(
-                    f"{self.path}: tasks {list(tasks)} read different label columns {sorted(label_keys)}; "
-                    "name one (--label-key / label_key:) or list the file once per task."
-                )
-            object.__setattr__(self, "label_key", label_keys.pop())
+        object.__setattr__(self, "task", tasks[0])
+        if not self.label_key and len(label_keys) > 1:
+            raise ValueError(
+                f"{self.path}: tasks {list(tasks)} read different label columns {sorted(label_keys)}; "
+                "name one (--label-key / label_key:) or list the file once per task."
+            )
+        super().__post_init__()
         if self.species and self.species not in SPECIES:
             raise ValueError(f"{self.path}: species must be one of {SPECIES}, got {self.species!r}.")
 
     def task_sources(self, path: str | os.PathLike | None = None) -> list[AnnDataSource]:
         """Return one :class:`~.anndata_source.AnnDataSource` per task, reading ``path`` or the file."""
-        metadata = {key: getattr(self, key) for key in ("species", "tissue", "sequencing_method", "drug")}
-        return [
-            AnnDataSource(
-                os.fspath(path or self.path),
-                task=task,
-                name=self.name,
-                label_key=self.label_key,
-                layer="" if path else self.layer,
-                **metadata,
-            )
-            for task in self.tasks
-        ]
+        common = {f.name: getattr(self, f.name) for f in fields(AnnDataSource)}
+        if path is not None:  # a preprocessed copy: raw counts in X
+            common.update(path=os.fspath(path), layer="")
+        return [AnnDataSource(**{**common, "task": task}) for task in self.tasks]
 
     def describe(self) -> dict:
         """Return the source's fields as plain values (for ``dataset_info.json``)."""
