@@ -35,7 +35,8 @@ def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser(
         "build-data",
         help="build an instruction dataset from .h5ad files",
-        description=__doc__.split("\n\n")[0],
+        description="Build an instruction dataset (train/validation/test Parquet + gene_vocab.txt) from "
+        ".h5ad files: QC, highly variable genes, hash splits, templates.",
     )
     parser.add_argument("output", type=Path, help="dataset folder to write")
     sources = parser.add_argument_group("sources")
@@ -53,9 +54,11 @@ def add_parsers(subparsers) -> None:
         f"{sorted({**SHARED_DATASETS, **OPTIONAL_SHARED_DATASETS})}",
     )
     each = parser.add_argument_group("settings of every --h5ad file")
-    each.add_argument("--task", default="cta", help=f"comma-separated tasks among {', '.join(task_names())}")
+    each.add_argument(
+        "--task", default="cta", help=f"comma-separated tasks among {', '.join(task_names())} (default: cta)"
+    )
     each.add_argument("--label-key", default="", help="obs column with the labels (default: the task's)")
-    each.add_argument("--species", default="", choices=["", "human", "mouse"], help="default: obs['species']")
+    each.add_argument("--species", default="", choices=["human", "mouse"], help="default: obs['species']")
     each.add_argument("--tissue", default="", help="default: obs['tissue']")
     each.add_argument("--sequencing-method", default="", help="default: obs['sequencing_method']")
     each.add_argument("--drug", default="", help="drug name of drug-response data (default: obs['drug'])")
