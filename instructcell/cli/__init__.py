@@ -2,6 +2,7 @@
 
 ::
 
+    instructcell build-data OUT --h5ad cells.h5ad --task cta [--gene-vocab-from MODEL]
     instructcell train [RECIPE] [--flag value ...]
     instructcell evaluate MODEL DATA -o OUT
     instructcell annotate MODEL data.h5ad -o annotated.h5ad --labels "B cells,CD14+ Monocytes,..."
@@ -18,9 +19,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from . import annotate, chat, evaluate, generate, train
+from . import annotate, build_data, chat, evaluate, generate, train
 
-SUBCOMMANDS = (train, evaluate, annotate, generate, chat)
+SUBCOMMANDS = (build_data, train, evaluate, annotate, generate, chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
