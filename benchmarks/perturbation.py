@@ -61,7 +61,7 @@ from instructcell.evaluation.metrics.perturbation import (  # noqa: E402
 from instructcell.evaluation.render import fmt, machine_line, markdown_table  # noqa: E402
 from instructcell.hub import save_for_hub  # noqa: E402
 from instructcell.tasks import CONTROL_PERTURBATION  # noqa: E402
-from instructcell.training import parse_training_arguments, run_training  # noqa: E402
+from instructcell.training import parse_training_arguments, run_training, training_budget  # noqa: E402
 from instructcell.training.cell_decoder import fit_cell_decoder  # noqa: E402
 
 DESIGNS: dict[str, bool] = {"transfer": True, "prior": False}  # design -> config.vae_encode_input_cell
@@ -186,8 +186,8 @@ def train_held_out(args: argparse.Namespace, data: Path, output: Path) -> tuple[
     model_args, data_args, training_args, _ = parse_training_arguments(args.recipe, overrides)
     start, cpu = time.time(), time.process_time()
     trainer, processor, interrupted = run_training(model_args, data_args, training_args)
-    if interrupted:
-        raise SystemExit("Interrupted: rerun the same command to resume.")
+    if interrupted or training_budget(trainer)["stopped_by_time_cap"]:
+        raise SystemExit("Training stopped before its steps: rerun the same command to resume.")
     wall = time.time() - start
     recipe_steps = parse_training_arguments(args.recipe)[2].cell_decoder_steps
     info = {

@@ -29,7 +29,7 @@ from instructcell.tasks import TASKS, get_task
 
 from .anndata_source import AnnDataReader, AnnDataSource, CellRecord
 from .gene_vocab import GENE_VOCAB_FILENAME, check_gene_vocab, read_gene_vocab, write_gene_vocab
-from .perturbation_pairs import PairedCellRecord, paired_cells
+from .perturbation_pairs import PairedCellRecord, paired_cells, pairing_design
 from .splits import SPLITS, split_of
 from .templates import CELL_TOKEN, DEFAULT_BANK_DIR, SIGNAL_TOKEN, VARIANTS, Template, TemplateBank, render
 
@@ -264,7 +264,9 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
         return sources
 
     def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
-        self._sources()
+        for source in self._sources():
+            if get_task(source.task).pairs_cells:
+                pairing_design(source)  # a bad design fails here, before any cell is read
         self._gene_vocab()
         TemplateBank.load(self.config.template_bank or DEFAULT_BANK_DIR)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in SPLITS]

@@ -29,7 +29,14 @@ from instructcell.tasks import CONTROL_PERTURBATION, get_task
 from .anndata_source import AnnDataReader, AnnDataSource, CellRecord
 from .splits import split_of
 
-__all__ = ["PairedCellRecord", "PerturbationSource", "paired_cells", "perturbation_names"]
+__all__ = [
+    "PairedCellRecord",
+    "PairingDesign",
+    "PerturbationSource",
+    "paired_cells",
+    "pairing_design",
+    "perturbation_names",
+]
 
 
 @dataclass(frozen=True)
@@ -81,31 +88,93 @@ class PairedCellRecord(CellRecord):
     input_cell: CellRecord
 
 
-def _condition_columns(source: PerturbationSource, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read and check the condition of every cell and its ``pair_key`` value (None without one)."""
+@dataclass
+class PairingDesign:
+    """Who is a control, which group (cell type, donor) each cell is in, and the words of each condition.
+
+    Attributes
+    ----------
+    conditions : numpy.ndarray
+        ``(n_cells,)`` condition values.
+    is_control : numpy.ndarray
+        ``(n_cells,)`` bool.
+    groups : list of (str, str)
+        ``(n_cells,)`` (cell type, ``pair_key`` value or "").
+    texts : dict of str to str
+        Perturbed condition value -> the perturbation in words.
+    pools : dict
+        Group -> rows of its control cells.
+    """
+
+    conditions: np.ndarray
+    is_control: np.ndarray
+    groups: list[tuple[str, str]]
+    texts: dict[str, str]
+    pools: dict[tuple[str, str], list[int]]
+
+
+def pairing_design(source: AnnDataSource) -> PairingDesign:
+    """Read and check a source's design from its ``obs``, before any cell is read.
+
+    Raises
+    ------
+    ValueError
+        A plain :class:`AnnDataSource` (says what to pass instead), a missing or incomplete cell type,
+        condition or pair column, no control or no perturbed cells, or perturbed cells of a cell type (and
+        donor) without any control cell.
+    """
+    where = f"{source.name} ({source.path})"
+    if not isinstance(source, PerturbationSource):
+        raise ValueError(
+            f"{where}: the {source.task} task pairs perturbed with control cells; describe the file with "
+            "datasets_builder.PerturbationSource(path, task=..., condition_key=..., control_value=...)."
+        )
     adata = anndata.read_h5ad(source.path, backed="r")
     try:
-        obs = adata.obs
-        columns = {}
-        for option, key in (("condition_key", source.condition_key), ("pair_key", source.pair_key)):
-            if not key:
-                continue
-            if key not in obs.columns:
-                raise ValueError(
-                    f"{where} has no obs column {key!r} ({option}); columns: {list(obs.columns)}. Pass "
-                    f"{option}=... naming the column that says "
-                    + ("which cells are controls." if option == "condition_key" else "each cell's donor.")
-                )
-            missing = obs[key].isna().to_numpy()
-            if missing.any():
-                raise ValueError(
-                    f"{where}: {int(missing.sum())} cells have no {key!r} value (e.g. "
-                    f"{obs.index[missing][0]!r}): fill it in or drop those cells before building."
-                )
-            columns[key] = obs[key].astype(str).to_numpy()
+        columns = {
+            option: _column(adata.obs, key, option, where)
+            for option, key in (
+                ("label_key", source.label_key),
+                ("condition_key", source.condition_key),
+                ("pair_key", source.pair_key),
+            )
+            if key
+        }
     finally:
         adata.file.close()
-    return columns[source.condition_key], columns.get(source.pair_key)
+    conditions = columns["condition_key"]
+    texts = _perturbation_texts(source, conditions, where)
+    is_control = conditions == source.control_value
+    pairs = columns.get("pair_key", np.full(conditions.shape, "", dtype=object))
+    groups = list(zip(columns["label_key"], pairs, strict=True))
+    pools: dict[tuple[str, str], list[int]] = {}
+    for index in np.flatnonzero(is_control):
+        pools.setdefault(groups[index], []).append(int(index))
+    _check_pools(source, where, pools, groups, is_control)
+    return PairingDesign(conditions, is_control, groups, texts, pools)
+
+
+_COLUMN_PURPOSE = {
+    "label_key": "holds each cell's type",
+    "condition_key": "says which cells are controls",
+    "pair_key": "holds each cell's donor or sample",
+}
+
+
+def _column(obs, key: str, option: str, where: str) -> np.ndarray:
+    """An ``obs`` column as strings; a ``ValueError`` when it is missing or has missing values."""
+    if key not in obs.columns:
+        raise ValueError(
+            f"{where} has no obs column {key!r} ({option}); columns: {list(obs.columns)}. Pass {option}=... "
+            f"naming the column that {_COLUMN_PURPOSE[option]}."
+        )
+    missing = obs[key].isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{where}: {int(missing.sum())} cells have no {key!r} value (e.g. {obs.index[missing][0]!r}): "
+            "fill it in or drop those cells before building."
+        )
+    return obs[key].astype(str).to_numpy()
 
 
 def _perturbation_texts(source: PerturbationSource, conditions: np.ndarray, where: str) -> dict[str, str]:
@@ -131,70 +200,16 @@ def _perturbation_texts(source: PerturbationSource, conditions: np.ndarray, wher
     return texts
 
 
-def _pick(key: str, n: int) -> int:
-    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % n
-
-
-def paired_cells(source: AnnDataSource, reader: AnnDataReader) -> Iterator[PairedCellRecord]:
-    """Yield the rows of a ``prp`` source in file order: perturbed cells paired with controls, control rows.
-
-    Parameters
-    ----------
-    source : PerturbationSource
-        The file and its design (a plain :class:`AnnDataSource` is refused with what to pass instead).
-    reader : AnnDataReader
-        The source's cells aligned to the gene vocabulary; read once, kept in memory as sparse rows.
-
-    Yields
-    ------
-    PairedCellRecord
-        Target = the perturbed cell (``metadata["perturbation"]`` its words) or, for control rows, the control
-        cell itself (``CONTROL_PERTURBATION``); ``input_cell`` = the control the instruction reads.
-
-    Raises
-    ------
-    ValueError
-        A missing or incomplete condition / pair column, no control or no perturbed cells, or perturbed cells
-        of a cell type (and donor) without any control cell.
-    """
-    where = f"{source.name} ({source.path})"
-    if not isinstance(source, PerturbationSource):
-        raise ValueError(
-            f"{where}: the {source.task} task pairs perturbed with control cells; describe the file with "
-            "datasets_builder.PerturbationSource(path, task=..., condition_key=..., control_value=...)."
-        )
-    conditions, pairs = _condition_columns(source, where)
-    texts = _perturbation_texts(source, conditions, where)
-    records = list(reader)
-    is_control = conditions == source.control_value
-    group_keys = list(zip(reader.labels, pairs if pairs is not None else [""] * len(records), strict=True))
-    pools: dict[tuple[str, str], list[int]] = {}
-    for index in np.flatnonzero(is_control):
-        pools.setdefault(group_keys[index], []).append(int(index))
-    _check_pools(source, where, pools, group_keys, is_control)
-    splits = [split_of(source.name, record.obs_name) for record in records]
-    for index, record in enumerate(records):
-        if is_control[index]:
-            if source.control_rows:
-                metadata = {**record.metadata, "perturbation": CONTROL_PERTURBATION}
-                yield _paired(record, metadata, record)
-            continue
-        pool = pools[group_keys[index]]
-        same_split = [c for c in pool if splits[c] == splits[index]] or pool
-        control = records[same_split[_pick(f"{source.name}/{record.obs_name}/control", len(same_split))]]
-        yield _paired(record, {**record.metadata, "perturbation": texts[conditions[index]]}, control)
-
-
 def _check_pools(
     source: PerturbationSource,
     where: str,
     pools: dict[tuple[str, str], list[int]],
-    group_keys: list[tuple[str, str]],
+    groups: list[tuple[str, str]],
     is_control: np.ndarray,
 ) -> None:
     """Raise for perturbed cells whose cell type (and donor) has no control cell, naming every such group."""
     orphans: dict[tuple[str, str], int] = {}
-    for key, control in zip(group_keys, is_control, strict=True):
+    for key, control in zip(groups, is_control, strict=True):
         if not control and key not in pools:
             orphans[key] = orphans.get(key, 0) + 1
     if not orphans:
@@ -210,6 +225,42 @@ def _check_pools(
         f"{where}: no control cells ({source.condition_key} == {source.control_value!r}) for {shown}: their "
         f"perturbed cells cannot be paired. Add control cells of that type, drop those cells{fix}."
     )
+
+
+def _pick(key: str, n: int) -> int:
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % n
+
+
+def paired_cells(source: AnnDataSource, reader: AnnDataReader) -> Iterator[PairedCellRecord]:
+    """Yield the rows of a ``prp`` source in file order: perturbed cells paired with controls, control rows.
+
+    Parameters
+    ----------
+    source : PerturbationSource
+        The file and its design (checked by :func:`pairing_design`).
+    reader : AnnDataReader
+        The source's cells aligned to the gene vocabulary; read once, kept in memory as sparse rows.
+
+    Yields
+    ------
+    PairedCellRecord
+        Target = the perturbed cell (``metadata["perturbation"]`` its words) or, for control rows, the control
+        cell itself (``CONTROL_PERTURBATION``); ``input_cell`` = the control the instruction reads.
+    """
+    design = pairing_design(source)
+    records = list(reader)
+    splits = [split_of(source.name, record.obs_name) for record in records]
+    for index, record in enumerate(records):
+        if design.is_control[index]:
+            if source.control_rows:
+                metadata = {**record.metadata, "perturbation": CONTROL_PERTURBATION}
+                yield _paired(record, metadata, record)
+            continue
+        pool = design.pools[design.groups[index]]
+        same_split = [c for c in pool if splits[c] == splits[index]] or pool
+        control = records[same_split[_pick(f"{source.name}/{record.obs_name}/control", len(same_split))]]
+        text = design.texts[design.conditions[index]]
+        yield _paired(record, {**record.metadata, "perturbation": text}, control)
 
 
 def _paired(record: CellRecord, metadata: dict[str, str], control: CellRecord) -> PairedCellRecord:

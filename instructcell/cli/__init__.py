@@ -8,6 +8,7 @@
     instructcell predict-drug MODEL pc9.h5ad -o pc9_pred.h5ad --drug erlotinib
     instructcell generate MODEL -o fake.h5ad --cell-type "naive B cell" --species human --n-cells 50
     instructcell chat MODEL data.h5ad --labels-from-obs cell_type
+    instructcell perturb MODEL cells.h5ad --perturbation "interferon beta" -o predicted.h5ad
 
 A ``ValueError`` (bad input) is printed as ``error: ...`` with exit status 2, without a traceback.
 """
@@ -18,9 +19,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from . import annotate, chat, evaluate, generate, train
+from . import annotate, chat, evaluate, generate, perturb, train
 
-SUBCOMMANDS = (train, evaluate, annotate, generate, chat)
+SUBCOMMANDS = (train, evaluate, annotate, generate, chat, perturb)
 
 
 def build_parser() -> argparse.ArgumentParser:
