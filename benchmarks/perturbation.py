@@ -39,11 +39,7 @@ from typing import Any
 
 import anndata
 import datasets
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmarks import machine_info  # noqa: E402
@@ -55,9 +51,11 @@ from instructcell.evaluation.cells import sparse_cells  # noqa: E402
 from instructcell.evaluation.metrics.generation import normalize_log1p  # noqa: E402
 from instructcell.evaluation.metrics.perturbation import (  # noqa: E402
     PERTURBATION_KEYS,
+    count_statistics,
     perturbation_metrics,
     top_degs,
 )
+from instructcell.evaluation.plotting import plot_count_distributions, plot_perturbation_means  # noqa: E402
 from instructcell.evaluation.render import fmt, machine_line, markdown_table  # noqa: E402
 from instructcell.hub import save_for_hub  # noqa: E402
 from instructcell.tasks import CONTROL_PERTURBATION  # noqa: E402
@@ -218,15 +216,6 @@ def fit_design(trainer, processor, training_args, design: str, steps: int, outpu
     return model.eval()
 
 
-def count_stats(counts) -> dict[str, list[float]]:
-    """Library sizes and detected genes per cell (for the distribution figure)."""
-    counts = counts.tocsr()
-    return {
-        "library_size": np.asarray(counts.sum(axis=1)).ravel().tolist(),
-        "detected_genes": np.diff(counts.indptr).tolist(),
-    }
-
-
 def score_held_out(
     args: argparse.Namespace,
     cell_type: str,
@@ -265,8 +254,8 @@ def score_held_out(
             "methods": {},
             "means": {"real": _means(real, degs), "control": _means(control, degs)},
             "counts": {
-                "real": count_stats(sparse_cells(query, "target", n_genes)),
-                "control": count_stats(control_cells),
+                "real": count_statistics(sparse_cells(query, "target", n_genes)),
+                "control": count_statistics(control_cells),
             },
         }
         cells = PerturbationCells(
@@ -293,7 +282,7 @@ def score_held_out(
             )
             entry["methods"][design] = {**scores, "signal_rate": answered.n_signal / len(query)}
             entry["means"][design] = None if predicted is None else _means(predicted, degs)
-            entry["counts"][design] = count_stats(answered.counts)
+            entry["counts"][design] = count_statistics(answered.counts)
         result[split] = entry
     return result
 
@@ -346,42 +335,41 @@ def wins(results: dict[str, Any], split: str, method: str, against: str = "addit
     return out
 
 
-def plot_means(results: dict[str, Any], chosen: str, path: Path) -> None:
-    """Predicted vs real mean expression of each type's top DEGs (test donors): model and additive."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
-    for ax, (cell_type, result) in zip(axes[0], results.items(), strict=True):
-        means = result["test"]["means"]
-        for name, colour in ((chosen, "tab:red"), ("additive", "tab:blue"), ("no_change", "tab:gray")):
-            r2 = result["test"]["methods"][name]["r2_top_degs"]
-            ax.scatter(means["real"], means[name], s=8, alpha=0.7, c=colour, label=f"{name} (R² {fmt(r2)})")
-        top = max(max(means["real"]), max(means[chosen]), max(means["additive"]))
-        ax.plot([0, top], [0, top], "k--", lw=0.8)
-        ax.set_title(f"{cell_type}: top-100 DEGs")
-        ax.set_xlabel("real perturbed, mean log-normalized")
-        ax.set_ylabel("predicted")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_counts(results: dict[str, Any], chosen: str, path: Path) -> None:
-    """Library sizes and detected genes of predicted and real cells, all held-out types (test donors)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key in zip(axes, ("library_size", "detected_genes"), strict=True):
-        for name, colour in (("real", "tab:green"), ("control", "tab:gray"), (chosen, "tab:red")):
-            values = np.concatenate([r["test"]["counts"][name][key] for r in results.values()])
-            ax.hist(
-                values, bins=40, alpha=0.45, color=colour, label=f"{name} (median {np.median(values):.0f})"
-            )
-        ax.set_xlabel(key.replace("_", " ") + " per cell")
-        ax.set_ylabel("cells")
-        ax.legend(fontsize=8)
-    axes[0].set_title("Predicted perturbed cells are integer counts: library sizes")
-    axes[1].set_title("and sparsity (genes with a count > 0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def figures(results: dict[str, Any], chosen: str, output: Path) -> dict[str, str]:
+    """Draw the top-DEG and count-distribution figures of the test donors; return their file names."""
+    panels = {}
+    for cell_type, result in results.items():
+        test = result["test"]
+        panels[f"{cell_type}: top-100 DEGs"] = {
+            "real": test["means"]["real"],
+            **{
+                f"{name} (R² {fmt(test['methods'][name]['r2_top_degs'], 2)})": test["means"][name]
+                for name in (chosen, "additive", "no_change")
+            },
+        }
+    names = {"means": f"{output.name}.png", "counts": f"{output.name}_counts.png"}
+    plot_perturbation_means(
+        output.parent / names["means"],
+        "Held-out cell types (test donors): predicted vs real mean expression of the top DEGs",
+        panels,
+    )
+    statistics = {
+        name: {
+            key: np.concatenate([r["test"]["counts"][name][key] for r in results.values()])
+            for key in ("library_size", "detected_genes")
+        }
+        for name in ("real", "control", chosen)
+    }
+    statistics = {
+        {"real": "real perturbed", "control": "control"}.get(k, f"predicted ({k})"): v
+        for k, v in statistics.items()
+    }
+    plot_count_distributions(
+        output.parent / names["counts"],
+        "Predicted perturbed cells are integer counts like the real ones (held-out types, test donors)",
+        statistics,
+    )
+    return names
 
 
 def render(report: dict[str, Any]) -> str:
@@ -473,9 +461,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     chosen = choose_design(results, designs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    figures = {"means": f"{args.output.name}.png", "counts": f"{args.output.name}_counts.png"}
-    plot_means(results, chosen, args.output.with_suffix(".png"))
-    plot_counts(results, chosen, args.output.parent / figures["counts"])
     first = next(iter(results.values()))["training"]
     report = {
         "run": {
@@ -494,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "designs": designs,
         "chosen_design": chosen,
         "results": results,
-        "figures": figures,
+        "figures": figures(results, chosen, args.output),
     }
     args.output.with_suffix(".json").write_text(json.dumps(report, indent=1))
     text = render(report)

@@ -326,8 +326,8 @@ def plot_perturbation_means(
     plt.close(fig)
 
 
-def plot_count_distributions(path: Path, title: str, cell_sets: Mapping[str, Any]) -> None:
-    """Library sizes and detected genes (counts > 0) per cell of several sets of raw counts, as histograms.
+def plot_count_distributions(path: Path, title: str, statistics: Mapping[str, Mapping[str, Any]]) -> None:
+    """Library sizes and detected genes per cell of several cell sets, as histograms side by side.
 
     Parameters
     ----------
@@ -335,18 +335,16 @@ def plot_count_distributions(path: Path, title: str, cell_sets: Mapping[str, Any
         PNG to write.
     title : str
         Figure title.
-    cell_sets : mapping
-        Name -> ``(n_cells, n_genes)`` raw counts (array or scipy.sparse matrix).
+    statistics : mapping
+        Set name -> ``{"library_size": (n_cells,), "detected_genes": (n_cells,)}``
+        (:func:`~.metrics.perturbation.count_statistics`).
     """
-    import scipy.sparse as sp
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = plt.get_cmap("tab10").colors
-    for i, (name, counts) in enumerate(cell_sets.items()):
-        counts = sp.csr_matrix(counts)
-        stats = (np.asarray(counts.sum(axis=1)).ravel(), np.diff(counts.indptr))
-        for ax, values in zip(axes, stats, strict=True):
+    for i, (name, stats) in enumerate(statistics.items()):
+        for ax, key in zip(axes, ("library_size", "detected_genes"), strict=True):
+            values = np.asarray(stats[key], dtype=float)
             ax.hist(
                 values,
                 bins=40,

@@ -283,7 +283,7 @@ def _figures(
 ) -> None:
     """Draw the top-DEG mean-expression figure per cell type and the count-distribution figure."""
     from instructcell.evaluation.metrics.generation import normalize_log1p
-    from instructcell.evaluation.metrics.perturbation import mean_r2, top_degs
+    from instructcell.evaluation.metrics.perturbation import count_statistics, mean_r2, top_degs
     from instructcell.evaluation.plotting import plot_count_distributions, plot_perturbation_means
 
     predicted_types = None if cell_type_key is None else predicted.obs[cell_type_key].astype(str).to_numpy()
@@ -308,5 +308,9 @@ def _figures(
     plot_count_distributions(
         path.with_name(f"{path.stem}_counts.png"),
         f"Predicted ({perturbation}) and real cells: integer counts",
-        {"real perturbed": real, "control": controls, "predicted": predicted.X},
+        {
+            "real perturbed": count_statistics(real),
+            "control": count_statistics(controls),
+            "predicted": count_statistics(predicted.X),
+        },
     )

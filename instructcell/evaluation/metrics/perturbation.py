@@ -29,6 +29,7 @@ from .generation import gaussian_mmd, knn_bandwidth
 __all__ = [
     "PERTURBATION_KEYS",
     "change_pearson",
+    "count_statistics",
     "energy_distance",
     "mean_r2",
     "pca_distances",
@@ -60,6 +61,27 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def count_statistics(counts: Any) -> dict[str, list[float]]:
+    """Library size (total counts) and detected genes (counts > 0) of every cell of raw counts.
+
+    Parameters
+    ----------
+    counts : array or scipy.sparse matrix
+        ``(n_cells, n_genes)`` raw counts.
+
+    Returns
+    -------
+    dict
+        ``{"library_size": (n_cells,), "detected_genes": (n_cells,)}`` as lists (JSON-ready).
+    """
+    counts = sp.csr_matrix(counts)
+    counts.eliminate_zeros()
+    return {
+        "library_size": np.asarray(counts.sum(axis=1)).ravel().tolist(),
+        "detected_genes": np.diff(counts.indptr).tolist(),
+    }
 
 
 def top_degs(perturbed: Any, control: Any, n: int = 100) -> np.ndarray:
