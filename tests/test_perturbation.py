@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import GENES
+from script_modules import load_script
 
 from datasets_builder import (
     FEATURES,
@@ -25,6 +26,7 @@ from instructcell.evaluation.baselines import BASELINES, PerturbationCells
 from instructcell.evaluation.cells import sparse_cells
 from instructcell.evaluation.metrics.generation import normalize_log1p
 from instructcell.evaluation.metrics.perturbation import (
+    PERTURBATION_KEYS,
     change_pearson,
     energy_distance,
     mean_r2,
@@ -339,3 +341,26 @@ def test_evaluate_scores_the_model_next_to_the_baselines_per_cell_type(prp_model
     )
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (tmp_path / "eval" / next(iter(written["figures"].values()))).is_file()
+
+
+def test_benchmark_chooses_the_design_on_validation_and_reports_test():
+    benchmark = load_script("benchmarks/perturbation.py", "perturbation_benchmark")
+
+    def entry(r2: dict[str, float]) -> dict:
+        methods = {
+            name: {**dict.fromkeys(PERTURBATION_KEYS, 0.5), "r2_top_degs": v, "change_pearson_top_degs": v}
+            for name, v in r2.items()
+        }
+        return {"n_perturbed": 10, "methods": methods}
+
+    validation = {"transfer": 0.9, "prior": 0.5, "no_change": 0.1, "additive": 0.7}
+    test = {"transfer": 0.6, "prior": 0.95, "no_change": 0.1, "additive": 0.8}
+    results = {t: {"validation": entry(validation), "test": entry(test)} for t in ("B", "T")}
+    # the design is chosen on validation, even though the other one is better on test
+    assert benchmark.choose_design(results, ["prior", "transfer"]) == "transfer"
+    assert benchmark.wins(results, "test", "transfer") == {
+        "r2_top_degs": "0 of 2",
+        "change_pearson_top_degs": "0 of 2",
+    }
+    rows = benchmark.summary_rows(results, "test", ["transfer", "additive"])
+    assert rows[-2][2:4] == ["transfer", "0.500 ± 0.000"] and rows[-2][4] == "0.600 ± 0.000"
