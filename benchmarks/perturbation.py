@@ -267,16 +267,7 @@ def score_held_out(
                 "control": count_statistics(control_cells),
             },
         }
-        cells = PerturbationCells(
-            sparse_cells(train_pairs, "input", n_genes),
-            sparse_cells(train_pairs, "target", n_genes),
-            list(train_pairs["label"]),
-            list(train_pairs["perturbation"]),
-            sparse_cells(query, "input", n_genes),
-            list(query["label"]),
-            list(query["perturbation"]),
-            genes,
-        )
+        cells = PerturbationCells.from_rows(train_pairs, query, genes)
         for name in BASELINE_NAMES:
             predicted, details = BASELINES[name].run(cells, seed=args.seed)
             entry["methods"][name] = perturbation_metrics(predicted, real, control, degs, seed=args.seed)

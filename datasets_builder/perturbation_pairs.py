@@ -162,7 +162,7 @@ _COLUMN_PURPOSE = {
 
 
 def _column(obs, key: str, option: str, where: str) -> np.ndarray:
-    """An ``obs`` column as strings; a ``ValueError`` when it is missing or has missing values."""
+    """Return an ``obs`` column as strings; a ``ValueError`` when it is missing or has missing values."""
     if key not in obs.columns:
         raise ValueError(
             f"{where} has no obs column {key!r} ({option}); columns: {list(obs.columns)}. Pass {option}=... "

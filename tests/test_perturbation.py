@@ -231,16 +231,7 @@ def test_additive_baseline_uses_the_other_cell_types_shift(splits):
     held_out = np.asarray(pairs["label"]) == "monocyte"
     train, query = pairs.select(np.flatnonzero(~held_out)), pairs.select(np.flatnonzero(held_out))
     n = len(GENES)
-    cells = PerturbationCells(
-        sparse_cells(train, "input", n),
-        sparse_cells(train, "target", n),
-        list(train["label"]),
-        list(train["perturbation"]),
-        sparse_cells(query, "input", n),
-        list(query["label"]),
-        list(query["perturbation"]),
-        GENES,
-    )
+    cells = PerturbationCells.from_rows(train, query, GENES)
     predicted, details = BASELINES["additive"].run(cells)
     unchanged, _ = BASELINES["no_change"].run(cells)
     assert details["shift_cell_types"] == {"interferon beta": ["B cell", "T cell"]}

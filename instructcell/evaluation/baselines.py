@@ -134,6 +134,23 @@ class PerturbationCells:
     query_perturbations: list[str]
     genes: list[str]
 
+    @classmethod
+    def from_rows(
+        cls, train_rows: datasets.Dataset, query_rows: datasets.Dataset, genes: Sequence[str]
+    ) -> PerturbationCells:
+        """Read training pairs and query control cells from builder rows (``n_genes = len(genes)``)."""
+        n_genes = len(genes)
+        return cls(
+            sparse_cells(train_rows, "input", n_genes),
+            sparse_cells(train_rows, "target", n_genes),
+            list(train_rows["label"]),
+            list(train_rows["perturbation"]),
+            sparse_cells(query_rows, "input", n_genes),
+            list(query_rows["label"]),
+            list(query_rows["perturbation"]),
+            list(genes),
+        )
+
 
 #: A baseline's output: labels (classification) or ``(counts or None, labels)`` (generation), and details
 #: worth reporting (e.g. training epochs).

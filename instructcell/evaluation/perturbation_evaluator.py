@@ -94,16 +94,7 @@ def evaluate_perturbation(
         extras[candidate.name] = {"signal_rate": answered.n_signal / len(rows), "seconds": round(seconds, 2)}
     baselines = ev.baselines(task)
     if baselines:
-        cells = PerturbationCells(
-            sparse_cells(train_rows, "input", n_genes),
-            sparse_cells(train_rows, "target", n_genes),
-            list(train_rows["label"]),
-            list(train_rows["perturbation"]),
-            sparse_cells(rows, "input", n_genes),
-            list(rows["label"]),
-            list(rows["perturbation"]),
-            ev.genes,
-        )
+        cells = PerturbationCells.from_rows(train_rows, rows, ev.genes)
         for baseline in baselines:
             predicted, extras[baseline.name] = ev.run_baseline(baseline, cells)
             predictions[baseline.name] = (predicted, np.arange(len(rows)))

@@ -64,12 +64,12 @@ FAMILY_PROTOCOLS: dict[str, str] = {
         "averaged over K = 5, 10, 25, 50."
     ),
     "perturbation": (
-        "One prediction per test row (a perturbed cell paired with a control cell of its type and donor; its "
-        "own held-out instruction); every method predicts from the same control cells. Per perturbation and cell "
-        "type: R² (squared Pearson) of mean log-normalized expression, predicted vs real, over all genes and "
-        "the top-100 DEGs (real perturbed vs control, Wilcoxon); Pearson correlation of predicted and real "
-        "change of the means; MMD and energy distance in a PCA of the real cells. The table shows means over "
-        "the groups."
+        "One prediction per test row (a perturbed cell paired with a control cell of its type and donor; "
+        "its own held-out instruction); every method predicts from the same control cells. Per "
+        "perturbation and cell type: R² (squared Pearson) of mean log-normalized expression, predicted vs "
+        "real, over all genes and the top-100 DEGs (real perturbed vs control, Wilcoxon); Pearson "
+        "correlation of predicted and real change of the means; MMD and energy distance in a PCA of the "
+        "real cells. The table shows means over the groups."
     ),
 }
 #: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
