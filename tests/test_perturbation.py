@@ -36,6 +36,7 @@ from instructcell.evaluation.metrics.perturbation import (
 from instructcell.hub import save_for_hub
 from instructcell.inference.perturbation import check_perturbation, control_cells
 from instructcell.tasks import CONTROL_PERTURBATION
+from instructcell.training.cell_decoder import ConditionedCellCollator, FrozenConditionCellVAE
 from modeling_instructcell.modeling_cell_vae import VAE_KEYS, InstructCellConditionalVAE
 
 STIM = "IFN-beta stimulated"
@@ -355,3 +356,18 @@ def test_benchmark_chooses_the_design_on_validation_and_reports_test():
     }
     rows = benchmark.summary_rows(results, "test", ["transfer", "additive"])
     assert rows[-2][2:4] == ["transfer", "0.500 ± 0.000"] and rows[-2][4] == "0.600 ± 0.000"
+
+
+def test_cell_decoder_stage_decodes_prp_targets_from_their_control_cells(model, splits):
+    rows = [
+        dict(row, condition_states=[0.1] * model.config.text_config.hidden_size) for row in splits["train"]
+    ]
+    batch = ConditionedCellCollator(len(GENES))(rows[:6])
+    assert batch["has_source"].all() and batch["source_cell_values"].shape == (6, len(GENES))
+    torch.manual_seed(0)
+    transferred = FrozenConditionCellVAE(model.cell_vae, 1.0, encode_input_cell=True)(**batch)["loss"]
+    torch.manual_seed(0)
+    prior = FrozenConditionCellVAE(model.cell_vae, 1.0, encode_input_cell=False)(**batch)["loss"]
+    assert not torch.isclose(transferred, prior)
+    cpcg_like = [dict(row, input_gene_indices=[], input_gene_counts=[]) for row in rows[:3]]
+    assert "source_cell_values" not in ConditionedCellCollator(len(GENES))(cpcg_like)
