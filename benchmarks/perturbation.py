@@ -393,12 +393,16 @@ def render(report: dict[str, Any]) -> str:
         f"validation {METRIC_TITLES[HEADLINE]}).",
         f"- {run['machine_line']}",
         f"- Command: `{run['command']}`",
-        f"- Wall time: {run['wall_seconds'] / 60:.1f} min (training per type: "
+        "- Main stage per held-out type (wall time, this process's CPU time / wall time, load average at its "
+        "end; the steps, not the minutes, are the budget): "
         + ", ".join(
-            f"{t} {r['training']['seconds'] / 60:.1f} min at {r['training']['cpu_share']:.0%} CPU"
+            f"{t} {r['training']['seconds'] / 60:.1f} min at {r['training']['cpu_share']:.0%} of a CPU "
+            f"(load {r['training']['load_average_end'][0]:.1f})"
             for t, r in results.items()
         )
-        + ")",
+        + ".",
+        f"- This invocation: {run['wall_seconds'] / 60:.1f} min (held-out types already scored are read from "
+        "the work folder).",
         "",
         "## Test (held-out types, test donors)",
         "",
