@@ -87,9 +87,9 @@ class InstructCellConfig(PreTrainedConfig):
         Weight of the ELBO relative to the text cross-entropy.
     vae_encode_input_cell : bool
         When a prompt holds one cell and its answer asks for a cell (``<SIGNAL>``: perturbation response),
-        the VAE encodes that cell under the ``<SIGNAL>`` condition and decodes it (style transfer, as scGen and
-        trVAE do), with that cell's library size, instead of drawing ``z ~ N(0, I)``. Prompts without a cell
-        (pseudo-cell generation) are unaffected.
+        the VAE encodes that cell under the ``<SIGNAL>`` condition and decodes it (style transfer, as scGen
+        and trVAE do), with that cell's library size, instead of drawing ``z ~ N(0, I)``. Prompts without a
+        cell (pseudo-cell generation) are unaffected.
     alignment_loss_weight : float
         Weight of the cell-label alignment loss (0 = the paper's objective): a contrastive loss that pulls
         each input cell's mean embedding towards the mean token embedding of its label text, against the

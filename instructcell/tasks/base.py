@@ -46,9 +46,9 @@ class Task:
     input_cell : bool
         The instruction carries one cell (``{input}``): the example's cell is the *input* cell.
     output_cell : bool
-        The answer is ``<SIGNAL>``: the model generates a cell, the example's cell is the *target* cell. A task
-        that also reads a cell pairs cells (:attr:`pairs_cells`): its input is another cell, e.g. a control
-        cell whose perturbed counterpart is the target.
+        The answer is ``<SIGNAL>``: the model generates a cell, the example's cell is the *target* cell.
+        A task that also reads a cell pairs cells (:attr:`pairs_cells`): its input is another cell, e.g. a
+        control cell whose perturbed counterpart is the target.
     label_key : str
         Default ``obs`` column holding each cell's label.
     label_placeholder : str or None
