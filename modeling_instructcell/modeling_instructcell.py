@@ -522,7 +522,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                     f"{target_cell_values.shape[0]} "
                     "target cells were given: pass exactly one target cell per <SIGNAL>."
                 )
-            vae_output = self.cell_vae(target_cell_values, signal_states, kl_weight=self.config.vae_kl_weight)
+            answer_ids = labels if self.config.use_decoder_only_language_model else decoder_input_ids
+            signal_rows = torch.nonzero(answer_ids == self.config.signal_token_index)[:, 0]
+            sources, has_source = self.prompt_cells(input_ids, cell_values, signal_rows)
+            vae_output = self.cell_vae(
+                target_cell_values,
+                signal_states,
+                kl_weight=self.config.vae_kl_weight,
+                source_counts=sources,
+                has_source=has_source,
+            )
             batch_size = inputs_embeds.shape[0]
             vae_term = (
                 self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
@@ -552,6 +561,77 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             cell_embeds=cell_embeds,
             signal_hidden_states=signal_states,
             language_model_outputs=outputs,
+        )
+
+    def prompt_cells(
+        self, input_ids: torch.LongTensor | None, cell_values: torch.Tensor | None, rows: torch.LongTensor
+    ) -> tuple[torch.Tensor | None, torch.BoolTensor]:
+        """Find the cell each given prompt holds: the source of style transfer (``vae_encode_input_cell``).
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor, optional
+            Prompts ``(batch_size, seq_len)``; each cell fills ``num_query_tokens`` placeholder positions.
+        cell_values : torch.Tensor, optional
+            Raw counts of the prompts' cells in order of appearance, ``(n_cells, n_genes)``.
+        rows : torch.LongTensor
+            Prompt (batch row) of every ``<SIGNAL>``, ``(n_signals,)``.
+
+        Returns
+        -------
+        tuple
+            Counts ``(n_signals, n_genes)`` of each row's cell (None when no row has one) and the
+            ``(n_signals,)`` mask of rows holding exactly one cell; prompts without a cell, or with several,
+            and every prompt when ``config.vae_encode_input_cell`` is False, sample from the prior.
+        """
+        none = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        if not self.config.vae_encode_input_cell or input_ids is None or cell_values is None:
+            return None, none
+        placeholders = torch.nonzero(input_ids == self.config.cell_token_index)
+        cell_rows = placeholders[:: self.config.num_query_tokens, 0].contiguous()  # one row per cell
+        if cell_rows.shape[0] == 0 or rows.shape[0] == 0:
+            return None, none
+        rows = rows.to(cell_rows.device)
+        has_source = torch.bincount(cell_rows, minlength=input_ids.shape[0])[rows] == 1
+        first = torch.searchsorted(cell_rows, rows).clamp_max(cell_rows.shape[0] - 1)
+        return cell_values[first.to(cell_values.device)], has_source
+
+    def sample_signal_cells(
+        self,
+        condition_states: torch.Tensor,
+        has_signal: torch.BoolTensor,
+        input_ids: torch.LongTensor | None = None,
+        cell_values: torch.Tensor | None = None,
+        num_cells: int = 1,
+        library_size: float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``num_cells`` cells per ``<SIGNAL>`` state, each from its prompt's cell when it holds one.
+
+        Parameters
+        ----------
+        condition_states : torch.Tensor
+            ``(n_signals, hidden_size)`` from :meth:`signal_states_for_sequences`.
+        has_signal : torch.BoolTensor
+            ``(batch_size,)``: which prompts the states belong to, in order.
+        input_ids, cell_values
+            The prompts (see :meth:`prompt_cells`).
+        num_cells, library_size, generator
+            As in ``cell_vae.sample``.
+
+        Returns
+        -------
+        torch.Tensor
+            Integer-valued float32 counts, ``(n_signals * num_cells, n_genes)``, grouped by prompt.
+        """
+        sources, has_source = self.prompt_cells(input_ids, cell_values, torch.nonzero(has_signal).flatten())
+        return self.cell_vae.sample(
+            condition_states,
+            num_cells_per_condition=num_cells,
+            library_size=library_size,
+            generator=generator,
+            source_counts=sources,
+            has_source=has_source,
         )
 
     def cell_caption_alignment_loss(
@@ -753,7 +833,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
         The answer is generated with :meth:`generate`. For each answer with ``<SIGNAL>``, the backbone runs
         once more with the answer fed back, and the last-layer hidden state at ``<SIGNAL>`` conditions the
-        VAE, which samples integer counts.
+        VAE, which samples integer counts (from the prompt's cell, when it holds one: :meth:`prompt_cells`).
 
         Parameters
         ----------
@@ -789,11 +869,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if condition_states.shape[0] == 0:
             cells = torch.zeros(0, self.config.n_genes, dtype=torch.long, device=sequences.device)
         else:
-            cells = self.cell_vae.sample(
-                condition_states,
-                num_cells_per_condition=num_cells,
-                library_size=library_size,
-                generator=generator,
+            cells = self.sample_signal_cells(
+                condition_states, has_signal, input_ids, cell_values, num_cells, library_size, generator
             ).long()
         return InstructCellGenerateCellsOutput(
             sequences=sequences,

@@ -436,8 +436,14 @@ class InstructCellPipeline(ChunkPipeline):
                 generator = (
                     None if seed is None else torch.Generator(device=states.device).manual_seed(int(seed))
                 )
-                out["generated"] = model.cell_vae.sample(
-                    states, num_cells_per_condition=num_cells, library_size=library_size, generator=generator
+                out["generated"] = model.sample_signal_cells(
+                    states,
+                    has_signal,
+                    inputs.get("input_ids"),
+                    inputs.get("cell_values"),
+                    num_cells=num_cells,
+                    library_size=library_size,
+                    generator=generator,
                 ).long()
                 out["request_index"] = torch.nonzero(has_signal).flatten().repeat_interleave(num_cells)
         if scores_labels:

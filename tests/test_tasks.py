@@ -10,9 +10,9 @@ from instructcell.tasks import TASKS, Task, get_task, parse_task_list, task_name
 
 
 def test_lookup_and_lists():
-    assert task_names() == ("cta", "dsp", "cpcg")
+    assert task_names() == ("cta", "dsp", "cpcg", "prp")
     assert get_task("dsp").default_labels == ("sensitive", "resistant")
-    with pytest.raises(ValueError, match="Unknown task 'xyz': choose one of cta, dsp, cpcg"):
+    with pytest.raises(ValueError, match="Unknown task 'xyz': choose one of cta, dsp, cpcg, prp"):
         get_task("xyz")
     assert parse_task_list("cpcg, cta") == ("cta", "cpcg")
     assert parse_task_list(None) == task_names()
@@ -20,6 +20,8 @@ def test_lookup_and_lists():
         parse_task_list("cta,nope")
     assert tasks_of_family("classification") == ("cta", "dsp")
     assert tasks_of_family("generation") == ("cpcg",)
+    assert tasks_of_family("perturbation") == ("prp",)
+    assert [name for name, task in TASKS.items() if task.pairs_cells] == ["prp"]
 
 
 @pytest.mark.parametrize("name", task_names())

@@ -40,6 +40,15 @@ FAMILY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pknn", "pKNN"),
         ("pknn_k10", "pKNN K=10"),
     ),
+    "perturbation": (
+        ("signal_rate", "answered `<SIGNAL>`"),
+        ("r2_all", "R² all genes"),
+        ("r2_top_degs", "R² top-100 DEGs"),
+        ("change_pearson_all", "Δ Pearson all"),
+        ("change_pearson_top_degs", "Δ Pearson top-100 DEGs"),
+        ("mmd", "MMD (PCA)"),
+        ("e_distance", "E-distance (PCA)"),
+    ),
 }
 FAMILY_PROTOCOLS: dict[str, str] = {
     "classification": (
@@ -53,6 +62,14 @@ FAMILY_PROTOCOLS: dict[str, str] = {
         "labels and counts. Cells are compared with the real test cells in one PCA-50 + UMAP embedding "
         "fitted on the real test cells (generated cells mapped in with `transform`); KNN metrics are "
         "averaged over K = 5, 10, 25, 50."
+    ),
+    "perturbation": (
+        "One prediction per test row (a perturbed cell paired with a control cell of its type and donor; "
+        "its own held-out instruction); every method predicts from the same control cells. Per "
+        "perturbation and cell type: R² (squared Pearson) of mean log-normalized expression, predicted vs "
+        "real, over all genes and the top-100 DEGs (real perturbed vs control, Wilcoxon); Pearson "
+        "correlation of predicted and real change of the means; MMD and energy distance in a PCA of the "
+        "real cells. The table shows means over the groups."
     ),
 }
 #: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
@@ -126,7 +143,7 @@ def method_rows(
 
     Parameters
     ----------
-    family : {"classification", "generation"}
+    family : {"classification", "generation", "perturbation"}
     by_task : mapping
         ``scores`` of ``metrics.json`` restricted to the family's tasks: task -> dataset -> entry.
     methods : mapping
@@ -220,6 +237,34 @@ def _requests_lines(requests: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _perturbation_group_lines(by_task: Mapping[str, Any], methods: Mapping[str, Any]) -> list[str]:
+    """One row per perturbation / cell type group and method: the scores the family table averages."""
+    keys = [(key, title) for key, title in FAMILY_COLUMNS["perturbation"] if key != "signal_rate"]
+    header = [
+        "task",
+        "dataset",
+        "perturbation / cell type",
+        "n test",
+        "method",
+        *[title for _, title in keys],
+    ]
+    rows = [
+        [task.upper(), dataset, group, values["n_test"], method_title(name, scores, methods)]
+        + [scores.get(key) for key, _ in keys]
+        for task, by_dataset in by_task.items()
+        for dataset, entry in by_dataset.items()
+        for group, values in entry["groups"].items()
+        for name, scores in values["methods"].items()
+    ]
+    return ["", "Per perturbation and cell type:", "", markdown_table(header, rows, numeric_from=3)]
+
+
+#: Per metric family, lines after its table (e.g. the per-group scores behind the perturbation means).
+_FAMILY_DETAILS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
+    "perturbation": _perturbation_group_lines,
+}
+
+
 def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     methods = run.get("methods", {})
     titles = [TASKS[task].title if task in TASKS else task for task in by_task]
@@ -232,6 +277,8 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
             lines.append(f"- **{methods[name]['title']}**: {description}")
     header, rows = method_rows(family, by_task, methods)
     lines += ["", markdown_table(header, rows, numeric_from=header.index("method") + 1)]
+    if family in _FAMILY_DETAILS:
+        lines += _FAMILY_DETAILS[family](by_task, methods)
     notes = []
     for by_dataset in by_task.values():
         for dataset, entry in by_dataset.items():

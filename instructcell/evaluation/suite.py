@@ -28,6 +28,7 @@ from .context import Evaluation, ScoringSettings
 from .files import report_folder
 from .generation_evaluator import evaluate_generation
 from .metrics.generation import ReferenceEmbedding
+from .perturbation_evaluator import evaluate_perturbation
 from .sections import robustness_section, saliency_csv, saliency_section
 
 __all__ = [
@@ -47,6 +48,7 @@ VARIANTS: tuple[str, ...] = ("instruct", "chat")
 EVALUATORS: dict[str, Callable[[Evaluation, Task, str], tuple[dict[str, Any], datasets.Dataset]]] = {
     "classification": evaluate_classification,
     "generation": evaluate_generation,
+    "perturbation": evaluate_perturbation,
 }
 
 

@@ -13,11 +13,19 @@ from __future__ import annotations
 from .base import METRIC_FAMILIES, Task, TaskGrammar
 from .cell_type_annotation import CELL_TYPE_ANNOTATION
 from .drug_sensitivity_prediction import DRUG_SENSITIVITY_PREDICTION
+from .perturbation_response import CONTROL_PERTURBATION, PERTURBATION_RESPONSE
 from .pseudo_cell_generation import PSEUDO_CELL_GENERATION
 
-#: Every task by name, in the order data, reports and tables list them.
+#: Every task by name, in the order data, reports and tables list them. New tasks go at the end: the order
+#: seeds template synthesis, so the existing banks stay byte-identical.
 TASKS: dict[str, Task] = {
-    task.name: task for task in (CELL_TYPE_ANNOTATION, DRUG_SENSITIVITY_PREDICTION, PSEUDO_CELL_GENERATION)
+    task.name: task
+    for task in (
+        CELL_TYPE_ANNOTATION,
+        DRUG_SENSITIVITY_PREDICTION,
+        PSEUDO_CELL_GENERATION,
+        PERTURBATION_RESPONSE,
+    )
 }
 
 
@@ -45,7 +53,7 @@ def parse_task_list(text: str | None) -> tuple[str, ...]:
 
 
 def tasks_of_family(family: str) -> tuple[str, ...]:
-    """Names of the tasks scored by one metric family (``"classification"``, ``"generation"``)."""
+    """Names of the tasks scored by one metric family (``"classification"``, ``"generation"``...)."""
     if family not in METRIC_FAMILIES:
         raise ValueError(f"Unknown metric family {family!r}: choose one of {METRIC_FAMILIES}.")
     return tuple(name for name, task in TASKS.items() if task.metric_family == family)
@@ -53,8 +61,10 @@ def tasks_of_family(family: str) -> tuple[str, ...]:
 
 __all__ = [
     "CELL_TYPE_ANNOTATION",
+    "CONTROL_PERTURBATION",
     "DRUG_SENSITIVITY_PREDICTION",
     "METRIC_FAMILIES",
+    "PERTURBATION_RESPONSE",
     "PSEUDO_CELL_GENERATION",
     "TASKS",
     "Task",

@@ -49,21 +49,39 @@ class FrozenConditionCellVAE(nn.Module):
         Trained in place: the wrapper holds the model's own module, not a copy.
     kl_weight : float
         Weight of the latent KL term (the model's ``config.vae_kl_weight``).
+    encode_input_cell : bool
+        Encode a row's input cell as the source of its target (the model's ``config.vae_encode_input_cell``).
     """
 
-    def __init__(self, cell_vae: InstructCellConditionalVAE, kl_weight: float):
+    def __init__(
+        self, cell_vae: InstructCellConditionalVAE, kl_weight: float, encode_input_cell: bool = True
+    ):
         super().__init__()
         self.cell_vae = cell_vae
         self.kl_weight = kl_weight
+        self.encode_input_cell = encode_input_cell
 
     def forward(
-        self, condition_states: torch.Tensor, target_cell_values: torch.Tensor
+        self,
+        condition_states: torch.Tensor,
+        target_cell_values: torch.Tensor,
+        source_cell_values: torch.Tensor | None = None,
+        has_source: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Return the negative ELBO of ``target_cell_values`` ``(n, n_genes)``.
 
-        ``condition_states`` is ``(n, d_model)``.
+        ``condition_states`` is ``(n, d_model)``; ``source_cell_values`` ``(n, n_genes)`` and ``has_source``
+        ``(n,)`` are the rows' input cells (perturbation response), decoded into their targets.
         """
-        output = self.cell_vae(target_cell_values, condition_states, kl_weight=self.kl_weight)
+        if not self.encode_input_cell:
+            source_cell_values = has_source = None
+        output = self.cell_vae(
+            target_cell_values,
+            condition_states,
+            kl_weight=self.kl_weight,
+            source_counts=source_cell_values,
+            has_source=has_source,
+        )
         return {"loss": output.loss}
 
 
@@ -74,15 +92,26 @@ class ConditionedCellCollator:
     n_genes: int
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Return ``condition_states`` ``(n, d_model)`` and ``target_cell_values`` ``(n, n_genes)``."""
+        """Return ``condition_states`` ``(n, d_model)`` and ``target_cell_values`` ``(n, n_genes)``.
+
+        Rows with an input cell add ``source_cell_values`` ``(n, n_genes)`` and ``has_source`` ``(n,)``.
+        """
         states = np.asarray([row["condition_states"] for row in rows], dtype=np.float32)
         cells = np.stack(
             [densify(row["target_gene_indices"], row["target_gene_counts"], self.n_genes) for row in rows]
         )
-        return {
+        batch = {
             "condition_states": torch.from_numpy(states),
             "target_cell_values": torch.from_numpy(cells.astype(np.float32)),
         }
+        has_source = np.array([len(row.get("input_gene_indices") or []) > 0 for row in rows])
+        if has_source.any():
+            sources = np.stack(
+                [densify(row["input_gene_indices"], row["input_gene_counts"], self.n_genes) for row in rows]
+            )
+            batch["source_cell_values"] = torch.from_numpy(sources)
+            batch["has_source"] = torch.from_numpy(has_source)
+        return batch
 
 
 @torch.inference_mode()
@@ -121,7 +150,7 @@ def conditioned_cells(
     if len(rows) == 0:
         return None
     states = signal_states(model, processor, rows)
-    keep = ["target_gene_indices", "target_gene_counts"]
+    keep = ["target_gene_indices", "target_gene_counts", "input_gene_indices", "input_gene_counts"]
     rows = rows.remove_columns([c for c in rows.column_names if c not in keep])
     return rows.add_column("condition_states", states.numpy().tolist())
 
@@ -155,7 +184,7 @@ def fit_cell_decoder(
     model
         The trained model (not a peft wrapper: pass ``get_base_model()``); its VAE is updated in place.
     train
-        Training rows of the builder's schema; only those with a target cell (CPCG) are used.
+        Training rows of the builder's schema; only those with a target cell (CPCG, PRP) are used.
     training_args
         The main stage's arguments: seed, logging, reporting and device settings are reused.
     steps, learning_rate, batch_size
@@ -199,7 +228,9 @@ def fit_cell_decoder(
         remove_unused_columns=False,
         dataloader_pin_memory=False,
     )
-    wrapper = FrozenConditionCellVAE(model.cell_vae, model.config.vae_kl_weight)
+    wrapper = FrozenConditionCellVAE(
+        model.cell_vae, model.config.vae_kl_weight, model.config.vae_encode_input_cell
+    )
     trainer = Trainer(
         model=wrapper,
         args=args,

@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from datasets_builder.collator import DataCollatorForInstructCell
 from datasets_builder.dataset_folder import cap_rows, dataset_genes, load_split
+from datasets_builder.perturbation_pairs import perturbation_names
 from instructcell.tasks import parse_task_list
 from modeling_instructcell import InstructCellProcessor
 
@@ -177,6 +178,7 @@ def run_training(
     set_seed(training_args.seed)
     model = build_model(model_args, processor)
     base_model = model.get_base_model() if model_args.use_lora else model
+    base_model.config.perturbation_names = perturbation_names(splits["train"]) or None
     targets = training_cells(splits["train"], processor, "target")
     if targets is not None:
         base_model.cell_vae.set_library_prior(targets)
