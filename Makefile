@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test demo data train-small lint clean
+.PHONY: venv test demo data train-small perturbation lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ data: venv
 train-small: data
 	$(PY) -m instructcell train small-instruct
 	$(PY) -m instructcell train small-chat
+
+# Perturbation response on held-out cell types of Kang 2018 (docs/perturbation.md): five small models trained
+# side by side, about an hour on 2 shared CPU cores; reruns reuse finished cell types.
+perturbation: venv
+	$(PY) benchmarks/perturbation.py --data ../shared/datasets/kang2018_pbmc_ifnb_muscat/kang2018_pbmc_ifnb_muscat.h5ad \
+		--work-dir outputs/perturbation --output benchmarks/results/perturbation --jobs 5
 
 lint: venv
 	$(PIP) install -e ".[dev]"  # ruff is a dev extra, not in the test venv

@@ -47,10 +47,7 @@ sys.path.insert(0, str(ROOT))
 from datasets_builder.templates import TemplateBank  # noqa: E402
 from instructcell import inference  # noqa: E402
 from instructcell.tasks import CELL_TYPE_ANNOTATION  # noqa: E402
-from instructcell.training import (
-    config_for_processor,  # noqa: E402
-    train_instruction_tokenizer,  # noqa: E402
-)
+from instructcell.training import config_for_processor, train_instruction_tokenizer  # noqa: E402
 from modeling_instructcell import (  # noqa: E402
     InstructCellFeatureExtractor,
     InstructCellForConditionalGeneration,
@@ -71,7 +68,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux); False where unsupported."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -80,7 +77,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _status_mb(field: str = "VmHWM") -> float:
+def status_mb(field: str = "VmHWM") -> float:
     """Peak (``VmHWM``) or current (``VmRSS``) resident memory of this process in MB (Linux; else NaN)."""
     status = Path("/proc/self/status")
     if not status.is_file():
@@ -91,16 +88,23 @@ def _status_mb(field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def build(args, adata: anndata.AnnData, labels: list[str]) -> InstructCellPipeline:
-    """Return the annotation pipeline of ``args.model`` (or a random small model) for ``labels``."""
+def build_processor(
+    adata: anndata.AnnData, labels: list[str], n_genes: int, vocab_size: int
+) -> InstructCellProcessor:
+    """Build a processor over the ``n_genes`` most expressed genes, tokenizer trained on the template bank."""
     totals = np.asarray(adata.X.sum(0)).ravel()
-    genes = [str(g) for g in adata.var_names[np.sort(np.argsort(-totals)[: args.n_genes])]]
+    genes = [str(g) for g in adata.var_names[np.sort(np.argsort(-totals)[:n_genes])]]
     bank = TemplateBank.load()
     corpus = [t.instruction for t in bank.templates] + [t.response for t in bank.templates] + labels
-    tokenizer = train_instruction_tokenizer(corpus, vocab_size=args.vocab_size)
-    processor = InstructCellProcessor(
+    tokenizer = train_instruction_tokenizer(corpus, vocab_size=vocab_size)
+    return InstructCellProcessor(
         InstructCellFeatureExtractor(gene_names=genes), tokenizer, num_query_tokens=8
     )
+
+
+def build(args, adata: anndata.AnnData, labels: list[str]) -> InstructCellPipeline:
+    """Return the annotation pipeline of ``args.model`` (or a random small model) for ``labels``."""
+    processor = build_processor(adata, labels, args.n_genes, args.vocab_size)
     torch.manual_seed(0)
     model = InstructCellForConditionalGeneration(config_for_processor(args.preset, processor)).eval()
     if args.dtype == "bf16":
@@ -117,8 +121,8 @@ def measure(name: str, n_cells: int, fn, repeats: int = 2) -> dict:
     first, Linux; NaN elsewhere): unlike tracemalloc it includes torch's tensors. ``rss_before_mb`` is the
     resident memory before them (model, data): the difference is what the mode itself needs.
     """
-    before = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    before = status_mb("VmRSS")
+    reset = reset_peak_rss()
     seconds = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -135,7 +139,7 @@ def measure(name: str, n_cells: int, fn, repeats: int = 2) -> dict:
         "cells_per_s": n_cells / seconds,
         "py_peak_mb": peak / 2**20,
         "rss_before_mb": before,
-        "peak_rss_mb": _status_mb() if reset else float("nan"),
+        "peak_rss_mb": status_mb() if reset else float("nan"),
         "max_rss_mb": _rss_mb(),
     }
 
@@ -293,7 +297,7 @@ def memory_child(args) -> None:
     pipe = InstructCellPipeline(model=model, processor=processor, task=TASK, device=-1)
     labels = json.loads((Path(args.model_dir) / "labels.json").read_text())
     base = _rss_mb()
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         inference.annotate(
@@ -313,7 +317,7 @@ def memory_child(args) -> None:
                 "seconds": time.perf_counter() - start,
                 "rss_after_load_mb": base,
                 "peak_rss_mb": _rss_mb(),
-                "annotate_peak_rss_mb": _status_mb() if reset else float("nan"),
+                "annotate_peak_rss_mb": status_mb() if reset else float("nan"),
             }
         )
     )

@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="saved model folder")
     parser.add_argument(
-        "--dataset-dir", required=True, help="built with examples/build_dataset.py --multicell"
+        "--dataset-dir", required=True, help="built with instructcell build-data ... --multicell"
     )
     parser.add_argument("--chat-file", required=True, help=".h5ad for the scripted conversation (raw counts)")
     parser.add_argument(

@@ -42,7 +42,6 @@ import anndata
 import datasets
 import pandas as pd
 import torch
-from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +59,7 @@ from instructcell.evaluation.metrics.generation import ReferenceEmbedding  # noq
 from instructcell.evaluation.suite import score_pairs  # noqa: E402
 from instructcell.tasks import METRIC_FAMILIES, get_task, task_names, tasks_of_family  # noqa: E402
 from instructcell.training import parse_training_arguments, run_training  # noqa: E402
+from instructcell.training.diagnostics import StepTimer  # noqa: E402
 from modeling_instructcell import (  # noqa: E402
     InstructCellForConditionalGeneration,
     InstructCellPipeline,
@@ -295,22 +295,6 @@ def _throughput_candidate(candidates: Sequence[Candidate], args: argparse.Namesp
 
 
 # -------------------------------------------------------------------------------------------------- training
-class StepTimer(TrainerCallback):
-    """Wall-clock time at the end of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.begin = 0.0
-        self.step_ends: list[float] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        """Start the clock."""
-        self.begin = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        """Record the step's end."""
-        self.step_ends.append(time.perf_counter())
-
-
 def training_section(args: argparse.Namespace) -> dict[str, Any]:
     """Throughput of a short training run of ``--train-preset`` on the mix of the dataset's tasks.
 

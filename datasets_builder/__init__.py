@@ -13,6 +13,7 @@ from .builder import (
     option_order,
 )
 from .gene_vocab import GENE_VOCAB_FILENAME, read_gene_vocab, write_gene_vocab
+from .perturbation_pairs import PerturbationSource
 from .splits import SPLITS, split_of, template_split_of
 from .templates import CELL_TOKEN, SIGNAL_TOKEN, Template, TemplateBank, render
 
@@ -25,6 +26,7 @@ __all__ = [
     "GENE_VOCAB_FILENAME",
     "InstructCellBuilderConfig",
     "InstructCellDatasetBuilder",
+    "PerturbationSource",
     "SIGNAL_TOKEN",
     "SPLITS",
     "Template",

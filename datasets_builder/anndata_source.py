@@ -98,13 +98,14 @@ def check_raw_counts(values: np.ndarray, where: str) -> None:
         raise ValueError(f"{where} has NaN or infinite values: store raw UMI/read counts in X.")
     if values.min() < 0:
         raise ValueError(
-            f"{where} has negative values (min {values.min()}): it looks scaled or centred; "
-            "store raw integer counts in X (or pass layer='counts')."
+            f"{where} has negative values (min {values.min()}): it looks scaled or centred; store raw "
+            "integer counts in X or name the layer that holds them (--layer counts / layer='counts')."
         )
     if not np.all(np.mod(values, 1) == 0):
         raise ValueError(
             f"{where} has non-integer values (e.g. {values[np.mod(values, 1) != 0][0]}): it looks normalized "
-            "or log-transformed; store raw integer counts in X (or pass layer='counts')."
+            "or log-transformed; store raw integer counts in X or name the layer that holds them "
+            "(--layer counts / layer='counts')."
         )
 
 
@@ -123,6 +124,60 @@ def check_gene_names(var_names: pd.Index, where: str) -> None:
     if names.has_duplicates:
         dups = names[names.duplicated()].unique()[:5].tolist()
         raise ValueError(f"{where} has duplicated gene names {dups}: call `adata.var_names_make_unique()`.")
+
+
+def metadata_values(source: AnnDataSource, obs: pd.DataFrame, key: str, where: str) -> np.ndarray:
+    """One metadata field per cell: the source's value when given, else the ``obs`` column of that name."""
+    value = getattr(source, key)
+    if value:
+        return np.full(len(obs), value, dtype=object)
+    if key in obs.columns and not obs[key].isna().any():
+        return obs[key].astype(str).to_numpy()
+    flag = key.replace("_", "-")
+    raise ValueError(
+        f"{where} has no {key!r}: add an obs column {key!r} or give the value (--{flag} / {key}=...)."
+    )
+
+
+def read_obs_fields(source: AnnDataSource, obs: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Check a file's ``obs`` for what the source's task needs; return its labels and metadata per cell.
+
+    Parameters
+    ----------
+    source
+        The file, its task, label column and metadata values.
+    obs
+        The file's ``obs`` (``n_cells`` rows).
+
+    Returns
+    -------
+    labels : numpy.ndarray of shape (n_cells,)
+        The labels as strings.
+    metadata : dict of str to numpy.ndarray of shape (n_cells,)
+        The task's metadata fields (:meth:`AnnDataSource.metadata_keys`).
+
+    Raises
+    ------
+    ValueError
+        No label column, cells without a label, duplicated ``obs_names`` or a missing metadata value; each
+        message says what to pass or change.
+    """
+    where = f"{source.name} ({source.path})"
+    if source.label_key not in obs.columns:
+        raise ValueError(
+            f"{where} has no obs column {source.label_key!r} for the {source.task} labels (columns: "
+            f"{list(obs.columns)}): name the label column (--label-key COLUMN / label_key=...)."
+        )
+    labels = obs[source.label_key]
+    if labels.isna().any():
+        raise ValueError(
+            f"{where}: {int(labels.isna().sum())} cells have no {source.label_key!r} label: "
+            "drop them before building."
+        )
+    if pd.Index(obs.index).astype(str).has_duplicates:
+        raise ValueError(f"{where} has duplicated obs_names: call `adata.obs_names_make_unique()`.")
+    metadata = {key: metadata_values(source, obs, key, where) for key in source.metadata_keys()}
+    return labels.astype(str).to_numpy(), metadata
 
 
 class AnnDataReader:
@@ -164,22 +219,8 @@ class AnnDataReader:
         finally:
             adata.file.close()
         check_gene_names(var_names, where)
-        if source.label_key not in obs.columns:
-            raise ValueError(
-                f"{where} has no obs column {source.label_key!r} for the {source.task} labels "
-                f"(columns: {list(obs.columns)}): add it or pass label_key=... to AnnDataSource."
-            )
-        labels = obs[source.label_key]
-        if labels.isna().any():
-            raise ValueError(
-                f"{where}: {int(labels.isna().sum())} cells have no {source.label_key!r} label: "
-                "drop them before building."
-            )
+        self.labels, self.metadata = read_obs_fields(source, obs)
         self.obs_names = pd.Index(obs.index).astype(str)
-        if self.obs_names.has_duplicates:
-            raise ValueError(f"{where} has duplicated obs_names: call `adata.obs_names_make_unique()`.")
-        self.labels = labels.astype(str).to_numpy()
-        self.metadata = {key: self._metadata_column(obs, key, where) for key in source.metadata_keys()}
         vocab_index = {g: i for i, g in enumerate(gene_vocab)}
         target = np.array([vocab_index.get(g, -1) for g in var_names], dtype=np.int64)
         shared = np.flatnonzero(target >= 0)
@@ -193,16 +234,6 @@ class AnnDataReader:
         self._columns = order
         self._vocab_indices = target[order].astype(np.int32)
         self.n_shared_genes = int(shared.size)
-
-    def _metadata_column(self, obs: pd.DataFrame, key: str, where: str) -> np.ndarray:
-        value = getattr(self.source, key)
-        if value:
-            return np.full(len(obs), value, dtype=object)
-        if key in obs.columns and not obs[key].isna().any():
-            return obs[key].astype(str).to_numpy()
-        raise ValueError(
-            f"{where} has no {key!r}: add an obs column {key!r} or pass {key}=... to AnnDataSource."
-        )
 
     def __len__(self) -> int:
         return self.n_obs

@@ -31,6 +31,7 @@ from instructcell.tasks import TASKS, get_task, is_multicell
 from .anndata_source import AnnDataReader, AnnDataSource, CellRecord
 from .gene_vocab import GENE_VOCAB_FILENAME, check_gene_vocab, read_gene_vocab, write_gene_vocab
 from .multicell import MULTICELL_FEATURES, multicell_examples, single_cell_columns
+from .perturbation_pairs import PairedCellRecord, paired_cells, pairing_design
 from .splits import SPLITS, split_of
 from .templates import CELL_TOKEN, DEFAULT_BANK_DIR, SIGNAL_TOKEN, VARIANTS, Template, TemplateBank, render
 
@@ -51,6 +52,7 @@ FEATURES = datasets.Features(
         "tissue": datasets.Value("string"),
         "sequencing_method": datasets.Value("string"),
         "drug": datasets.Value("string"),
+        "perturbation": datasets.Value("string"),
         "input_gene_indices": datasets.List(datasets.Value("int32")),
         "input_gene_counts": datasets.List(datasets.Value("float32")),
         "target_gene_indices": datasets.List(datasets.Value("int32")),
@@ -168,16 +170,21 @@ def make_example(
     ``choices`` is the dataset's full label set; when the template offers options they appear in the prompt
     in an order shuffled deterministically from ``key``. The task decides where the cell goes: the *input*
     of a task that reads a cell, the *target* of one that generates a cell (``{output}`` then becomes
-    ``<SIGNAL>`` and the label fills the task's ``label_placeholder``, e.g. ``{cell_type}``).
+    ``<SIGNAL>`` and the label fills the task's ``label_placeholder``, e.g. ``{cell_type}``). A
+    :class:`~datasets_builder.perturbation_pairs.PairedCellRecord` is the target and its ``input_cell`` (a
+    control cell) the input.
     """
     task = get_task(source.task)
-    metadata = {"species": "", "tissue": "", "sequencing_method": "", "drug": "", **cell.metadata}
+    metadata = {
+        "species": "", "tissue": "", "sequencing_method": "", "drug": "", "perturbation": "", **cell.metadata
+    }
     if task.label_placeholder is not None:
         metadata[task.label_placeholder] = cell.label
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
     counts = (cell.gene_indices, cell.gene_counts)
+    read = cell.input_cell if isinstance(cell, PairedCellRecord) else cell
     output = SIGNAL_TOKEN if task.output_cell else cell.label
-    inputs = counts if task.input_cell else empty
+    inputs = (read.gene_indices, read.gene_counts) if task.input_cell else empty
     target = counts if task.output_cell else empty
     options = option_order(choices, key) if template.has_choices else []
     instruction, response = render(template, metadata, output, options)
@@ -197,6 +204,7 @@ def make_example(
         "tissue": metadata["tissue"],
         "sequencing_method": metadata["sequencing_method"],
         "drug": metadata["drug"],
+        "perturbation": metadata["perturbation"],
         "input_gene_indices": inputs[0],
         "input_gene_counts": inputs[1],
         "target_gene_indices": target[0],
@@ -260,7 +268,9 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
         return sources
 
     def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
-        self._sources()
+        for source in self._sources():
+            if get_task(source.task).pairs_cells:
+                pairing_design(source)  # a bad design fails here, before any cell is read
         self._gene_vocab()
         TemplateBank.load(self.config.template_bank or DEFAULT_BANK_DIR)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in SPLITS]
@@ -276,7 +286,8 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
                 cells = [cell for cell in reader if split_of(source.name, cell.obs_name) == split]
                 yield from multicell_examples(source, variant, cells, split, bank, choices)
                 continue
-            for cell in reader:
+            cells = paired_cells(source, reader) if get_task(source.task).pairs_cells else reader
+            for cell in cells:
                 if split_of(source.name, cell.obs_name) != split:
                     continue
                 key = example_key(source.task, variant, source.name, cell.obs_name)

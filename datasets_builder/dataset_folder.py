@@ -32,7 +32,7 @@ def _split_file(dataset_dir: str | os.PathLike, split: str) -> Path:
 
 
 def dataset_genes(dataset_dir: str | os.PathLike) -> list[str]:
-    """The gene vocabulary of a built dataset (``gene_vocab.txt``)."""
+    """Read the gene vocabulary of a built dataset (``gene_vocab.txt``)."""
     path = Path(dataset_dir) / GENE_VOCAB_FILENAME
     if not path.is_file():
         raise ValueError(f"No {path}: a built dataset folder holds the gene vocabulary it was built with.")

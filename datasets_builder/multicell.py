@@ -162,7 +162,10 @@ def multicell_example(
     task = get_task(source.task)
     members = [cells[i] for i in group.cells]
     labels = [cell.label for cell in members]
-    metadata = {"species": "", "tissue": "", "sequencing_method": "", "drug": "", **cells[anchor].metadata}
+    metadata = {
+        "species": "", "tissue": "", "sequencing_method": "", "drug": "", "perturbation": "",
+        **cells[anchor].metadata,
+    }
     earlier = [
         _earlier_turn(bank, turn, variant, split, f"{key}/turn{j}", metadata)
         for j, turn in enumerate(group.earlier)
@@ -192,6 +195,7 @@ def multicell_example(
         "tissue": metadata["tissue"],
         "sequencing_method": metadata["sequencing_method"],
         "drug": metadata["drug"],
+        "perturbation": metadata["perturbation"],
         "input_gene_indices": empty[0],
         "input_gene_counts": empty[1],
         "target_gene_indices": target[0],

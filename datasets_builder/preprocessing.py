@@ -1,19 +1,22 @@
 """Single-cell preprocessing as in the InstructCell paper, with scanpy.
 
-Steps, per dataset: mouse genes to human orthologs (:func:`map_mouse_genes`), quality control
+Steps, per dataset: gene symbols wherever the file keeps them (:func:`use_gene_symbols`), quality control
 (:func:`quality_control`: cells with < 200 genes, genes in < 8 cells, total-count and mitochondrial-fraction
-outliers), rare labels dropped (:func:`filter_rare_labels`, < 20 cells), highly variable genes on a
-log-normalized copy (:func:`highly_variable_genes`, Seurat flavour, top 3,600). The vocabulary is the sorted
-union of every dataset's HVGs (:func:`build_gene_vocab`). ``X`` keeps the raw integer counts throughout.
+outliers), mouse genes to human orthologs (:func:`map_mouse_genes`), labels with < 20 cells dropped or
+refused (:func:`filter_rare_labels`, :func:`check_label_counts`), highly variable genes on a log-normalized
+copy (:func:`highly_variable_genes`, Seurat flavour, top 3,600). The vocabulary is the sorted union of every
+dataset's HVGs (:func:`build_gene_vocab`). ``X`` keeps the raw integer counts throughout. What each step did
+is recorded in ``adata.uns["preprocessing"]`` (:data:`REPORT_KEY`, a JSON string).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import anndata
 import numpy as np
@@ -21,11 +24,15 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from modeling_instructcell.feature_extraction_instructcell import SYMBOL_COLUMNS, gene_identifiers
+
 from .anndata_source import check_gene_names, check_raw_counts
 
 logger = logging.getLogger(__name__)
 
 MGI_ORTHOLOGS_URL = "https://www.informatics.jax.org/downloads/reports/HOM_MouseHumanSequence.rpt"
+#: ``adata.uns`` key of the preprocessing report (gene names used, orthologs mapped, cells and labels kept).
+REPORT_KEY = "preprocessing"
 
 
 def _mad_outlier(values: np.ndarray, n_mads: float) -> np.ndarray:
@@ -136,6 +143,28 @@ def filter_rare_labels(adata: anndata.AnnData, label_key: str, min_cells: int = 
     return adata
 
 
+def check_label_counts(adata: anndata.AnnData, label_key: str, min_cells: int = 20) -> None:
+    """Raise a ``ValueError`` naming every label with fewer than ``min_cells`` cells, and how to proceed.
+
+    A label needs cells in the training, validation and test splits to be learned and scored; with a
+    handful of cells it is in one split at best. Parameters as :func:`filter_rare_labels`.
+    """
+    if label_key not in adata.obs.columns:
+        raise ValueError(
+            f"No obs column {label_key!r} (columns: {list(adata.obs.columns)}): pass the label column."
+        )
+    counts = adata.obs[label_key].astype(str).value_counts()
+    rare = counts[counts < min_cells]
+    if len(rare):
+        listed = ", ".join(f"{label!r}: {n} cell{'s' * (n != 1)}" for label, n in rare.items())
+        raise ValueError(
+            f"{len(rare)} label(s) of {label_key!r} have fewer than {min_cells} cells ({listed}): a label "
+            "needs cells in the training, validation and test splits. Drop or merge those cells, lower the "
+            "bar (--min-cells-per-label / min_cells_per_label), or leave such labels out "
+            "(--drop-rare-labels / drop_rare_labels=True)."
+        )
+
+
 def highly_variable_genes(adata: anndata.AnnData, n_top_genes: int = 3600) -> list[str]:
     """Top highly variable genes (Seurat flavour) computed on a log-normalized copy of the raw counts.
 
@@ -222,6 +251,87 @@ def load_ortholog_table(path_or_url: str | os.PathLike = MGI_ORTHOLOGS_URL) -> d
     return mapping
 
 
+def rename_genes(adata: anndata.AnnData, names: Sequence[str], keep_as: str) -> anndata.AnnData:
+    """Give the genes new names; genes that end up with the same name are summed (counts stay integers).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw counts.
+    names
+        The new name of each gene, length ``n_genes``.
+    keep_as
+        ``var`` column that keeps each gene's old name (the first one for summed genes).
+
+    Returns
+    -------
+    anndata.AnnData
+        A copy; ``var`` holds only ``keep_as`` when genes were summed.
+    """
+    old = adata.var_names.astype(str)
+    new_index = pd.Index([str(n) for n in names])
+    if not new_index.has_duplicates:
+        renamed = adata.copy()
+        renamed.var[keep_as] = old.to_numpy()
+        renamed.var_names = new_index
+        return renamed
+    codes, uniques = pd.factorize(new_index)
+    aggregation = sp.csr_matrix(
+        (np.ones(len(codes), dtype=adata.X.dtype), (np.arange(len(codes)), codes)),
+        shape=(len(codes), len(uniques)),
+    )
+    X = sp.csr_matrix(adata.X) @ aggregation
+    first = pd.Series(old.to_numpy()).groupby(codes).first().to_numpy()
+    logger.info("%d genes summed into %d names", len(codes), len(uniques))
+    return anndata.AnnData(
+        X=sp.csr_matrix(X), obs=adata.obs.copy(), var=pd.DataFrame({keep_as: first}, index=uniques)
+    )
+
+
+def use_gene_symbols(adata: anndata.AnnData) -> tuple[anndata.AnnData, str]:
+    """Name the genes by symbol wherever the file keeps the symbols; the user renames nothing.
+
+    The rules are the feature extractor's
+    (:func:`~modeling_instructcell.feature_extraction_instructcell.gene_identifiers`): Ensembl ids in
+    ``var_names`` take the symbols of ``var["feature_name"]`` (CELLxGENE), ``var["gene_symbols"]`` (scanpy),
+    ``var["gene_name"]``...; composite ``SYMBOL_ENSG...`` names are split; row numbers take a symbol column.
+    Ensembl ids without any symbol column stay ids. Genes that share a symbol are summed, as the feature
+    extractor sums them at inference.
+
+    Returns
+    -------
+    adata : anndata.AnnData
+        The input itself when ``var_names`` are already distinct symbols, else a renamed copy (old names in
+        ``var["original_var_name"]``).
+    source : str
+        Where the names come from, for the build report (``"var_names"``, ``"var['feature_name']"``...).
+    """
+    var_names = adata.var_names.astype(str).tolist()
+    symbols, ids = gene_identifiers(var_names, adata.var)
+    if symbols is None:
+        logger.warning(
+            "var_names are Ensembl ids and var has no symbol column: the genes keep their ids, so only "
+            "data with ids shares genes with them."
+        )
+        return adata, "var_names (Ensembl ids, no symbol column)"
+    n_duplicated = len(symbols) - len(set(symbols))
+    if symbols == var_names:
+        if not n_duplicated:
+            return adata, "var_names"
+        source = "var_names"
+    else:
+        columns = [c for c in SYMBOL_COLUMNS if c in adata.var.columns]
+        agree = {
+            c: sum(a == b for a, b in zip(adata.var[c].astype(str), symbols, strict=True)) for c in columns
+        }
+        column = max(agree, key=agree.get) if agree and max(agree.values()) > len(symbols) / 2 else None
+        source = f"var[{column!r}]" if column is not None else "var_names (split composite names)"
+    if n_duplicated:
+        source += f", {n_duplicated} repeated symbols summed"
+    logger.info("Gene symbols from %s (var_names are e.g. %s)", source, var_names[:2])
+    return rename_genes(adata, symbols, keep_as="original_var_name"), source
+
+
 def map_mouse_genes(
     adata: anndata.AnnData,
     orthologs: Mapping[str, str] | None = None,
@@ -244,47 +354,40 @@ def map_mouse_genes(
     -------
     anndata.AnnData
         A copy with renamed genes. Genes that end up with the same symbol are summed (counts stay integers);
-        ``var["mouse_symbol"]`` keeps the first original symbol.
+        ``var["mouse_symbol"]`` keeps the first original symbol. ``uns["orthologs"]`` holds how many genes
+        were mapped (``n_mouse_genes``, ``n_mapped``, ``method``).
     """
     names = adata.var_names.astype(str)
     if orthologs is not None:
         new = [orthologs.get(g, g) for g in names]
-        logger.info("Ortholog table mapped %d/%d mouse genes", sum(g in orthologs for g in names), len(names))
+        n_mapped = sum(g in orthologs for g in names)
+        method = "ortholog table"
+        logger.info("Ortholog table mapped %d/%d mouse genes", n_mapped, len(names))
     elif human_symbols is not None:
         upper = {}
         for h in human_symbols:
             upper.setdefault(str(h).upper(), str(h))
         new = [upper.get(g.upper(), g) for g in names]
+        n_mapped = sum(g.upper() in upper for g in names)
+        method = "case-insensitive symbols"
         logger.warning(
             "No ortholog table: matched %d/%d mouse genes to human symbols case-insensitively. Pass an MGI "
             "or BioMart table (load_ortholog_table) for real orthology.",
-            sum(g.upper() in upper for g in names),
+            n_mapped,
             len(names),
         )
     else:
         new = [g.upper() for g in names]
+        n_mapped = len(names)
+        method = "upper-cased symbols"
         logger.warning(
             "No ortholog table and no human symbols: upper-cased all %d mouse symbols. Pass an MGI or "
             "BioMart table (load_ortholog_table) for real orthology.",
             len(names),
         )
-    new_index = pd.Index(new)
-    if not new_index.has_duplicates:
-        mapped = adata.copy()
-        mapped.var["mouse_symbol"] = names.to_numpy()
-        mapped.var_names = new_index
-        return mapped
-    codes, uniques = pd.factorize(new_index)
-    aggregation = sp.csr_matrix(
-        (np.ones(len(codes), dtype=adata.X.dtype), (np.arange(len(codes)), codes)),
-        shape=(len(codes), len(uniques)),
-    )
-    X = sp.csr_matrix(adata.X) @ aggregation
-    first = pd.Series(names.to_numpy()).groupby(codes).first().to_numpy()
-    logger.info("%d mouse genes merged into %d human symbols", len(codes), len(uniques))
-    return anndata.AnnData(
-        X=sp.csr_matrix(X), obs=adata.obs.copy(), var=pd.DataFrame({"mouse_symbol": first}, index=uniques)
-    )
+    mapped = rename_genes(adata, new, keep_as="mouse_symbol")
+    mapped.uns["orthologs"] = {"n_mouse_genes": len(names), "n_mapped": int(n_mapped), "method": method}
+    return mapped
 
 
 def preprocess_dataset(
@@ -297,18 +400,20 @@ def preprocess_dataset(
     human_symbols: Iterable[str] | None = None,
     **qc_kwargs: float,
 ) -> anndata.AnnData:
-    """QC, mouse-to-human gene mapping and rare-label removal for one dataset; ``X`` stays raw counts.
+    """Gene symbols, QC, mouse-to-human gene mapping and rare labels for one dataset; ``X`` stays raw counts.
 
     Parameters
     ----------
     adata
-        Cells x genes, raw integer counts, gene symbols as ``var_names``.
+        Cells x genes, raw integer counts; gene symbols as ``var_names`` or in a ``var`` column
+        (:func:`use_gene_symbols`).
     species
         ``"human"`` or ``"mouse"``; mouse genes are mapped with :func:`map_mouse_genes`.
     label_key
         ``obs`` column with the labels.
     drop_rare_labels
-        Drop labels with fewer than ``min_cells_per_label`` cells (the paper does this for cell types).
+        Drop labels with fewer than ``min_cells_per_label`` cells (the paper does this for cell types);
+        otherwise such a label is an error (:func:`check_label_counts`).
     min_cells_per_label
         See ``drop_rare_labels``.
     orthologs, human_symbols
@@ -319,14 +424,27 @@ def preprocess_dataset(
     Returns
     -------
     anndata.AnnData
-        Processed copy with ``X`` as CSR int32 counts.
+        Processed copy with ``X`` as CSR int32 counts and ``uns["preprocessing"]``, a JSON object of
+        ``gene_names_from``, ``n_cells_in``, ``n_cells_after_qc``, ``n_cells``, ``n_genes``,
+        ``dropped_labels`` ({label: cells}) and, for mouse data, ``orthologs`` (:func:`map_mouse_genes`).
     """
     if species not in ("human", "mouse"):
         raise ValueError(f"species must be 'human' or 'mouse', got {species!r}.")
+    n_cells_in = adata.n_obs
+    adata, gene_names_from = use_gene_symbols(adata)
     adata = quality_control(adata, species, **qc_kwargs)
+    report = {"gene_names_from": gene_names_from, "n_cells_in": n_cells_in, "n_cells_after_qc": adata.n_obs}
     if species == "mouse":
         adata = map_mouse_genes(adata, orthologs, human_symbols)
+        report["orthologs"] = adata.uns.pop("orthologs")
+    has_labels = label_key in adata.obs
+    counts = adata.obs[label_key].astype(str).value_counts() if has_labels else pd.Series(dtype=int)
     if drop_rare_labels:
         adata = filter_rare_labels(adata, label_key, min_cells_per_label)
+    else:
+        check_label_counts(adata, label_key, min_cells_per_label)
+    report["dropped_labels"] = {str(k): int(v) for k, v in counts[counts < min_cells_per_label].items()}
     adata.X = sp.csr_matrix(adata.X).astype(np.int32)
+    # a JSON string: label names may hold "/", which h5ad would read as nested groups
+    adata.uns[REPORT_KEY] = json.dumps({**report, "n_cells": adata.n_obs, "n_genes": adata.n_vars})
     return adata

@@ -1,8 +1,9 @@
 """Questioner traits for template synthesis, sampled as in the InstructCell paper.
 
 A questioner has up to three traits: a personality, a motivation (specific to the task) and a proficiency in
-single-cell analysis (high or low). Motivations are the task's (``Task.grammar.motivations``). The number of traits is 3, 2, 1 or 0 with probabilities
-27 %, 45 %, 18 % and 10 %; which traits are present is then drawn uniformly.
+single-cell analysis (high or low). Motivations are the task's (``Task.grammar.motivations``). The number of
+traits is 3, 2, 1 or 0 with probabilities 27 %, 45 %, 18 % and 10 %; which traits are present is then drawn
+uniformly.
 """
 
 from __future__ import annotations

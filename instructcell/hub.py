@@ -1,5 +1,6 @@
-"""Write a model folder in the Hub layout: safetensors weights, processor files and remote code."""
+"""A model folder in the Hub layout (weights, processor, remote code): writing it, reading its processor."""
 
+import os
 from pathlib import Path
 
 from modeling_instructcell import (
@@ -58,3 +59,37 @@ def save_for_hub(
     pipe.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def load_processor(model: str | os.PathLike) -> InstructCellProcessor:
+    """Load the processor (gene vocabulary + tokenizer) saved with a model folder, or raise a clear error.
+
+    Parameters
+    ----------
+    model : str or PathLike
+        A folder written by :func:`save_for_hub` (``instructcell train``'s ``<output_dir>/final``).
+
+    Raises
+    ------
+    ValueError
+        The folder does not exist, or it has no processor files (a bare ``model.save_pretrained`` folder or
+        a training checkpoint).
+    """
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ValueError(
+            f"No model folder {folder}: pass a folder written by `instructcell train` (<output_dir>/final)."
+        )
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"{folder} has no processor (preprocessor_config.json with the gene vocabulary, and the "
+            "tokenizer files): pass the folder `instructcell train` saved (<output_dir>/final), or save "
+            "the processor next to the model with `processor.save_pretrained(folder)`."
+        )
+    try:
+        return InstructCellProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"The processor of {folder} does not load ({err}): save it again with "
+            "`processor.save_pretrained`."
+        ) from err

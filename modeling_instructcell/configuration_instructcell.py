@@ -85,6 +85,11 @@ class InstructCellConfig(PreTrainedConfig):
         alpha: weight of KL(q(z|x) || p(z)) in the ELBO (3.0: what the original InstructCell trained with).
     vae_loss_weight : float
         Weight of the ELBO relative to the text cross-entropy.
+    vae_encode_input_cell : bool
+        When a prompt holds one cell and its answer asks for a cell (``<SIGNAL>``: perturbation response),
+        the VAE encodes that cell under the ``<SIGNAL>`` condition and decodes it (style transfer, as scGen
+        and trVAE do), with that cell's library size, instead of drawing ``z ~ N(0, I)``. Prompts without a
+        cell (pseudo-cell generation) are unaffected.
     alignment_loss_weight : float
         Weight of the cell-label alignment loss (0 = the paper's objective): a contrastive loss that pulls
         each input cell's mean embedding towards the mean token embedding of its label text, against the
@@ -99,6 +104,9 @@ class InstructCellConfig(PreTrainedConfig):
     label_names : list of str, optional
         The label set of a model fine-tuned on one classification task. The ``single-cell-instruction``
         pipeline scores these candidates when a request brings no label set of its own.
+    perturbation_names : list of str, optional
+        The perturbations (in words) the model was trained to predict responses to; perturbation inference
+        refuses others.
 
     Notes
     -----
@@ -147,6 +155,7 @@ class InstructCellConfig(PreTrainedConfig):
     vae_library_hidden: int = 128
     vae_kl_weight: float = 3.0
     vae_loss_weight: float = 1.0
+    vae_encode_input_cell: bool = True
     alignment_loss_weight: float = 0.0
     alignment_temperature: float = 0.1
     cell_start_token_index: int = 32100
@@ -155,6 +164,7 @@ class InstructCellConfig(PreTrainedConfig):
     signal_token_index: int = 32103
     initializer_range: float = 0.02
     label_names: list[str] | None = None
+    perturbation_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

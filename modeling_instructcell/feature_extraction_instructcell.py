@@ -7,8 +7,8 @@ single cell vector) into ``cell_values``: a dense float32 matrix of **raw counts
 library size.
 
 One cohesive file (input parsing, gene alignment and count validation of one class), as transformers keeps a
-feature extractor. This file is Hub remote code. transformers' ``check_imports`` walks the whole AST (function bodies
-included) and only skips ``try:`` blocks, so the only imports are stdlib, numpy and transformers.
+feature extractor. This file is Hub remote code. transformers' ``check_imports`` walks the whole AST (function
+bodies included) and only skips ``try:`` blocks, so the only imports are stdlib, numpy and transformers.
 scipy, pandas and anndata are only touched when the input is one of their objects, and they are
 looked up in ``sys.modules`` rather than imported (the one scipy import sits in a ``try:`` block).
 """
@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["GeneAlignment", "InstructCellFeatureExtractor"]
+__all__ = ["GeneAlignment", "InstructCellFeatureExtractor", "gene_identifiers"]
 
 #: Columns of ``adata.var`` searched (in this order) for Ensembl gene ids.
 ENSEMBL_ID_COLUMNS = (
@@ -89,6 +89,64 @@ def _split_composite(name: str) -> tuple[str, str] | None:
         if m:
             return m.group("symbol"), m.group("id")
     return None
+
+
+def _column_values(var: Any, column: str) -> list[str | None]:
+    """One ``var`` column as strings, missing values (NaN, None, blank) as None."""
+    values = []
+    for value in list(var[column]):
+        text = None if value is None else str(value).strip()
+        values.append(None if not text or text.lower() in {"nan", "none"} else text)
+    return values
+
+
+def gene_identifiers(var_names: list[str], var: Any = None) -> tuple[list[str] | None, list[str] | None]:
+    """Gene symbols and Ensembl ids of an AnnData's genes, wherever the usual conventions keep them.
+
+    * Ensembl ids in ``var_names`` (CELLxGENE; scanpy's ``read_10x_*(var_names="gene_ids")``): the symbols
+      come from the first column of :data:`SYMBOL_COLUMNS` in ``var`` (``feature_name``, ``gene_symbols``,
+      ``gene_name``...); a gene without a symbol keeps its id.
+    * Symbols in ``var_names`` (scanpy's default): the ids come from the first column of
+      :data:`ENSEMBL_ID_COLUMNS` (``gene_ids``...), when there is one.
+    * Composite names (``"TXNIP_ENSG00000117289"``, ``"ENSG..._TXNIP"``) are split into symbol and id.
+    * Row numbers in ``var_names`` (``0, 1, 2...``, e.g. converted from R): the symbols come from a symbol
+      column.
+
+    Parameters
+    ----------
+    var_names : list of str
+        ``adata.var_names``, length ``n_genes``.
+    var : pandas.DataFrame or mapping of str to sequence, optional
+        ``adata.var``: columns of length ``n_genes``.
+
+    Returns
+    -------
+    symbols : list of str or None
+        One symbol per gene (the name to match a symbol vocabulary with), or None when ``var_names`` are
+        Ensembl ids and no symbol column exists.
+    ids : list of str or None
+        One Ensembl id per gene (None entries for genes without one), or None when there are no ids.
+    """
+    names = [str(g) for g in var_names]
+    columns = [] if var is None else [str(c) for c in var.keys()]
+    symbol_column = next((c for c in SYMBOL_COLUMNS if c in columns), None)
+    id_column = next((c for c in ENSEMBL_ID_COLUMNS if c in columns), None)
+    ids = None if id_column is None else _column_values(var, id_column)
+    if _looks_like_ensembl(names):
+        ids = names
+        if symbol_column is None:
+            return None, ids
+        symbols = _column_values(var, symbol_column)
+        return [symbol or gene_id for symbol, gene_id in zip(symbols, ids, strict=True)], ids
+    sample = names[:: max(1, len(names) // 1000)]
+    if sample and sum(_split_composite(n) is not None for n in sample) > len(sample) / 2:
+        parts = [_split_composite(n) for n in names]
+        symbols = [n if p is None else p[0] for n, p in zip(names, parts, strict=True)]
+        return symbols, [None if p is None else p[1] for p in parts]
+    if symbol_column is not None and all(n.strip().isdigit() for n in sample):
+        symbols = _column_values(var, symbol_column)
+        return [symbol or name for symbol, name in zip(symbols, names, strict=True)], ids
+    return names, ids
 
 
 def _species_style(names: list[str]) -> str | None:
@@ -532,20 +590,10 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
                         "adata.X."
                     )
                 matrix = layers[layer]
-            var_names = [str(g) for g in cells.var_names]
-            var = getattr(cells, "var", None)
-            var_columns = [] if var is None else list(var.columns)
-            if names is None:
-                if _looks_like_ensembl(var_names):
-                    ids = var_names if ids is None else ids
-                    sym_col = next((c for c in SYMBOL_COLUMNS if c in var_columns), None)
-                    names = None if sym_col is None else [str(g) for g in var[sym_col]]
-                else:
-                    names = var_names
-            if ids is None:
-                id_col = next((c for c in ENSEMBL_ID_COLUMNS if c in var_columns), None)
-                if id_col is not None:
-                    ids = list(var[id_col])
+            if names is None or ids is None:
+                symbols, var_ids = gene_identifiers(list(cells.var_names), getattr(cells, "var", None))
+                names = symbols if names is None else names
+                ids = var_ids if ids is None else ids
             if hasattr(cells, "obs_names"):
                 obs_names = [str(o) for o in cells.obs_names]
         elif pd is not None and isinstance(cells, pd.DataFrame):
@@ -641,9 +689,10 @@ class InstructCellFeatureExtractor(FeatureExtractionMixin):
             Raw counts of shape ``(n_cells, n_input_genes)`` (cells are rows), or one cell of shape
             ``(n_input_genes,)``; also ``adata.raw`` and a ``pandas.Series`` (one cell, index = genes).
             AnnData may be a view or backed (``read_h5ad(..., backed="r")``): rows are
-            read in chunks. Gene names come from ``var_names`` (AnnData), ``columns`` (DataFrame) or
-            ``index`` (Series); Ensembl ids from a ``var`` column such as ``gene_ids`` or from Ensembl-like
-            ``var_names``.
+            read in chunks. Gene names come from ``columns`` (DataFrame), ``index`` (Series) or, for
+            AnnData, from :func:`gene_identifiers`: Ensembl ids in ``var_names`` with symbols in a ``var``
+            column (``feature_name``, ``gene_symbols``, ``gene_name``...), or symbols in ``var_names`` with
+            ids in ``var["gene_ids"]``, used as they are.
         gene_names : list of str, optional
             Gene symbols of the input columns, length ``n_input_genes``. Required for unnamed arrays unless
             ``n_input_genes == vocab_size`` (then the columns are assumed to be in vocabulary order).

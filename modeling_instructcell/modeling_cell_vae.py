@@ -3,7 +3,9 @@
 The language model's hidden state at the ``<SIGNAL>`` token is mapped to continuous covariates, which
 condition an scVI-style variational autoencoder over raw gene counts. Training maximises the ELBO of the
 observed counts; at generation time ``z ~ N(0, I)`` and a log library size are decoded into ZINB parameters,
-from which counts are drawn.
+from which counts are drawn. A target can also be a transformed copy of a *source* cell (perturbation
+response: a control cell in, its perturbed counterpart out): then ``z`` is encoded from the source under the
+same condition and the source's observed library is used, in training and in sampling (style transfer).
 
 The architecture reproduces the original InstructCell generator (zjunlp/InstructCell, ``scvi``-derived CVAE)
 so that original checkpoints load into it with a key map. The ZINB likelihood is always evaluated in float32,
@@ -456,11 +458,12 @@ class _VAEKeys(NamedTuple):
     pl: str = "pl"
     px: str = "px"
     size_factor_log: str = "size_factor_log"
+    has_source: str = "has_source"
 
 
 VAE_KEYS = _VAEKeys()
-"""Keys of the dicts returned by ``inference`` (qz, ql, z, library) and ``generative`` (px, pz, pl,
-size_factor_log)."""
+"""Keys of the dicts returned by ``inference`` (qz, ql, z, library, has_source) and ``generative`` (px, pz,
+pl, size_factor_log)."""
 
 
 @dataclass
@@ -532,6 +535,11 @@ def _check_counts(counts: torch.Tensor, n_genes: int) -> torch.Tensor:
             "normalized or log-transformed data: the ZINB likelihood is defined on integers."
         )
     return counts
+
+
+def _log_library(counts: torch.Tensor) -> torch.Tensor:
+    """Natural-log total counts ``(n_cells, 1)`` of raw counts ``(n_cells, n_genes)`` (at least log 1)."""
+    return torch.log(counts.float().sum(dim=-1, keepdim=True).clamp_min(1.0))
 
 
 class InstructCellConditionalVAE(nn.Module):
@@ -668,7 +676,13 @@ class InstructCellConditionalVAE(nn.Module):
         _check_matrix("condition_states", condition_states, None, self.condition_dim, "condition_dim")
         return self.condition_mapping(condition_states.to(self.condition_mapping.weight.dtype))
 
-    def inference(self, counts: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor | Normal]:
+    def inference(
+        self,
+        counts: torch.Tensor,
+        condition: torch.Tensor,
+        source_counts: torch.Tensor | None = None,
+        has_source: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | Normal]:
         """Posterior over ``z`` and the log library size.
 
         Parameters
@@ -677,25 +691,58 @@ class InstructCellConditionalVAE(nn.Module):
             Raw counts, ``(n_cells, n_genes)``.
         condition
             Mapped covariates, ``(n_cells, n_condition)`` (output of :meth:`map_condition`).
+        source_counts
+            Raw counts of the cell each target is a transformed copy of (style transfer: a control cell whose
+            perturbed counterpart is the target), ``(n_cells, n_genes)``. Where given, ``z`` is encoded from
+            the source and the log library is the source's observed log total.
+        has_source
+            Which rows of ``source_counts`` are sources, ``(n_cells,)`` bool (default: all).
 
         Returns
         -------
         dict
             ``VAE_KEYS.qz``: ``Normal`` over ``z``, ``(n_cells, n_latent)``; ``VAE_KEYS.z``: its rsample;
             ``VAE_KEYS.ql``: ``Normal`` over the log library, ``(n_cells, 1)``; ``VAE_KEYS.library``: its
-            rsample. All float32.
+            rsample (the observed log total for rows with a source); ``VAE_KEYS.has_source``: ``(n_cells,)``
+            bool. All float32.
         """
         counts = _check_counts(counts, self.n_genes)
         _check_matrix("condition", condition, counts.shape[0], self.n_condition, "n_condition")
-        encoder_input = torch.log1p(counts) if self.log_variational else counts
+        has_source = self._source_mask(source_counts, has_source, counts.shape[0], counts.device)
+        read = counts
+        if source_counts is not None:
+            read = torch.where(has_source[:, None], source_counts.float(), counts)
+        encoder_input = torch.log1p(read) if self.log_variational else read
         qz_m, qz_v, z = self.z_encoder(encoder_input, condition)
         ql_m, ql_v, library = self.l_encoder(encoder_input, condition)
+        if source_counts is not None:
+            library = torch.where(has_source[:, None], _log_library(read), library)
         return {
             VAE_KEYS.qz: Normal(qz_m, qz_v.sqrt()),
             VAE_KEYS.z: z,
             VAE_KEYS.ql: Normal(ql_m, ql_v.sqrt()),
             VAE_KEYS.library: library,
+            VAE_KEYS.has_source: has_source,
         }
+
+    def _source_mask(
+        self, source_counts: torch.Tensor | None, has_source: torch.Tensor | None, n_cells: int, device
+    ) -> torch.Tensor:
+        """``(n_cells,)`` bool: the rows encoded from a source cell (none without ``source_counts``)."""
+        if source_counts is None:
+            if has_source is not None and bool(has_source.any()):
+                raise ValueError("has_source marks source cells but no source_counts were given.")
+            return torch.zeros(n_cells, dtype=torch.bool, device=device)
+        _check_counts(source_counts, self.n_genes)
+        if source_counts.shape[0] != n_cells:
+            raise ValueError(
+                f"source_counts has {source_counts.shape[0]} rows for {n_cells} cells: pass one row per cell."
+            )
+        if has_source is None:
+            return torch.ones(n_cells, dtype=torch.bool, device=device)
+        if has_source.shape != (n_cells,):
+            raise ValueError(f"has_source must have shape ({n_cells},), got {tuple(has_source.shape)}.")
+        return has_source.to(device=device, dtype=torch.bool)
 
     def generative(
         self, z: torch.Tensor, library_log: torch.Tensor, condition: torch.Tensor
@@ -778,11 +825,19 @@ class InstructCellConditionalVAE(nn.Module):
         kl_library = kl_divergence(inference_outputs[VAE_KEYS.ql], generative_outputs[VAE_KEYS.pl]).sum(
             dim=-1
         )
+        has_source = inference_outputs.get(VAE_KEYS.has_source)
+        if has_source is not None:  # an observed (source) library has no posterior to regularize
+            kl_library = kl_library.masked_fill(has_source, 0.0)
         loss = torch.mean(reconstruction_loss + kl_weight * kl_z + kl_library)
         return VAELossOutput(loss, reconstruction_loss, kl_z, kl_library, kl_weight)
 
     def forward(
-        self, counts: torch.Tensor, condition_states: torch.Tensor, kl_weight: float = 1.0
+        self,
+        counts: torch.Tensor,
+        condition_states: torch.Tensor,
+        kl_weight: float = 1.0,
+        source_counts: torch.Tensor | None = None,
+        has_source: torch.Tensor | None = None,
     ) -> VAELossOutput:
         """Map the condition, then run ``inference``, ``generative`` and ``loss``.
 
@@ -794,6 +849,8 @@ class InstructCellConditionalVAE(nn.Module):
             ``(n_cells, condition_dim)``.
         kl_weight
             Weight of the latent KL term.
+        source_counts, has_source
+            Source cells of style transfer (see :meth:`inference`): ``(n_cells, n_genes)`` and ``(n_cells,)``.
 
         Returns
         -------
@@ -805,7 +862,7 @@ class InstructCellConditionalVAE(nn.Module):
             "condition_states", condition_states, counts.shape[0], self.condition_dim, "condition_dim"
         )
         condition = self.map_condition(condition_states)
-        inference_outputs = self.inference(counts, condition)
+        inference_outputs = self.inference(counts, condition, source_counts, has_source)
         generative_outputs = self.generative(
             inference_outputs[VAE_KEYS.z], inference_outputs[VAE_KEYS.library], condition
         )
@@ -818,6 +875,8 @@ class InstructCellConditionalVAE(nn.Module):
         num_cells_per_condition: int = 1,
         library_size: torch.Tensor | float | None = None,
         generator: torch.Generator | None = None,
+        source_counts: torch.Tensor | None = None,
+        has_source: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate counts for each condition.
 
@@ -826,6 +885,10 @@ class InstructCellConditionalVAE(nn.Module):
         when ``library_size`` is None, the log library from the prior, shape ``(n, 1)``; then the ZINB draws
         (Gamma, Poisson, uniform, each ``(n, n_genes)``). Dropout in ``library_head`` follows the module's
         train/eval mode: call ``.eval()`` first (as ``from_pretrained`` does) for deterministic decoding.
+
+        With a source cell (style transfer), the same standard-normal draw ``e`` gives
+        ``z = mu + sigma * e`` of the source's posterior ``q(z | source, condition)``, and the library is the
+        source's observed total unless ``library_size`` is given.
 
         Parameters
         ----------
@@ -838,6 +901,10 @@ class InstructCellConditionalVAE(nn.Module):
             draws the log library from the prior.
         generator
             Optional random generator on the module's device; ``None`` uses torch's global generator.
+        source_counts
+            Raw counts of the cell each condition transforms, ``(n_conditions, n_genes)``; None: none.
+        has_source
+            Which conditions have a source, ``(n_conditions,)`` bool (default: all, when sources are given).
 
         Returns
         -------
@@ -846,12 +913,22 @@ class InstructCellConditionalVAE(nn.Module):
             ``n = n_conditions * num_cells_per_condition``.
         """
         _check_positive_int("num_cells_per_condition", num_cells_per_condition)
+        has_source = self._source_mask(
+            source_counts, has_source, condition_states.shape[0], condition_states.device
+        ).repeat_interleave(num_cells_per_condition)
         condition = self.map_condition(condition_states).repeat_interleave(num_cells_per_condition, dim=0)
         n_cells, device = condition.shape[0], condition.device
         z = torch.randn(n_cells, self.n_latent, generator=generator, device=device)
+        source = None
+        if source_counts is not None:
+            source = source_counts.float().to(device).repeat_interleave(num_cells_per_condition, dim=0)
+            q_m, q_v, _ = self.z_encoder(torch.log1p(source) if self.log_variational else source, condition)
+            z = torch.where(has_source[:, None], q_m + q_v.sqrt() * z, z)
         if library_size is None:
             noise = torch.randn(n_cells, 1, generator=generator, device=device)
             library_log = noise * self.library_log_var.float().sqrt() + self.library_log_mean.float()
+            if source is not None:
+                library_log = torch.where(has_source[:, None], _log_library(source), library_log)
         else:
             library_log = self._library_log_from_sizes(
                 library_size, condition_states.shape[0], n_cells, device

@@ -1,8 +1,8 @@
 """InstructCell: a seq2seq (or decoder-only) language model that reads cells and writes cells.
 
-One file, as transformers keeps a model family's ``modeling_*.py``: the output dataclasses, the pretrained base
-class and ``InstructCellForConditionalGeneration`` (forward, generate, label scoring, cell generation, loading
-of original checkpoints) belong together and travel to the Hub as one remote-code file.
+One file, as transformers keeps a model family's ``modeling_*.py``: the output dataclasses, the pretrained
+base class and ``InstructCellForConditionalGeneration`` (forward, generate, label scoring, cell generation,
+loading of original checkpoints) belong together and travel to the Hub as one remote-code file.
 """
 
 import copy
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from .configuration_instructcell import InstructCellConfig
@@ -112,6 +112,88 @@ class InstructCellLabelScoresOutput(ModelOutput):
     probabilities: torch.FloatTensor | None = None
 
 
+@dataclass
+class CandidatePrefixTree:
+    """Candidate answers of each prompt as a prefix tree: which decoder state scores which token.
+
+    A node is a distinct (prompt, candidate prefix) pair; every candidate token is predicted from the node of
+    the prefix before it, so candidates that share a prefix share its vocabulary projection.
+
+    Attributes
+    ----------
+    node_state_index : torch.LongTensor
+        Row of each node's decoder state in the scoring passes' stacked states, ``(n_nodes,)``.
+    token_node : torch.LongTensor
+        Node each scored candidate token is predicted from, ``(n_tokens,)``.
+    token_target : torch.LongTensor
+        The token's id, ``(n_tokens,)``.
+    token_candidate : torch.LongTensor
+        The token's flat (prompt x candidate) row, ``(n_tokens,)``.
+    """
+
+    node_state_index: torch.LongTensor
+    token_node: torch.LongTensor
+    token_target: torch.LongTensor
+    token_candidate: torch.LongTensor
+
+
+def candidate_prefix_tree(
+    candidate_ids: torch.LongTensor, lengths: torch.LongTensor, state_index: torch.LongTensor
+) -> CandidatePrefixTree:
+    """Build the :class:`CandidatePrefixTree` of right-padded candidates.
+
+    Parameters
+    ----------
+    candidate_ids : torch.LongTensor
+        ``(n_rows, n_candidates, cand_len)``, right-padded.
+    lengths : torch.LongTensor
+        Real tokens per candidate, ``(n_rows, n_candidates)``, each at least 1.
+    state_index : torch.LongTensor
+        ``(n_rows, n_candidates, cand_len)``: the row, among the stacked decoder states of the scoring passes,
+        of the state that predicts each candidate token (the state after the tokens before it).
+
+    Returns
+    -------
+    CandidatePrefixTree
+    """
+    n_rows, n_candidates, _ = candidate_ids.shape
+    device = candidate_ids.device
+    flat = candidate_ids.reshape(n_rows * n_candidates, -1)
+    flat_states = state_index.reshape(n_rows * n_candidates, -1)
+    flat_lengths = lengths.reshape(-1)
+    max_length = int(flat_lengths.max())
+    candidate = torch.arange(flat.shape[0], device=device)
+    node = candidate // n_candidates  # level 0: the empty prefix, one node per prompt
+    level_start, level_size = 0, n_rows
+    node_states, token_node, token_target, token_candidate = [], [], [], []
+    for position in range(max_length):
+        alive = flat_lengths > position
+        rows = candidate[alive]
+        state = flat_states[alive, position]
+        local = node[alive] - level_start
+        first = torch.full((level_size,), rows.shape[0], dtype=torch.long, device=device)
+        first = first.scatter_reduce(0, local, torch.arange(rows.shape[0], device=device), reduce="amin")
+        node_states.append(state[first])
+        token_node.append(node[alive])
+        token_target.append(flat[alive, position])
+        token_candidate.append(rows)
+        following = flat_lengths > position + 1
+        if not bool(following.any()):
+            break
+        keys = torch.stack([node[following], flat[following, position]], dim=1)
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        level_start += level_size
+        level_size = int(inverse.max()) + 1
+        node = torch.full_like(node, -1)
+        node[following] = level_start + inverse
+    return CandidatePrefixTree(
+        node_state_index=torch.cat(node_states),
+        token_node=torch.cat(token_node),
+        token_target=torch.cat(token_target),
+        token_candidate=torch.cat(token_candidate),
+    )
+
+
 class InstructCellPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading behaviour shared by InstructCell models."""
 
@@ -137,19 +219,43 @@ class InstructCellPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = list(ORIGINAL_UNUSED_KEYS)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that also reads original InstructCell checkpoints.
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs
+    ):
+        """``PreTrainedModel.from_pretrained`` that also reads original checkpoints and refuses partial ones.
 
         Checkpoints written by the original code (``zjunlp/InstructCell-chat`` / ``-instruct``: keys under
         ``assistant.``) are renamed on load through ``key_mapping`` (``convert_original_instructcell.py``);
         the config is translated by ``InstructCellConfig.from_dict``. Keys of this package's own checkpoints
         match no rule, so they load unchanged. ``save_pretrained`` afterwards writes this package's layout.
+
+        A checkpoint that lacks some of the model's weights (e.g. ``cell_vae.*`` or ``cell_encoder.*``) is
+        refused: those weights would start from random values and the model would read and generate cells
+        from noise. ``allow_missing_weights=True`` starts them from random values on purpose (to train them).
+
+        Raises
+        ------
+        ValueError
+            The checkpoint lacks weights of the model and ``allow_missing_weights`` is False.
         """
         key_mapping = {**ORIGINAL_KEY_MAPPING, **(kwargs.pop("key_mapping", None) or {})}
-        loaded = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            key_mapping=key_mapping,
+            output_loading_info=True,
+            **kwargs,
         )
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        missing = sorted(loading_info["missing_keys"])
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weights of {cls.__name__} ({shown}): "
+                "they would start from random values, and the model would read and generate cells from "
+                "noise. Load a complete checkpoint, or pass allow_missing_weights=True to from_pretrained to "
+                "start them from random values on purpose (e.g. to train them)."
+            )
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
             # transformers reverts used renamings on save; keep only the caller's own ones.
@@ -163,7 +269,7 @@ class InstructCellPreTrainedModel(PreTrainedModel):
             # A generation_config.json without decoding settings (the original checkpoints' one): stop at
             # EOS or <SIGNAL>, as the original `generate` does.
             model._stop_generation_at_signal()
-        return loaded
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -416,7 +522,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                     f"{target_cell_values.shape[0]} "
                     "target cells were given: pass exactly one target cell per <SIGNAL>."
                 )
-            vae_output = self.cell_vae(target_cell_values, signal_states, kl_weight=self.config.vae_kl_weight)
+            answer_ids = labels if self.config.use_decoder_only_language_model else decoder_input_ids
+            signal_rows = torch.nonzero(answer_ids == self.config.signal_token_index)[:, 0]
+            sources, has_source = self.prompt_cells(input_ids, cell_values, signal_rows)
+            vae_output = self.cell_vae(
+                target_cell_values,
+                signal_states,
+                kl_weight=self.config.vae_kl_weight,
+                source_counts=sources,
+                has_source=has_source,
+            )
             batch_size = inputs_embeds.shape[0]
             vae_term = (
                 self.config.vae_loss_weight * vae_output.loss * (target_cell_values.shape[0] / batch_size)
@@ -446,6 +561,77 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             cell_embeds=cell_embeds,
             signal_hidden_states=signal_states,
             language_model_outputs=outputs,
+        )
+
+    def prompt_cells(
+        self, input_ids: torch.LongTensor | None, cell_values: torch.Tensor | None, rows: torch.LongTensor
+    ) -> tuple[torch.Tensor | None, torch.BoolTensor]:
+        """Find the cell each given prompt holds: the source of style transfer (``vae_encode_input_cell``).
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor, optional
+            Prompts ``(batch_size, seq_len)``; each cell fills ``num_query_tokens`` placeholder positions.
+        cell_values : torch.Tensor, optional
+            Raw counts of the prompts' cells in order of appearance, ``(n_cells, n_genes)``.
+        rows : torch.LongTensor
+            Prompt (batch row) of every ``<SIGNAL>``, ``(n_signals,)``.
+
+        Returns
+        -------
+        tuple
+            Counts ``(n_signals, n_genes)`` of each row's cell (None when no row has one) and the
+            ``(n_signals,)`` mask of rows holding exactly one cell; prompts without a cell, or with several,
+            and every prompt when ``config.vae_encode_input_cell`` is False, sample from the prior.
+        """
+        none = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        if not self.config.vae_encode_input_cell or input_ids is None or cell_values is None:
+            return None, none
+        placeholders = torch.nonzero(input_ids == self.config.cell_token_index)
+        cell_rows = placeholders[:: self.config.num_query_tokens, 0].contiguous()  # one row per cell
+        if cell_rows.shape[0] == 0 or rows.shape[0] == 0:
+            return None, none
+        rows = rows.to(cell_rows.device)
+        has_source = torch.bincount(cell_rows, minlength=input_ids.shape[0])[rows] == 1
+        first = torch.searchsorted(cell_rows, rows).clamp_max(cell_rows.shape[0] - 1)
+        return cell_values[first.to(cell_values.device)], has_source
+
+    def sample_signal_cells(
+        self,
+        condition_states: torch.Tensor,
+        has_signal: torch.BoolTensor,
+        input_ids: torch.LongTensor | None = None,
+        cell_values: torch.Tensor | None = None,
+        num_cells: int = 1,
+        library_size: float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``num_cells`` cells per ``<SIGNAL>`` state, each from its prompt's cell when it holds one.
+
+        Parameters
+        ----------
+        condition_states : torch.Tensor
+            ``(n_signals, hidden_size)`` from :meth:`signal_states_for_sequences`.
+        has_signal : torch.BoolTensor
+            ``(batch_size,)``: which prompts the states belong to, in order.
+        input_ids, cell_values
+            The prompts (see :meth:`prompt_cells`).
+        num_cells, library_size, generator
+            As in ``cell_vae.sample``.
+
+        Returns
+        -------
+        torch.Tensor
+            Integer-valued float32 counts, ``(n_signals * num_cells, n_genes)``, grouped by prompt.
+        """
+        sources, has_source = self.prompt_cells(input_ids, cell_values, torch.nonzero(has_signal).flatten())
+        return self.cell_vae.sample(
+            condition_states,
+            num_cells_per_condition=num_cells,
+            library_size=library_size,
+            generator=generator,
+            source_counts=sources,
+            has_source=has_source,
         )
 
     def cell_caption_alignment_loss(
@@ -547,6 +733,37 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **kwargs
         )
 
+    def encode_prompts(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cell_values: torch.FloatTensor | None = None,
+    ) -> BaseModelOutput:
+        """Run the cell encoder and the language model's encoder once over the prompts.
+
+        The result can be passed as ``encoder_outputs`` to :meth:`generate`, :meth:`score_labels` and
+        :meth:`signal_states_for_sequences`, so that answering, scoring a label set and reading ``<SIGNAL>``
+        states for the same prompts share one encoder pass. Encoder-decoder backbones only.
+
+        Parameters
+        ----------
+        input_ids, attention_mask, cell_values
+            The prompts, as given to :meth:`generate`.
+
+        Returns
+        -------
+        BaseModelOutput
+            ``last_hidden_state`` ``(batch_size, seq_len, hidden_size)``.
+        """
+        if self.config.use_decoder_only_language_model:
+            raise ValueError(
+                "encode_prompts needs an encoder-decoder backbone: decoder-only ones have no encoder."
+            )
+        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        return self.get_encoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -574,7 +791,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         inputs_embeds : torch.FloatTensor, optional
             Text embeddings ``(batch_size, seq_len, hidden_size)`` instead of ``input_ids``.
         **generate_kwargs
-            Generation settings (``max_new_tokens``, ``num_beams``, ...) and backbone kwargs.
+            Generation settings (``max_new_tokens``, ``num_beams``, ...) and backbone kwargs, among them
+            ``encoder_outputs`` from :meth:`encode_prompts` (then the prompts are not encoded again).
 
         Returns
         -------
@@ -585,18 +803,19 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         generate_kwargs.pop(
             "target_cell_values", None
         )  # training-only column that Seq2SeqTrainer passes along
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
-        if attention_mask is None:
-            attention_mask = torch.ones(
-                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-            )
         generation_config = copy.deepcopy(self.generation_config)
         model_kwargs = generation_config.update(**generate_kwargs)
+        encoder_outputs = model_kwargs.get("encoder_outputs")
+        if encoder_outputs is None:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values, inputs_embeds)
+            model_kwargs["inputs_embeds"] = inputs_embeds
+            shape = inputs_embeds.shape[:2]
+        else:  # the prompts were encoded once by `encode_prompts`
+            shape = encoder_outputs.last_hidden_state.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=self.device)
         return self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            **model_kwargs,
+            attention_mask=attention_mask, generation_config=generation_config, **model_kwargs
         )
 
     @torch.no_grad()
@@ -614,7 +833,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
         The answer is generated with :meth:`generate`. For each answer with ``<SIGNAL>``, the backbone runs
         once more with the answer fed back, and the last-layer hidden state at ``<SIGNAL>`` conditions the
-        VAE, which samples integer counts.
+        VAE, which samples integer counts (from the prompt's cell, when it holds one: :meth:`prompt_cells`).
 
         Parameters
         ----------
@@ -650,11 +869,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if condition_states.shape[0] == 0:
             cells = torch.zeros(0, self.config.n_genes, dtype=torch.long, device=sequences.device)
         else:
-            cells = self.cell_vae.sample(
-                condition_states,
-                num_cells_per_condition=num_cells,
-                library_size=library_size,
-                generator=generator,
+            cells = self.sample_signal_cells(
+                condition_states, has_signal, input_ids, cell_values, num_cells, library_size, generator
             ).long()
         return InstructCellGenerateCellsOutput(
             sequences=sequences,
@@ -672,6 +888,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_ids: torch.LongTensor | None = None,
         candidate_attention_mask: torch.LongTensor | None = None,
         max_rows_per_pass: int | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
     ) -> InstructCellLabelScoresOutput:
         """Score every candidate answer of every prompt: one encoder pass, one batched decoder pass.
 
@@ -694,8 +911,11 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_attention_mask : torch.LongTensor, optional
             Same shape as ``candidate_ids``; 0 on padding. Derived from the pad token when omitted.
         max_rows_per_pass : int, optional
-            Bound on prompt x candidate rows per decoder call (memory of the logits); the encoder still
-            runs once. Default: all rows at once.
+            Bound on prompt x candidate rows per decoder call (memory of the decoder states); the encoder
+            still runs once. Default: all rows at once.
+        encoder_outputs : BaseModelOutput, optional
+            The prompts' encoding from :meth:`encode_prompts` (encoder-decoder backbones), reused instead of
+            running the cell encoder and the encoder again, e.g. after :meth:`generate` on the same prompts.
 
         Returns
         -------
@@ -703,7 +923,12 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         """
         if candidate_ids is None:
             raise ValueError("Pass `candidate_ids`: the tokenized candidate answers (e.g. the label set).")
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        if encoder_outputs is not None and self.config.use_decoder_only_language_model:
+            raise ValueError("`encoder_outputs` only apply to encoder-decoder backbones.")
+        if encoder_outputs is None:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+        else:
+            inputs_embeds = encoder_outputs.last_hidden_state
         batch_size = inputs_embeds.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones(
@@ -724,8 +949,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         candidate_ids = candidate_ids.to(inputs_embeds.device)
         candidate_mask = candidate_attention_mask.to(inputs_embeds.device)
         if not self.config.use_decoder_only_language_model:
+            if encoder_outputs is None:
+                encoder_outputs = self.get_encoder()(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
+                )
             log_likelihoods = self._score_encoder_decoder(
-                inputs_embeds, attention_mask, candidate_ids, candidate_mask, max_rows_per_pass
+                encoder_outputs.last_hidden_state,
+                attention_mask,
+                candidate_ids,
+                candidate_mask,
+                max_rows_per_pass,
             )
             return InstructCellLabelScoresOutput(
                 log_likelihoods=log_likelihoods, probabilities=torch.softmax(log_likelihoods, dim=-1)
@@ -755,7 +988,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
 
     def _score_encoder_decoder(
         self,
-        inputs_embeds: torch.Tensor,
+        encoder_states: torch.Tensor,
         attention_mask: torch.Tensor,
         candidate_ids: torch.LongTensor,
         candidate_mask: torch.LongTensor,
@@ -763,89 +996,134 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
     ) -> torch.Tensor:
         """Return summed candidate log-probabilities ``(batch, n_candidates)`` (encoder-decoder backbones).
 
-        The encoder runs once per prompt. Per bucket of equal-length candidates, the decoder first runs once
-        per prompt on the decoder start token
-        plus the prefix shared by all candidates (this also fills the cross-attention key/value cache); the
-        cache is then repeated over the candidates and only the candidates' remaining tokens are decoded.
+        ``encoder_states`` ``(batch, seq_len, hidden)`` come from one encoder pass. The decoder runs once per
+        prompt on the start token plus the prefix that all candidates share (this also fills the
+        cross-attention key/value cache), then once per bucket of candidates of equal remaining length over
+        their remaining tokens, with that cache repeated (no decoder step on padding). The vocabulary
+        projection and its log-normalizer, most of the work at a large vocabulary, run once per distinct
+        candidate prefix of a prompt rather than once per candidate token (:func:`candidate_prefix_tree`).
         """
         batch_size, n_candidates, _ = candidate_ids.shape
         lengths = candidate_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("Every candidate answer needs at least one token.")
-        encoder_states = self.get_encoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True
-        ).last_hidden_state
-        # Candidates are decoded in buckets of equal (longest) length, so no decoder step is spent on padding.
-        bucket_length = lengths.max(0).values
-        scores = torch.zeros(batch_size, n_candidates, device=encoder_states.device)
-        for length in bucket_length.unique().tolist():
-            columns = torch.nonzero(bucket_length == length).flatten()
-            scores[:, columns] = self._score_bucket(
-                encoder_states,
-                attention_mask,
-                candidate_ids[:, columns, :length],
-                candidate_mask[:, columns, :length],
-                max_rows_per_pass,
-            )
-        return scores
-
-    def _score_bucket(
-        self,
-        encoder_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        candidate_ids: torch.LongTensor,
-        candidate_mask: torch.LongTensor,
-        max_rows_per_pass: int | None,
-    ) -> torch.Tensor:
-        """Score one bucket of candidates: shared prefix once per prompt, then the rest per candidate."""
-        batch_size, n_candidates, length = candidate_ids.shape
-        lengths = candidate_mask.sum(-1)
-        flat = candidate_ids.reshape(-1, length)
+        flat = candidate_ids.reshape(-1, candidate_ids.shape[-1])
         same = (flat == flat[:1]).all(0)
         shared = 0
         while shared < int(lengths.min()) - 1 and bool(same[shared]):
             shared += 1
-        start_id = self.config.text_config.decoder_start_token_id
         step = batch_size if not max_rows_per_pass else max(1, int(max_rows_per_pass) // n_candidates)
-        results = []
-        for begin in range(0, batch_size, step):
-            rows = slice(begin, begin + step)
-            n_rows = encoder_states[rows].shape[0]
-            ids, mask = candidate_ids[rows], candidate_mask[rows]
-            prefix = flat[:1, :shared].expand(n_rows, -1)
-            start = torch.full((n_rows, 1), start_id, dtype=prefix.dtype, device=prefix.device)
-            first_inputs = torch.cat([start, prefix], dim=1)
-            first = self.language_model(
-                encoder_outputs=(encoder_states[rows],),
-                attention_mask=attention_mask[rows],
-                decoder_input_ids=first_inputs,
+        return torch.cat(
+            [
+                self._score_rows(
+                    encoder_states[begin : begin + step],
+                    attention_mask[begin : begin + step],
+                    candidate_ids[begin : begin + step],
+                    lengths[begin : begin + step],
+                    shared,
+                )
+                for begin in range(0, batch_size, step)
+            ]
+        )
+
+    def _score_rows(
+        self,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        shared: int,
+    ) -> torch.Tensor:
+        """Score candidates ``(n_rows, n_candidates, len)``: summed log-probabilities per candidate."""
+        n_rows, n_candidates, _ = candidate_ids.shape
+        decoder = self.get_decoder()
+        start = torch.full(
+            (n_rows, 1),
+            self.config.text_config.decoder_start_token_id,
+            dtype=candidate_ids.dtype,
+            device=candidate_ids.device,
+        )
+
+        def shared_pass():  # also fills the cross-attention key/value cache
+            return decoder(
+                input_ids=torch.cat([start, candidate_ids[:, 0, :shared]], dim=1),
+                encoder_hidden_states=encoder_states,
+                encoder_attention_mask=attention_mask,
                 use_cache=True,
                 return_dict=True,
             )
-            log_probs = torch.log_softmax(first.logits.float(), dim=-1)
-            total = log_probs[:, shared].gather(-1, ids[:, :, shared])  # (n_rows, n_candidates)
-            if shared:
-                total = total + log_probs[:, :shared].gather(-1, prefix.unsqueeze(-1)).sum((1, 2)).unsqueeze(
-                    -1
-                )
-            if length - shared - 1 > 0:
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(n_candidates)
-                rest = self.language_model(
-                    encoder_outputs=(encoder_states[rows].repeat_interleave(n_candidates, dim=0),),
-                    attention_mask=attention_mask[rows].repeat_interleave(n_candidates, dim=0),
-                    decoder_input_ids=ids[:, :, shared:-1].reshape(n_rows * n_candidates, -1),
-                    past_key_values=cache,
-                    use_cache=True,
-                    return_dict=True,
-                )
-                log_probs = torch.log_softmax(rest.logits.float(), dim=-1)
-                targets = ids[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
-                token_scores = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                token_scores = token_scores * mask[:, :, shared + 1 :].reshape(n_rows * n_candidates, -1)
-                total = total + token_scores.sum(-1).reshape(n_rows, n_candidates)
-            results.append(total)
-        return torch.cat(results)
+
+        first = shared_pass()
+        hidden = [first.last_hidden_state.reshape(n_rows * (shared + 1), -1)]
+        # Row of the decoder state that predicts each candidate token: first the shared pass's states.
+        state_index = torch.zeros_like(candidate_ids)
+        prompt_states = torch.arange(n_rows * (shared + 1), device=state_index.device).reshape(n_rows, 1, -1)
+        state_index[:, :, : shared + 1] = prompt_states
+        offset = n_rows * (shared + 1)
+        # Then the candidates' own tokens, in buckets of equal remaining length: no decoder step on padding.
+        remaining = lengths.max(0).values - 1 - shared
+        bucket_lengths = [length for length in remaining.unique().tolist() if length > 0]
+        for number, length in enumerate(bucket_lengths):
+            columns = torch.nonzero(remaining == length).flatten()
+            n_columns = columns.shape[0]
+            # Each bucket repeats a cache of its own (the repeat is in place; a copy would break autograd).
+            cache = first.cache if number == 0 else shared_pass().cache
+            cache.batch_repeat_interleave(n_columns)
+            rest = decoder(
+                input_ids=candidate_ids[:, columns, shared : shared + length].reshape(-1, length),
+                encoder_hidden_states=encoder_states.repeat_interleave(n_columns, dim=0),
+                encoder_attention_mask=attention_mask.repeat_interleave(n_columns, dim=0),
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            n_states = n_rows * n_columns * length
+            hidden.append(rest.last_hidden_state.reshape(n_states, -1))
+            rows = torch.arange(offset, offset + n_states, device=state_index.device)
+            state_index[:, columns, shared + 1 : shared + 1 + length] = rows.reshape(
+                n_rows, n_columns, length
+            )
+            offset += n_states
+        tree = candidate_prefix_tree(candidate_ids, lengths, state_index)
+        node_states = torch.cat(hidden)[tree.node_state_index]
+        token_scores = self._token_log_probs(node_states, tree.token_node, tree.token_target)
+        totals = torch.zeros(n_rows * n_candidates, dtype=token_scores.dtype, device=token_scores.device)
+        return totals.index_add(0, tree.token_candidate, token_scores).reshape(n_rows, n_candidates)
+
+    def _token_log_probs(
+        self, node_states: torch.Tensor, token_node: torch.LongTensor, token_target: torch.LongTensor
+    ) -> torch.Tensor:
+        """Log-probabilities ``(n_tokens,)`` of ``token_target`` after the decoder states ``node_states``.
+
+        ``node_states`` ``(n_nodes, hidden)`` are projected on the vocabulary in chunks of at most ``2**22``
+        logits, so memory stays flat at any vocabulary size; token ``i`` reads node ``token_node[i]``.
+        """
+        vocab_size = self.config.text_config.vocab_size
+        chunk = max(1, 2**22 // vocab_size)
+        scores = []
+        for begin in range(0, node_states.shape[0], chunk):
+            logits = self._decoder_logits(node_states[begin : begin + chunk]).float()
+            in_chunk = (token_node >= begin) & (token_node < begin + chunk)
+            rows = token_node[in_chunk] - begin
+            target_logits = logits[rows, token_target[in_chunk]]
+            scores.append((in_chunk, target_logits - torch.logsumexp(logits, dim=-1)[rows]))
+        token_scores = torch.zeros(token_node.shape[0], dtype=torch.float32, device=node_states.device)
+        for in_chunk, values in scores:
+            token_scores = token_scores.masked_scatter(in_chunk, values)
+        return token_scores
+
+    def _decoder_logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """Project last-layer decoder states ``(..., hidden)`` on the vocabulary: ``(..., vocab)`` logits.
+
+        What ``language_model.forward`` does after its decoder: T5's ``d_model ** -0.5`` rescaling of tied
+        embeddings, the LM head, and BART-style ``final_logits_bias``.
+        """
+        language_model = self.language_model
+        if getattr(language_model.config, "scale_decoder_outputs", False):
+            decoder_states = decoder_states * language_model.config.d_model**-0.5
+        logits = language_model.get_output_embeddings()(decoder_states)
+        bias = getattr(language_model, "final_logits_bias", None)
+        return logits if bias is None else logits + bias.to(logits.dtype)
 
     @torch.no_grad()
     def signal_states_for_sequences(
@@ -854,6 +1132,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         attention_mask: torch.LongTensor | None,
         cell_values: torch.FloatTensor | None,
         sequences: torch.LongTensor,
+        encoder_outputs: BaseModelOutput | None = None,
     ) -> tuple[torch.Tensor, torch.BoolTensor]:
         """Hidden state at the first ``<SIGNAL>`` of each generated answer, with the answer fed back.
 
@@ -863,6 +1142,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             The prompts, as given to :meth:`generate`.
         sequences : torch.LongTensor
             Generated ids ``(batch_size, generated_length)``.
+        encoder_outputs : BaseModelOutput, optional
+            The prompts' encoding from :meth:`encode_prompts` (encoder-decoder backbones), reused.
 
         Returns
         -------
@@ -875,12 +1156,12 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         if not bool(has_signal.any()):
             hidden_size = self.config.text_config.hidden_size
             return torch.zeros(0, hidden_size, device=sequences.device), has_signal
-        inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
-        if attention_mask is None:
-            attention_mask = torch.ones(
-                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-            )
         if self.config.use_decoder_only_language_model:
+            inputs_embeds, _ = self.merge_cell_embeddings(input_ids, cell_values)
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+                )
             outputs = self._causal_forward(
                 inputs_embeds,
                 attention_mask,
@@ -890,8 +1171,10 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             )
             hidden = outputs.hidden_states[-1][:, inputs_embeds.shape[1] :]
         else:
+            if encoder_outputs is None:
+                encoder_outputs = self.encode_prompts(input_ids, attention_mask, cell_values)
             outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
+                encoder_outputs=encoder_outputs,
                 attention_mask=attention_mask,
                 decoder_input_ids=sequences,
                 output_hidden_states=True,

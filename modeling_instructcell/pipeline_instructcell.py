@@ -40,6 +40,10 @@ instruct variant's answer (the label itself). For chat-variant models pass the r
 was trained with (e.g. ``"This is {output}."``), or ``answer_template="auto"``: each prompt's own greedy
 answer with the parsed label's text replaced by each candidate (falls back to the bare label when the answer
 names no label verbatim).
+
+A ``{choices}`` placeholder without ``choices`` metadata is filled with the label set. Two labels the
+tokenizer cannot tell apart are refused, and so is a prompt longer than :func:`max_prompt_tokens`
+(:class:`PromptTooLongError`), before the model runs.
 """
 
 from __future__ import annotations
@@ -63,7 +67,63 @@ except ImportError:  # pragma: no cover - anndata is a dependency of the package
 
 TASK = "single-cell-instruction"
 
-__all__ = ["TASK", "InstructCellPipeline", "candidate_answers", "resolve_label_set"]
+#: Longest prompt, in tokens, when neither the language model (``max_position_embeddings``) nor the tokenizer
+#: (``model_max_length``) states one, as with T5's relative positions and a tokenizer trained offline. Memory
+#: of the encoder's attention grows with the square of the length: 20,000 tokens need gigabytes per prompt.
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+
+__all__ = [
+    "DEFAULT_MAX_PROMPT_TOKENS",
+    "TASK",
+    "InstructCellPipeline",
+    "PromptTooLongError",
+    "candidate_answers",
+    "max_prompt_tokens",
+    "resolve_label_set",
+]
+
+
+class PromptTooLongError(ValueError):
+    """An instruction longer than the model reads (see :func:`max_prompt_tokens`)."""
+
+
+def max_prompt_tokens(config: Any, tokenizer: Any) -> int:
+    """Return the longest prompt the model reads: its position limit, else the tokenizer's, else the default.
+
+    Parameters
+    ----------
+    config : InstructCellConfig or None
+        ``text_config.max_position_embeddings`` (or ``n_positions``) bounds decoder-only backbones.
+    tokenizer : PreTrainedTokenizerBase
+        ``model_max_length`` (512 for the published T5 tokenizer); ignored when it is transformers'
+        "no limit" sentinel.
+
+    Returns
+    -------
+    int
+    """
+    text_config = getattr(config, "text_config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(text_config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return DEFAULT_MAX_PROMPT_TOKENS
+
+
+def _check_distinguishable(labels: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Refuse a label set in which two candidate answers tokenize to the same ids (they cannot be scored)."""
+    seen: dict[tuple[int, ...], str] = {}
+    for label, row, keep in zip(labels, ids.tolist(), mask.tolist(), strict=True):
+        key = tuple(token for token, kept in zip(row, keep, strict=True) if kept)
+        if key in seen:
+            raise ValueError(
+                f"The labels {seen[key]!r} and {label!r} are the same to this model's tokenizer (e.g. "
+                "characters it does not know become the same unknown token); rename one of them."
+            )
+        seen[key] = label
 
 
 def resolve_label_set(
@@ -133,7 +193,9 @@ class InstructCellPipeline(ChunkPipeline):
     A :class:`~transformers.ChunkPipeline` (a ``Pipeline`` whose ``preprocess`` yields chunks): one request
     (instruction + cells/metadata) is cut into chunks of ``batch_size`` prompts, each chunk is one batched
     ``generate`` (+ one ``score_labels``) call under ``torch.inference_mode``, and the chunks' outputs are
-    joined into one list with a dict per prompt (see the module docstring).
+    joined into one list with a dict per prompt (see the module docstring). The prompts of a chunk are
+    encoded once (:meth:`~InstructCellForConditionalGeneration.encode_prompts`); the answer, the ``<SIGNAL>``
+    states and the label scores all read that encoding.
 
     Call parameters
     ---------------
@@ -152,7 +214,9 @@ class InstructCellPipeline(ChunkPipeline):
         Treat every prompt as a generation request: answers without ``<SIGNAL>`` get one appended and still
         condition the VAE (default False).
     seed, library_size
-        Passed to ``generate_cells``.
+        Passed to ``generate_cells``: the sampler's seed, and the total counts the cell decoder is conditioned
+        on (its library input; the sampled totals scatter around the decoder's rate, they are not equal to
+        it). :func:`instructcell.inference.generate_cells` gives every generated cell exactly that total.
     max_new_tokens, generate_kwargs
         Generation settings (the model's ``generation_config`` otherwise).
     gene_names, layer, alignment
@@ -204,7 +268,7 @@ class InstructCellPipeline(ChunkPipeline):
 
     def __call__(self, inputs=None, *args, batch_size: int | None = None, **kwargs):
         """Run one request (or a list of requests); ``batch_size`` = prompts per model call."""
-        size = batch_size or self._batch_size or 32
+        size = (self._batch_size or 32) if batch_size is None else batch_size
         return super().__call__(inputs, *args, batch_size=1, cell_batch_size=size, **kwargs)
 
     def get_inference_context(self):
@@ -244,8 +308,8 @@ class InstructCellPipeline(ChunkPipeline):
             )
         if not instruction or not isinstance(instruction, str):
             raise ValueError("Pass an instruction: a template with placeholders or plain text.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}.")
         if not generate and answer_template == "auto":
             raise ValueError(
                 "answer_template='auto' scores labels inside the generated answer; keep generate=True."
@@ -283,10 +347,14 @@ class InstructCellPipeline(ChunkPipeline):
             raise ValueError(
                 "generate=False only scores a label set: pass labels=[...] (or {choices} metadata)."
             )
+        if label_set is not None and "choices" in template_fields(instruction):
+            rows = [row if row.get("choices") is not None else {**row, "choices": label_set} for row in rows]
         candidates = None
         if label_set is not None and answer_template != "auto":
             texts = candidate_answers(label_set, answer_template)
             candidates = processor.tokenizer(texts, padding=True, return_tensors="pt")
+            _check_distinguishable(label_set, candidates["input_ids"], candidates["attention_mask"])
+        max_tokens = max_prompt_tokens(getattr(self.model, "config", None), processor.tokenizer)
 
         for start in range(0, n_prompts, batch_size):
             stop = min(start + batch_size, n_prompts)
@@ -298,6 +366,12 @@ class InstructCellPipeline(ChunkPipeline):
                 ]
                 kwargs["cells"] = values
             encoding = processor(text=[instruction] * (stop - start), **kwargs)
+            length = int(encoding["input_ids"].shape[-1])
+            if length > max_tokens:
+                raise PromptTooLongError(
+                    f"The instruction is {length} tokens long (cell slots included); this model reads at "
+                    f"most {max_tokens}. Shorten it."
+                )
             yield {
                 "model_inputs": dict(encoding),
                 "candidate_ids": None if candidates is None else candidates["input_ids"],
@@ -329,15 +403,32 @@ class InstructCellPipeline(ChunkPipeline):
             "is_last": model_inputs["is_last"],
         }
         model = self.model
+        label_set = model_inputs["labels"]
+        scores_labels = label_set is not None and (return_probabilities or not generate)
+        # One encoder pass serves the answer, the <SIGNAL> states and the label scores.
+        encoder_outputs = None
+        if not model.config.use_decoder_only_language_model and (generate or scores_labels):
+            encoder_outputs = model.encode_prompts(
+                inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("cell_values")
+            )
         if generate:
             kwargs = dict(generate_kwargs or {})
             if max_new_tokens is not None:
                 kwargs["max_new_tokens"] = max_new_tokens
-            sequences = model.generate(**inputs, **kwargs)
+            if encoder_outputs is None:
+                sequences = model.generate(**inputs, **kwargs)
+            else:
+                sequences = model.generate(
+                    attention_mask=inputs.get("attention_mask"), encoder_outputs=encoder_outputs, **kwargs
+                )
             if force_signal:
                 sequences = self._append_signal(sequences)
             states, has_signal = model.signal_states_for_sequences(
-                inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("cell_values"), sequences
+                inputs.get("input_ids"),
+                inputs.get("attention_mask"),
+                inputs.get("cell_values"),
+                sequences,
+                encoder_outputs=encoder_outputs,
             )
             out["answers"] = self.processor.post_process_generation(sequences)
             out["has_signal"] = has_signal
@@ -345,12 +436,17 @@ class InstructCellPipeline(ChunkPipeline):
                 generator = (
                     None if seed is None else torch.Generator(device=states.device).manual_seed(int(seed))
                 )
-                out["generated"] = model.cell_vae.sample(
-                    states, num_cells_per_condition=num_cells, library_size=library_size, generator=generator
+                out["generated"] = model.sample_signal_cells(
+                    states,
+                    has_signal,
+                    inputs.get("input_ids"),
+                    inputs.get("cell_values"),
+                    num_cells=num_cells,
+                    library_size=library_size,
+                    generator=generator,
                 ).long()
                 out["request_index"] = torch.nonzero(has_signal).flatten().repeat_interleave(num_cells)
-        label_set = model_inputs["labels"]
-        if label_set is not None and (return_probabilities or not generate):
+        if scores_labels:
             candidate_ids, candidate_mask = model_inputs["candidate_ids"], model_inputs["candidate_mask"]
             if candidate_ids is None:  # answer_template="auto": per-prompt candidates from the greedy answer
                 texts = []
@@ -368,6 +464,7 @@ class InstructCellPipeline(ChunkPipeline):
                 candidate_ids.to(self.device),
                 candidate_mask.to(self.device),
                 max_rows_per_pass=max_rows_per_pass,
+                encoder_outputs=encoder_outputs,
             )
             out["probabilities"] = scores.probabilities
         return out

@@ -27,8 +27,22 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
+def is_present(value: Any) -> bool:
+    """Tell whether a metadata value fills a placeholder: not None, NaN, pandas' NA/NaT or an empty string."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return False
+    if isinstance(value, (str, bytes, Sequence, Mapping)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.size > 0
+    try:
+        return not bool(value != value)  # NaN, NaT and pd.NA are not equal to themselves
+    except (TypeError, ValueError):  # pd.NA: its truth value is ambiguous
+        return False
+
+
 def metadata_from_obs(obs: Any, n_rows: int) -> list[dict[str, Any]]:
-    """Placeholder values of each row from the AnnData ``obs`` columns named like the metadata placeholders.
+    """Return each row's placeholder values from the AnnData ``obs`` columns named like the placeholders.
 
     A missing value (NaN / None) is left out rather than written as the word "nan", so a template that needs
     it gets the clear missing-placeholder error. Returns ``n_rows`` empty dicts when ``obs`` is None or has
@@ -212,7 +226,8 @@ class InstructCellProcessor(ProcessorMixin):
         template : str
             Instruction with the paper's placeholders, or plain text.
         metadata : Mapping, optional
-            Values of the metadata placeholders; ``choices`` may be a list (joined with ", ").
+            Values of the metadata placeholders; ``choices`` may be a list (joined with ", "). A missing value
+            (None, NaN, an empty string) counts as absent: it never becomes the word "nan".
 
         Returns
         -------
@@ -224,7 +239,7 @@ class InstructCellProcessor(ProcessorMixin):
         for name in template_fields(template):
             if name == CELL_PLACEHOLDER:
                 values[name] = self.cell_start_token
-            elif name in metadata and metadata[name] is not None and str(metadata[name]) != "":
+            elif is_present(metadata.get(name)):
                 value = metadata[name]
                 is_list = isinstance(value, Sequence) and not isinstance(value, str)
                 values[name] = ", ".join(map(str, value)) if is_list else str(value)
@@ -432,4 +447,4 @@ def _original_config_dict(path, hub_kwargs: dict) -> dict | None:
     return config if is_original_config_dict(config) else None
 
 
-__all__ = ["InstructCellProcessor", "metadata_from_obs", "template_fields"]
+__all__ = ["InstructCellProcessor", "is_present", "metadata_from_obs", "template_fields"]

@@ -83,7 +83,8 @@ def fixed_model(monkeypatch, model, processor, tmp_path):
             "mean_total_counts": 42.0,
         }
         counts = sparse_cells(answered, "target", len(GENES))
-        return GeneratedCells(counts, list(answered["label"]), len(answered), example)
+        n = len(answered)
+        return GeneratedCells(counts, list(answered["label"]), list(range(n)), n, example)
 
     monkeypatch.setattr(classification_evaluator, "model_predictions", predictions)
     monkeypatch.setattr(

@@ -399,3 +399,47 @@ def test_large_sparse_input_is_not_densified():
     assert values.shape == (n_cells, n_vocab)
     assert peak < dense_input_bytes / 2, f"peak {peak / 1e6:.1f} MB suggests the input was densified"
     np.testing.assert_array_equal(values[:50], counts[:50][:, columns].toarray())
+
+
+@pytest.mark.parametrize(
+    "var_names, var, symbols, ids",
+    [
+        # CELLxGENE: Ensembl ids in var_names, symbols in feature_name (a gene without one keeps its id)
+        (
+            ["ENSG00000198851", "ENSG00000156738"],
+            {"feature_name": ["CD3E", None]},
+            ["CD3E", "ENSG00000156738"],
+            ["ENSG00000198851", "ENSG00000156738"],
+        ),
+        # scanpy's read_10x default: symbols in var_names, ids in gene_ids
+        (
+            ["CD3E", "MS4A1"],
+            {"gene_ids": ["ENSG00000198851", "ENSG00000156738"]},
+            ["CD3E", "MS4A1"],
+            ["ENSG00000198851", "ENSG00000156738"],
+        ),
+        # ids without any symbol column
+        (["ENSG00000198851", "ENSG00000156738"], {}, None, ["ENSG00000198851", "ENSG00000156738"]),
+        # row numbers from R, symbols in gene_name
+        (["0", "1"], {"gene_name": ["CD3E", "MS4A1"]}, ["CD3E", "MS4A1"], None),
+        # composite names
+        (
+            ["CD3E_ENSG00000198851", "MS4A1_ENSG00000156738"],
+            {},
+            ["CD3E", "MS4A1"],
+            ["ENSG00000198851", "ENSG00000156738"],
+        ),
+    ],
+)
+def test_gene_identifiers_read_the_usual_conventions(var_names, var, symbols, ids):
+    from modeling_instructcell.feature_extraction_instructcell import gene_identifiers
+
+    assert gene_identifiers(var_names, pd.DataFrame(var, index=var_names)) == (symbols, ids)
+
+
+def test_cellxgene_anndata_aligns_to_a_symbol_vocabulary_as_it_is(fe):
+    var_names = [f"ENSG{i:011d}" for i in range(6)]
+    adata = make_adata(genes=var_names, feature_name=pd.Categorical(INPUT_GENES))
+    np.testing.assert_array_equal(fe(adata)["cell_values"], EXPECTED)
+    numbered = make_adata(genes=[str(i) for i in range(6)], gene_symbols=INPUT_GENES)
+    np.testing.assert_array_equal(fe(numbered)["cell_values"], EXPECTED)

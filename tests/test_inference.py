@@ -82,7 +82,9 @@ def test_failure_leaves_no_partial_output(pipe, h5ad, tmp_path, monkeypatch):
         inference.annotate(
             pipe, h5ad, labels=LABELS, output=tmp_path / "out.h5ad", chunk_size=3, progress=False
         )
-    assert _files(tmp_path) == listing
+    # No output, only the finished chunk kept for a rerun to resume from.
+    assert _files(tmp_path) == sorted([*listing, "out.h5ad.instructcell-partial"])
+    assert _files(tmp_path / "out.h5ad.instructcell-partial") == ["chunk-00000000.json", "run.json"]
 
 
 def test_annotate_generate_method_and_drug_response(pipe, h5ad):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -104,3 +106,31 @@ def test_preprocess_dataset_end_to_end():
     )
     assert out.X.dtype == np.int32 and sp.isspmatrix_csr(out.X) or sp.issparse(out.X)
     assert out.var_names[-1].startswith("GENE")
+
+
+def test_gene_symbols_come_from_a_var_column_and_repeated_symbols_are_summed():
+    from datasets_builder.preprocessing import use_gene_symbols
+
+    adata = make_counts(n_cells=20, n_genes=4)
+    symbols = ["CD3E", "MS4A1", "CD3E", "LYZ"]
+    adata.var = pd.DataFrame({"gene_symbols": symbols}, index=[f"ENSG{i:011d}" for i in range(4)])
+    renamed, source = use_gene_symbols(adata)
+    assert list(renamed.var_names) == ["CD3E", "MS4A1", "LYZ"]
+    assert source == "var['gene_symbols'], 1 repeated symbols summed"
+    X = adata.X.toarray()
+    np.testing.assert_array_equal(renamed.X.toarray()[:, 0], X[:, 0] + X[:, 2])
+    same, source = use_gene_symbols(make_counts(n_cells=5, n_genes=12))
+    assert source == "var_names"
+
+
+def test_a_label_below_the_minimum_is_an_error_unless_rare_labels_are_dropped():
+    from datasets_builder.preprocessing import check_label_counts
+
+    adata = make_counts(n_cells=100, n_genes=300)
+    adata.obs["cell_type"] = pd.Categorical(["rare"] + ["common"] * 50 + ["other"] * 49)
+    with pytest.raises(ValueError, match=r"'rare': 1 cell\).*--drop-rare-labels"):
+        check_label_counts(adata, "cell_type", min_cells=20)
+    with pytest.raises(ValueError, match="'rare': 1 cell"):
+        preprocess_dataset(adata, "human", "cell_type", drop_rare_labels=False, min_genes=50)
+    kept = preprocess_dataset(adata, "human", "cell_type", drop_rare_labels=True, min_genes=50)
+    assert json.loads(kept.uns["preprocessing"])["dropped_labels"] == {"rare": 1}

@@ -7,6 +7,7 @@ from datasets_builder.template_grammar import GrammarGenerator
 from datasets_builder.templates import TemplateBank, validate_template
 from datasets_builder.traits import sample_questioner
 from instructcell.tasks import (
+    METRIC_FAMILIES,
     TASKS,
     Task,
     get_task,
@@ -16,11 +17,22 @@ from instructcell.tasks import (
     tasks_of_family,
 )
 
+MULTICELL_TASKS = (
+    "group_composition",
+    "odd_one_out",
+    "cell_match",
+    "joint_annotation",
+    "follow_up_annotation",
+    "follow_up_confidence",
+    "follow_up_generation",
+)
+
 
 def test_lookup_and_lists():
-    assert task_names()[:3] == ("cta", "dsp", "cpcg")  # new tasks go last: the registry order seeds banks
+    # new tasks go last: the registry order seeds template synthesis
+    assert task_names() == ("cta", "dsp", "cpcg", "prp", *MULTICELL_TASKS)
     assert get_task("dsp").default_labels == ("sensitive", "resistant")
-    with pytest.raises(ValueError, match="Unknown task 'xyz': choose one of cta, dsp, cpcg, group_"):
+    with pytest.raises(ValueError, match="Unknown task 'xyz': choose one of cta, dsp, cpcg, prp, group_"):
         get_task("xyz")
     assert parse_task_list("cpcg, cta") == ("cta", "cpcg")
     assert parse_task_list(None) == task_names()
@@ -28,7 +40,10 @@ def test_lookup_and_lists():
         parse_task_list("cta,nope")
     assert tasks_of_family("classification") == ("cta", "dsp")
     assert tasks_of_family("generation") == ("cpcg",)
-    assert "group_composition" in tasks_of_family("multicell")
+    assert tasks_of_family("perturbation") == ("prp",)
+    assert tasks_of_family("multicell") == MULTICELL_TASKS
+    assert [name for name, task in TASKS.items() if task.pairs_cells] == ["prp"]
+    assert METRIC_FAMILIES == ("classification", "generation", "perturbation", "multicell")
 
 
 @pytest.mark.parametrize("name", task_names())

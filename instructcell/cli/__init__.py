@@ -2,12 +2,14 @@
 
 ::
 
+    instructcell build-data OUT --h5ad cells.h5ad --task cta [--gene-vocab-from MODEL]
     instructcell train [RECIPE] [--flag value ...]
     instructcell evaluate MODEL DATA -o OUT
     instructcell annotate MODEL data.h5ad -o annotated.h5ad --labels "B cells,CD14+ Monocytes,..."
     instructcell predict-drug MODEL pc9.h5ad -o pc9_pred.h5ad --drug erlotinib
     instructcell generate MODEL -o fake.h5ad --cell-type "naive B cell" --species human --n-cells 50
     instructcell chat MODEL data.h5ad --labels-from-obs cell_type
+    instructcell perturb MODEL cells.h5ad --perturbation "interferon beta" -o predicted.h5ad
 
 A ``ValueError`` (bad input) is printed as ``error: ...`` with exit status 2, without a traceback.
 """
@@ -18,9 +20,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from . import annotate, chat, evaluate, generate, train
+from . import annotate, build_data, chat, evaluate, generate, perturb, train
 
-SUBCOMMANDS = (train, evaluate, annotate, generate, chat)
+SUBCOMMANDS = (build_data, train, evaluate, annotate, generate, perturb, chat)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,9 @@ each cell on its own and the answers counted.
 
 The prompt keeps the last ``--history-turns`` turns, dropping the oldest ones first while the conversation
 holds more than :data:`~instructcell.tasks.multicell.MAX_CELLS_PER_PROMPT` cells or more tokens than the model
-reads (:func:`prompt_token_limit`); a turn is never cut in the middle, and a question too long on its own is
-refused with a message that says so.
+reads (:func:`~modeling_instructcell.pipeline_instructcell.max_prompt_tokens`); a turn is never cut in the
+middle, and a question too long on its own is refused with a message that says so. Generated cells are saved
+only to a new file: the chat never replaces one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import anndata
 import numpy as np
@@ -30,24 +31,32 @@ import scipy.sparse as sp
 import torch
 
 from instructcell import inference
+from instructcell.inference.files import read_anndata, write_anndata
+from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
 from instructcell.tasks.multicell import MAX_CELLS_PER_PROMPT, cell_list, conversation
 from modeling_instructcell.answer_extraction import extract_label
+from modeling_instructcell.pipeline_instructcell import PromptTooLongError, max_prompt_tokens
 
-from .common import add_model_arguments, label_set, load_pipeline
+from .common import (
+    add_model_arguments,
+    model_source,
+    non_negative_int,
+    obs_label_set,
+    parse_labels,
+    positive_int,
+)
 
 PROMPT = "you> "
 #: Cells sampled for an answer with ``<SIGNAL>`` when the message names no number.
 DEFAULT_CELLS_TO_GENERATE = 10
-#: The longest prompt when neither the model nor its tokenizer states one (T5's relative positions do not).
-DEFAULT_PROMPT_TOKENS = 1024
 
 HELP = f"""Ask about the cells of the file; name them as cell 5, cells 10-13 or cells 1, 4 and 9. E.g.
   What cell types are in cells 0-7, and how many of each?
   Which of cells 10-13 is the B cell?          (the answer's "cell 2" is the 2nd cell named)
   What is cell 20?    And cell 21?    How sure are you?
   Generate 20 more like the first one.          (samples cells when the model answers <SIGNAL>)
-  save generated to out.h5ad                    write the last generated cells to a new file
+  save generated to out.h5ad                    write the last generated cells (to a new file)
   which genes drive that call?                  gradient saliency of the last answer's label
   quit
 Up to {MAX_CELLS_PER_PROMPT} cells go into one prompt; about more cells, each cell is asked on its own and the
@@ -57,18 +66,22 @@ _RANGE = r"\d+(?:\s*(?:-|–|to|\.\.)\s*\d+)?"
 _REFERENCE = re.compile(rf"\bcells?\s+#?({_RANGE}(?:\s*(?:,\s*and|,|and|&)\s*{_RANGE})*)", re.IGNORECASE)
 _NUMBER = re.compile(r"\b(\d+)\b")
 _SALIENCY = re.compile(r"\b(which|what)\s+genes?\b|\bwhy\b|\bdrive", re.IGNORECASE)
-_SAVE = re.compile(r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.h5ad)\s*$", re.IGNORECASE)
+_SAVE = re.compile(
+    r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.(?:h5ad|zarr))\s*$", re.IGNORECASE
+)
 
 
 def add_parsers(subparsers) -> None:
     """Register ``chat``."""
     chat = subparsers.add_parser("chat", help="interactive conversation over an .h5ad")
     add_model_arguments(chat)
-    chat.add_argument("input", help=".h5ad file")
+    chat.add_argument("input", help=".h5ad file (or .zarr store)")
     chat.add_argument("--labels", help="comma-separated label set: names the calls counted and explained")
     chat.add_argument("--labels-from-obs", metavar="COLUMN", help="the label set from an obs column")
-    chat.add_argument("--history-turns", type=int, default=2, help="earlier turns kept in the prompt at most")
-    chat.add_argument("--max-new-tokens", type=int, default=96)
+    chat.add_argument(
+        "--history-turns", type=non_negative_int, default=2, help="earlier turns kept in the prompt at most"
+    )
+    chat.add_argument("--max-new-tokens", type=positive_int, default=96)
     chat.add_argument("--seed", type=int, default=0, help="seed of the cell sampler")
     chat.set_defaults(run=run)
 
@@ -95,17 +108,6 @@ def cell_references(message: str, n_obs: int) -> list[int]:
                 raise ValueError(f"cells {first}-{last} are outside the file's rows 0-{n_obs - 1}.")
             rows += range(first, last + 1)
     return rows
-
-
-def prompt_token_limit(model: Any, tokenizer: Any) -> int:
-    """Return the longest prompt the model reads: its position limit, the tokenizer's, or the default."""
-    text_config = getattr(model.config, "text_config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        limit = getattr(text_config, name, None)
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else DEFAULT_PROMPT_TOKENS
 
 
 @dataclass
@@ -158,7 +160,7 @@ class ChatSession:
             batch_size,
             seed,
         )
-        self.max_tokens = prompt_token_limit(self.model, self.processor.tokenizer)
+        self.max_tokens = max_prompt_tokens(self.model.config, self.processor.tokenizer)
         self.turns: list[Turn] = []
         self.generated: anndata.AnnData | None = None
 
@@ -169,7 +171,7 @@ class ChatSession:
             return ""
         try:
             return self._dispatch(message)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # the session goes on after bad input or a failed write
             return f"Sorry, I could not do that: {err}"
 
     def _dispatch(self, message: str) -> str:
@@ -184,10 +186,14 @@ class ChatSession:
             return self._cell_by_cell(message, rows)
         return self._ask(message, rows)
 
+    def _cells(self, rows: list[int]) -> anndata.AnnData:
+        """Return the file rows ``rows`` in memory."""
+        view = self.adata[rows]
+        return view.to_memory() if getattr(self.adata, "isbacked", False) else view.copy()
+
     def _counts(self, rows: list[int]) -> np.ndarray:
         """Raw counts ``(len(rows), n_genes)`` of file rows in the model's gene order."""
-        view = self.adata[sorted(set(rows))]
-        cells = view.to_memory() if getattr(self.adata, "isbacked", False) else view.copy()
+        cells = self._cells(sorted(set(rows)))
         values = self.processor.feature_extractor(cells, return_tensors="np")["cell_values"]
         position = {row: i for i, row in enumerate(sorted(set(rows)))}
         return values[[position[row] for row in rows]]
@@ -224,9 +230,12 @@ class ChatSession:
                 if inputs["input_ids"].shape[-1] <= self.max_tokens:
                     return {k: v.to(self.model.device) for k, v in inputs.items()}, kept
             if not kept:
-                raise ValueError(
-                    f"the question is longer than the {self.max_tokens} tokens this model reads (cell slots "
-                    "included): ask about fewer cells, or in fewer words."
+                length = inputs["input_ids"].shape[-1] if len(all_rows) <= MAX_CELLS_PER_PROMPT else None
+                size = f"{length} tokens long" if length else f"about {len(all_rows)} cells"
+                raise PromptTooLongError(
+                    f"the question is {size} (cell slots included); this model reads at most "
+                    f"{self.max_tokens} tokens and {MAX_CELLS_PER_PROMPT} cells: ask about fewer cells, or "
+                    "in fewer words."
                 )
             kept = kept[1:]
 
@@ -294,9 +303,9 @@ class ChatSession:
     def _save(self, path: str) -> str:
         if self.generated is None:
             return "Nothing generated yet: ask, e.g., 'Generate 20 more like the first one.'"
-        with inference.atomic_output(path) as tmp:
-            self.generated.write_h5ad(tmp)
-        return f"Saved {self.generated.n_obs} generated cells to {path}."
+        destination = check_destination(path, overwrite=False, flag=None)  # never replaces a file
+        write_anndata(self.generated, destination)
+        return f"Saved {self.generated.n_obs} generated cells to {destination}."
 
     def _saliency(self) -> str:
         shown = [turn for turn in self.turns if turn.rows]
@@ -306,7 +315,7 @@ class ChatSession:
         label = extract_label(turn.answer, self.labels) if self.labels else None
         frame = inference.gene_saliency(
             self.pipe,
-            self.adata[turn.rows].to_memory() if self.adata.isbacked else self.adata[turn.rows].copy(),
+            self._cells(turn.rows),
             label or turn.answer,
             labels=self.labels if label else None,
             template=get_task("cta").default_instruction,
@@ -323,12 +332,17 @@ class ChatSession:
 
 def run(args, stdin: TextIO, out: TextIO) -> int:
     """Load the file and answer messages from ``stdin`` until "quit" or end of input."""
-    adata = anndata.read_h5ad(args.input, backed="r")
+    if args.labels and args.labels_from_obs:
+        raise ValueError("Give either --labels or --labels-from-obs, not both.")
+    adata = read_anndata(args.input)
     try:
+        labels = parse_labels(args.labels) if args.labels else None
+        if args.labels_from_obs:
+            labels = obs_label_set(adata, args.labels_from_obs)
         session = ChatSession(
-            load_pipeline(args),
+            model_source(args).load(),
             adata,
-            labels=label_set(args, adata),
+            labels=labels,
             history_turns=args.history_turns,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
@@ -348,6 +362,7 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
             if reply:
                 print(f"instructcell> {reply}", file=out, flush=True)
     finally:
-        adata.file.close()
+        if adata.isbacked:
+            adata.file.close()
     print("", file=out)
     return 0

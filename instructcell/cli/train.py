@@ -1,10 +1,14 @@
 """``instructcell train [RECIPE] [--flag value ...]``: train (or resume) and save the model in the Hub layout.
 
 ``RECIPE`` is a shipped recipe name (``default`` when omitted; ``demo``, ``small-instruct``, ``paper``...) or
-a YAML file; flags after it override its values (``--max_steps 500``; ``--help`` lists them). Launch with
-``accelerate launch -m instructcell train ...`` for several processes. Rerunning the same command resumes
-from the last checkpoint in ``--output_dir``; Ctrl-C writes one first. The final model is saved to
-``<output_dir>/final``.
+a YAML file; flags after it override its values (``--max_steps 500``; ``--help`` lists them). For several
+processes, launch it with ``accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m
+instructcell train ...`` (GPUs) or ``accelerate launch --config_file configuration/accelerate/multi_cpu.yaml
+-m instructcell train ... --use_cpu true`` (CPU); docs/scaling.md. Rerunning the same command resumes from
+the last checkpoint in ``--output_dir``; Ctrl-C writes one first. It prints the steps trained against the
+steps planned; the final model is saved to ``<output_dir>/final``. Exit status 3: the wall-clock cap
+(``--max_train_minutes``) stopped training before the planned steps (rerun to train the rest); 130:
+interrupted.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ import logging
 from typing import TextIO
 
 from instructcell.configuration import recipe_names
-from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training, training_budget
+from instructcell.training import (
+    DEFAULT_RECIPE,
+    budget_report,
+    parse_training_arguments,
+    run_training,
+    training_budget,
+)
 from instructcell.training.arguments import argument_parser
 
 
 def add_parsers(subparsers) -> None:
-    """Register ``train``; its flags are the training arguments, parsed by :func:`parse_training_arguments`."""
+    """Register ``train``; its flags are the training arguments (:func:`parse_training_arguments`)."""
     parser = subparsers.add_parser(
         "train",
         help="train or fine-tune a model on a built dataset",
@@ -46,25 +56,28 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
         print(f"Shipped recipes: {', '.join(recipe_names())}\n", file=out)
         argument_parser().print_help(out)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)  # per-batch gene alignment notes
     recipe, flags = split_recipe(args.arguments)
     model_args, data_args, training_args, _ = parse_training_arguments(recipe, flags)
+    main_process = training_args.process_index == 0
+    logging.basicConfig(
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("modeling_instructcell").setLevel(logging.WARNING)  # per-batch gene alignment notes
     trainer, processor, interrupted = run_training(model_args, data_args, training_args)
     if interrupted:
-        print(f"Interrupted: rerun the same command to resume from {training_args.output_dir}.", file=out)
+        if main_process:
+            print(f"Interrupted: rerun the same command to resume from {training_args.output_dir}.", file=out)
         return 130
     budget = training_budget(trainer)
+    if main_process:
+        print(budget_report(budget, training_args), file=out)
     if budget["stopped_by_time_cap"]:
-        print(
-            f"Stopped by the wall-clock cap at step {budget['steps']} of {budget['planned_steps']}: rerun the "
-            "same command to train the rest; no final model was saved.",
-            file=out,
-        )
+        if main_process:
+            print("No final model was saved.", file=out)
         return 3
-    if trainer.is_world_process_zero():
+    if main_process:
         model = trainer.model.merge_and_unload() if model_args.use_lora else trainer.model
         final = save_for_hub(model, processor, f"{training_args.output_dir}/final")
-        print(f"Trained {budget['steps']} of {budget['planned_steps']} planned steps.", file=out)
         print(f"Saved the model (Hub layout) to {final}", file=out)
     return 0

@@ -8,7 +8,8 @@ Modules
 -------
 - :mod:`.suite`: :class:`~.suite.EvaluationConfig`, :func:`~.suite.run_evaluation`, the family dispatch.
 - :mod:`.context`: what the evaluators share (data, models, :class:`~.context.ScoringSettings`, report).
-- :mod:`.classification_evaluator`, :mod:`.generation_evaluator`: one evaluator per metric family.
+- :mod:`.classification_evaluator`, :mod:`.generation_evaluator`, :mod:`.perturbation_evaluator`: one
+  evaluator per metric family.
 - :mod:`.candidates`: the models under evaluation (label predictions, cells for requests, greedy answers).
 - :mod:`.baselines`: the baselines registry (:data:`~.baselines.BASELINES`, picked from ``task.baselines``);
   :mod:`.optional_baselines`: CellTypist and scVI.
@@ -29,10 +30,15 @@ Modules
          "n_test", "n_train",
          classification: "labels": [label],
          generation: "n_requests", "requested": {label: cells}, "markers": {label: [gene]},
+         perturbation: "groups": {"<perturbation> / <cell type>": {"n_test", "top_degs": [gene],
+                                                                   "methods": {name: {metric: value}}}},
          "methods": {name: {
              classification: "accuracy", "macro_f1", "weighted_f1", "answered_rate", ("method": models),
              generation: "mmd", "delta_sknn", "pknn", "pknn_k10", per-K values, "n_cells",
                          ("signal_rate": models),
+             perturbation: means over groups of "r2_all", "r2_top_degs", "change_pearson_all",
+                           "change_pearson_top_degs", "mmd", "e_distance"; "n_groups",
+                           ("signal_rate": models),
              "seconds", ("details": {...} of a baseline, e.g. scVI's epochs)}}}}},
      "sections": {"requests": [{"task", "dataset", "instruction", "answer", "detail"}],
                   "robustness": {"method", "templates_per_group", "sd_ddof",

@@ -7,13 +7,17 @@ as the model is scored on:
   (:class:`ClassificationCells` in, one label per test cell out);
 * ``generation``: given the training cells and the cells requested per label, it returns cells over the same
   genes with their labels (:class:`GenerationCells` in); labels without training cells are left out;
+* ``perturbation``: given the training pairs (control -> perturbed cell) and the query control cells with
+  their cell types and perturbations, it returns one predicted perturbed cell per query cell, as
+  log-normalized expression (:class:`PerturbationCells` in);
 * ``multicell``: fitted on the training cells and their labels, it gives every test cell's label probabilities
   (:class:`ClassificationCells` in, a cells x labels frame out); each multi-cell question is answered from
   the probabilities of its cells.
 
-``logistic_regression``, ``logistic_regression_cells``, ``label_mean`` and ``reference`` are cheap and always
-available; ``celltypist`` and ``scvi`` need optional installs (:mod:`instructcell.evaluation.optional_baselines`)
-and are skipped, with the reason recorded, when those are missing.
+``logistic_regression``, ``logistic_regression_cells``, ``label_mean``, ``reference``, ``no_change`` and
+``additive`` are cheap and always available; ``celltypist`` and ``scvi`` need optional installs
+(:mod:`instructcell.evaluation.optional_baselines`) and are skipped, with the reason recorded, when those are
+missing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ __all__ = [
     "Baseline",
     "ClassificationCells",
     "GenerationCells",
+    "PerturbationCells",
+    "additive_shift_cells",
     "choose_baselines",
     "label_mean_cells",
     "logistic_regression_predictions",
@@ -104,6 +110,51 @@ class GenerationCells:
     train_labels: list[str]
     requested: dict[str, int]
     genes: list[str]
+
+
+@dataclass
+class PerturbationCells:
+    """What a perturbation baseline sees: training pairs and the control cells to predict from.
+
+    Attributes
+    ----------
+    train_controls, train_perturbed : scipy.sparse.csr_matrix
+        ``(n_train, n_genes)`` raw counts of the training rows' control (input) and perturbed (target) cells.
+    train_labels, train_perturbations : list of str
+        ``(n_train,)`` cell type and perturbation of every training row.
+    query_controls : scipy.sparse.csr_matrix
+        ``(n_query, n_genes)`` raw counts of the control cells to predict from.
+    query_labels, query_perturbations : list of str
+        ``(n_query,)`` their cell types and the perturbations asked for.
+    genes : list of str
+        ``(n_genes,)`` gene names.
+    """
+
+    train_controls: sp.csr_matrix
+    train_perturbed: sp.csr_matrix
+    train_labels: list[str]
+    train_perturbations: list[str]
+    query_controls: sp.csr_matrix
+    query_labels: list[str]
+    query_perturbations: list[str]
+    genes: list[str]
+
+    @classmethod
+    def from_rows(
+        cls, train_rows: datasets.Dataset, query_rows: datasets.Dataset, genes: Sequence[str]
+    ) -> PerturbationCells:
+        """Read training pairs and query control cells from builder rows (``n_genes = len(genes)``)."""
+        n_genes = len(genes)
+        return cls(
+            sparse_cells(train_rows, "input", n_genes),
+            sparse_cells(train_rows, "target", n_genes),
+            list(train_rows["label"]),
+            list(train_rows["perturbation"]),
+            sparse_cells(query_rows, "input", n_genes),
+            list(query_rows["label"]),
+            list(query_rows["perturbation"]),
+            list(genes),
+        )
 
 
 #: A baseline's output: labels (classification) or ``(counts or None, labels)`` (generation), and details
@@ -287,6 +338,62 @@ def reference_cells(
     return sp.csr_matrix(train_counts)[picks], labels
 
 
+def additive_shift_cells(
+    cells: PerturbationCells, seed: int = 0
+) -> tuple[np.ndarray, dict[str, dict[str, list[str]]]]:
+    """Control cells plus the mean perturbation shift of the training cell types (the linear baseline).
+
+    In log-normalized expression, the shift of perturbation ``p`` is the average over the training cell types
+    with rows of ``p`` of ``mean(perturbed) - mean(paired controls)``: a query cell type never seen perturbed
+    gets the other types' average response. Values are clipped at 0 (no negative expression).
+
+    Parameters
+    ----------
+    cells : PerturbationCells
+    seed : int
+        Unused (the baseline is deterministic); part of every baseline's signature.
+
+    Returns
+    -------
+    predicted : numpy.ndarray
+        ``(n_query, n_genes)`` log-normalized expression.
+    details : dict
+        ``{"shift_cell_types": {perturbation: [cell types averaged]}}``.
+    """
+    controls = normalize_log1p(cells.train_controls)
+    perturbed = normalize_log1p(cells.train_perturbed)
+    labels = np.asarray(cells.train_labels).astype(str)
+    perturbations = np.asarray(cells.train_perturbations).astype(str)
+    shifts: dict[str, np.ndarray] = {}
+    used: dict[str, list[str]] = {}
+    for perturbation in sorted(set(cells.query_perturbations)):
+        types = sorted(set(labels[perturbations == perturbation].tolist()))
+        if not types:
+            raise ValueError(
+                f"No training rows of perturbation {perturbation!r}: the additive baseline has no shift."
+            )
+        per_type = []
+        for cell_type in types:
+            rows = np.flatnonzero((perturbations == perturbation) & (labels == cell_type))
+            mean_perturbed = np.asarray(perturbed[rows].mean(axis=0)).ravel()
+            per_type.append(mean_perturbed - np.asarray(controls[rows].mean(axis=0)).ravel())
+        shifts[perturbation] = np.mean(per_type, axis=0)
+        used[perturbation] = types
+    predicted = np.asarray(normalize_log1p(cells.query_controls).toarray())
+    for perturbation, shift in shifts.items():
+        rows = np.asarray(cells.query_perturbations) == perturbation
+        predicted[rows] += shift
+    return np.clip(predicted, 0.0, None), {"shift_cell_types": used}
+
+
+def _run_no_change(cells: PerturbationCells, seed: int = 0) -> BaselineOutput:
+    return np.asarray(normalize_log1p(cells.query_controls).toarray()), {}
+
+
+def _run_additive(cells: PerturbationCells, seed: int = 0) -> BaselineOutput:
+    return additive_shift_cells(cells, seed)
+
+
 def _run_logistic_regression(cells: ClassificationCells, seed: int = 0) -> BaselineOutput:
     return logistic_regression_predictions(
         cells.train_counts, cells.train_labels, cells.test_counts, seed
@@ -387,6 +494,23 @@ BASELINES: dict[str, Baseline] = {
             "would score (closeness to it is the goal, not the maximum).",
             cheap=True,
             run=_run_reference,
+        ),
+        Baseline(
+            "no_change",
+            "no change",
+            "perturbation",
+            "the control cells themselves: a prediction that the perturbation changes nothing.",
+            cheap=True,
+            run=_run_no_change,
+        ),
+        Baseline(
+            "additive",
+            "additive",
+            "perturbation",
+            "each control cell plus the mean perturbed - control shift (log-normalized) of the training cell "
+            "types, averaged over types: the linear baseline.",
+            cheap=True,
+            run=_run_additive,
         ),
     )
 }

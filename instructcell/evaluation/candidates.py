@@ -243,6 +243,8 @@ class GeneratedCells:
         ``(n_generated, n_genes)`` generated counts.
     labels : list of str
         ``(n_generated,)`` the label each cell was requested with.
+    requests : list of int
+        ``(n_generated,)`` the request (row) each cell answers.
     n_signal : int
         Requests answered with ``<SIGNAL>`` (those produce cells).
     example : dict
@@ -252,6 +254,7 @@ class GeneratedCells:
 
     counts: sp.csr_matrix
     labels: list[str]
+    requests: list[int]
     n_signal: int
     example: dict[str, Any]
 
@@ -275,7 +278,8 @@ def generate_for_requests(
     model, processor
         The model under evaluation.
     requests : Dataset
-        ``n_requests`` rows whose ``label`` is the requested one.
+        ``n_requests`` rows whose ``label`` is the requested one; a row's input cell (perturbation response)
+        goes into its prompt.
     generated_per_request : int
         Cells sampled per request answered with ``<SIGNAL>``.
     seed : int
@@ -291,14 +295,13 @@ def generate_for_requests(
     """
     n_genes = processor.feature_extractor.vocab_size
     collator = DataCollatorForInstructCell(processor)
-    blocks, labels, n_signal, example = [], [], 0, None
+    blocks, labels, answered, n_signal, example = [], [], [], 0, None
     starts = range(0, len(requests), batch_size)
     for k, offset in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         chunk = requests.select(range(offset, min(offset + batch_size, len(requests))))
         batch = collator(list(chunk))
         output = model.generate_cells(
-            input_ids=batch["input_ids"].to(model.device),
-            attention_mask=batch["attention_mask"].to(model.device),
+            **_model_inputs(batch, model.device),
             num_cells=generated_per_request,
             seed=seed + k,
             max_new_tokens=max_new_tokens,
@@ -306,6 +309,7 @@ def generate_for_requests(
         n_signal += int(output.has_signal.sum())
         blocks.append(sp.csr_matrix(output.cell_values.cpu().numpy().astype(np.float32)))
         labels += [chunk[int(i)]["label"] for i in output.request_index.tolist()]
+        answered += [offset + int(i) for i in output.request_index.tolist()]
         if example is None:
             mine = output.request_index == 0
             totals = output.cell_values[mine].sum(-1).float()
@@ -317,4 +321,4 @@ def generate_for_requests(
                 "mean_total_counts": float(totals.mean()) if len(totals) else None,
             }
     counts = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
-    return GeneratedCells(counts, labels, n_signal, example or {})
+    return GeneratedCells(counts, labels, answered, n_signal, example or {})

@@ -15,7 +15,9 @@ import pandas as pd
 
 __all__ = [
     "plot_confusion",
+    "plot_count_distributions",
     "plot_marker_dotplot",
+    "plot_perturbation_means",
     "plot_robustness",
     "plot_saliency_heatmap",
     "plot_umap",
@@ -284,5 +286,77 @@ def plot_robustness(path: Path, per_template: pd.DataFrame, title: str) -> None:
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(axis="y", color="0.9")
     fig.suptitle(f"{title}\none point per test template; black: mean ± sd", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_perturbation_means(
+    path: Path, title: str, panels: Mapping[str, Mapping[str, Sequence[float] | None]]
+) -> None:
+    """Predicted vs real mean expression of the top DEGs: one scatter per panel (cell type).
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    title : str
+        Figure title.
+    panels : mapping
+        Panel title -> ``{"real": (n_genes,) means of the real perturbed cells, legend entry: (n_genes,) means
+        of a prediction, ...}`` (log-normalized); a prediction of None is left out.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, (panel, means) in zip(axes[0], panels.items(), strict=True):
+        real = np.asarray(means["real"], dtype=float)
+        top = float(real.max()) if real.size else 1.0
+        for i, (name, values) in enumerate((k, v) for k, v in means.items() if k != "real" and v is not None):
+            values = np.asarray(values, dtype=float)
+            ax.scatter(real, values, s=9, alpha=0.7, color=colors[i % len(colors)], label=name)
+            top = max(top, float(values.max()))
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("real perturbed cells (mean log-normalized)")
+        ax.set_ylabel("predicted")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_count_distributions(path: Path, title: str, statistics: Mapping[str, Mapping[str, Any]]) -> None:
+    """Library sizes and detected genes per cell of several cell sets, as histograms side by side.
+
+    Parameters
+    ----------
+    path : Path
+        PNG to write.
+    title : str
+        Figure title.
+    statistics : mapping
+        Set name -> ``{"library_size": (n_cells,), "detected_genes": (n_cells,)}``
+        (:func:`~.metrics.perturbation.count_statistics`).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, stats) in enumerate(statistics.items()):
+        for ax, key in zip(axes, ("library_size", "detected_genes"), strict=True):
+            values = np.asarray(stats[key], dtype=float)
+            ax.hist(
+                values,
+                bins=40,
+                alpha=0.45,
+                color=colors[i % len(colors)],
+                label=f"{name} (median {np.median(values):.0f})",
+            )
+    for ax, what in zip(axes, ("total counts (library size)", "genes with a count > 0"), strict=True):
+        ax.set_xlabel(f"{what} per cell")
+        ax.set_ylabel("cells")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

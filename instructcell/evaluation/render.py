@@ -40,6 +40,15 @@ FAMILY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pknn", "pKNN"),
         ("pknn_k10", "pKNN K=10"),
     ),
+    "perturbation": (
+        ("signal_rate", "answered `<SIGNAL>`"),
+        ("r2_all", "R² all genes"),
+        ("r2_top_degs", "R² top-100 DEGs"),
+        ("change_pearson_all", "Δ Pearson all"),
+        ("change_pearson_top_degs", "Δ Pearson top-100 DEGs"),
+        ("mmd", "MMD (PCA)"),
+        ("e_distance", "E-distance (PCA)"),
+    ),
     "multicell": (
         ("accuracy", "accuracy"),
         ("cell_accuracy", "cells right"),
@@ -58,6 +67,14 @@ FAMILY_PROTOCOLS: dict[str, str] = {
         "labels and counts. Cells are compared with the real test cells in one PCA-50 + UMAP embedding "
         "fitted on the real test cells (generated cells mapped in with `transform`); KNN metrics are "
         "averaged over K = 5, 10, 25, 50."
+    ),
+    "perturbation": (
+        "One prediction per test row (a perturbed cell paired with a control cell of its type and donor; "
+        "its own held-out instruction); every method predicts from the same control cells. Per "
+        "perturbation and cell type: R² (squared Pearson) of mean log-normalized expression, predicted vs "
+        "real, over all genes and the top-100 DEGs (real perturbed vs control, Wilcoxon); Pearson "
+        "correlation of predicted and real change of the means; MMD and energy distance in a PCA of the "
+        "real cells. The table shows means over the groups."
     ),
     "multicell": (
         "Each test row shows several held-out cells of one dataset, or a question after earlier turns, in a "
@@ -139,7 +156,7 @@ def method_rows(
 
     Parameters
     ----------
-    family : {"classification", "generation"}
+    family : {"classification", "generation", "perturbation", "multicell"}
     by_task : mapping
         ``scores`` of ``metrics.json`` restricted to the family's tasks: task -> dataset -> entry.
     methods : mapping
@@ -233,6 +250,51 @@ def _requests_lines(requests: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _perturbation_group_lines(by_task: Mapping[str, Any], methods: Mapping[str, Any]) -> list[str]:
+    """One row per perturbation / cell type group and method: the scores the family table averages."""
+    keys = [(key, title) for key, title in FAMILY_COLUMNS["perturbation"] if key != "signal_rate"]
+    header = [
+        "task",
+        "dataset",
+        "perturbation / cell type",
+        "n test",
+        "method",
+        *[title for _, title in keys],
+    ]
+    rows = [
+        [task.upper(), dataset, group, values["n_test"], method_title(name, scores, methods)]
+        + [scores.get(key) for key, _ in keys]
+        for task, by_dataset in by_task.items()
+        for dataset, entry in by_dataset.items()
+        for group, values in entry["groups"].items()
+        for name, scores in values["methods"].items()
+    ]
+    return ["", "Per perturbation and cell type:", "", markdown_table(header, rows, numeric_from=3)]
+
+
+def _by_size_lines(by_task: Mapping[str, Any], methods: Mapping[str, Any]) -> list[str]:
+    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family)."""
+    lines = ["", "Accuracy by the cells a question shows, or by a follow-up's earlier turns:"]
+    for task, by_dataset in by_task.items():
+        for dataset, entry in by_dataset.items():
+            names = list(entry["methods"])
+            titles = [method_title(name, entry["methods"][name], methods) for name in names]
+            header = [entry["by_size"]["variable"], "n", *titles]
+            rows = [
+                [size, group["n"], *(group["methods"].get(name) for name in names)]
+                for size, group in sorted(entry["by_size"]["groups"].items(), key=lambda item: int(item[0]))
+            ]
+            lines += ["", f"**{task} {dataset}**", "", markdown_table(header, rows, numeric_from=1)]
+    return lines
+
+
+#: Per metric family, lines after its table (e.g. the per-group scores behind the perturbation means).
+_FAMILY_DETAILS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
+    "perturbation": _perturbation_group_lines,
+    "multicell": _by_size_lines,
+}
+
+
 def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     methods = run.get("methods", {})
     titles = [TASKS[task].title if task in TASKS else task for task in by_task]
@@ -245,6 +307,8 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
             lines.append(f"- **{methods[name]['title']}**: {description}")
     header, rows = method_rows(family, by_task, methods)
     lines += ["", markdown_table(header, rows, numeric_from=header.index("method") + 1)]
+    if family in _FAMILY_DETAILS:
+        lines += _FAMILY_DETAILS[family](by_task, methods)
     notes = []
     for by_dataset in by_task.values():
         for dataset, entry in by_dataset.items():
@@ -259,27 +323,6 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
     return [*lines, *(["", *notes] if notes else []), *(["", note] if note else [])]
 
 
-def _by_size_lines(by_task: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
-    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family)."""
-    methods = run.get("methods", {})
-    lines = ["", "Accuracy by the cells a question shows, or by a follow-up's earlier turns:", ""]
-    for task, by_dataset in by_task.items():
-        for dataset, entry in by_dataset.items():
-            names = list(entry["methods"])
-            titles = [method_title(name, entry["methods"][name], methods) for name in names]
-            header = [entry["by_size"]["variable"], "n", *titles]
-            rows = [
-                [size, group["n"], *(group["methods"].get(name) for name in names)]
-                for size, group in sorted(entry["by_size"]["groups"].items(), key=lambda item: int(item[0]))
-            ]
-            lines += [f"**{task} {dataset}**", "", markdown_table(header, rows, numeric_from=1), ""]
-    return lines
-
-
-#: Tables after a metric family's table: ``render(by_task, run) -> lines``.
-_FAMILY_DETAIL_RENDERERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
-    "multicell": _by_size_lines,
-}
 
 
 def _robustness_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
@@ -461,8 +504,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
             if by_dataset and task in TASKS and TASKS[task].metric_family == family
         }
         if by_task:
-            details = _FAMILY_DETAIL_RENDERERS.get(family)
-            lines += [*_family_lines(family, by_task, run), *(details(by_task, run) if details else []), ""]
+            lines += [*_family_lines(family, by_task, run), ""]
     for name, render in _SECTION_RENDERERS.items():
         if sections.get(name):
             lines += [*render(sections[name], run), ""]

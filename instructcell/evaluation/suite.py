@@ -29,6 +29,7 @@ from .files import report_folder
 from .generation_evaluator import evaluate_generation
 from .metrics.generation import ReferenceEmbedding
 from .multicell_evaluator import evaluate_multicell
+from .perturbation_evaluator import evaluate_perturbation
 from .sections import robustness_section, saliency_csv, saliency_section
 
 __all__ = [
@@ -48,6 +49,7 @@ VARIANTS: tuple[str, ...] = ("instruct", "chat")
 EVALUATORS: dict[str, Callable[[Evaluation, Task, str], tuple[dict[str, Any], datasets.Dataset]]] = {
     "classification": evaluate_classification,
     "generation": evaluate_generation,
+    "perturbation": evaluate_perturbation,
     "multicell": evaluate_multicell,
 }
 

@@ -21,16 +21,18 @@ from .group_composition import GROUP_COMPOSITION
 from .joint_annotation import JOINT_ANNOTATION
 from .multicell import MultiCellTask, is_multicell
 from .odd_one_out import ODD_ONE_OUT
+from .perturbation_response import CONTROL_PERTURBATION, PERTURBATION_RESPONSE
 from .pseudo_cell_generation import PSEUDO_CELL_GENERATION
 
-#: Every task by name, in the order data, reports and tables list them (new tasks go last: the order seeds
-#: template synthesis, so the committed banks of earlier tasks stay as they are).
+#: Every task by name, in the order data, reports and tables list them. New tasks go at the end: the order
+#: seeds template synthesis, so the existing banks stay byte-identical.
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         CELL_TYPE_ANNOTATION,
         DRUG_SENSITIVITY_PREDICTION,
         PSEUDO_CELL_GENERATION,
+        PERTURBATION_RESPONSE,
         GROUP_COMPOSITION,
         ODD_ONE_OUT,
         CELL_MATCH,
@@ -75,6 +77,7 @@ def tasks_of_family(family: str) -> tuple[str, ...]:
 __all__ = [
     "CELL_MATCH",
     "CELL_TYPE_ANNOTATION",
+    "CONTROL_PERTURBATION",
     "DRUG_SENSITIVITY_PREDICTION",
     "FOLLOW_UP_ANNOTATION",
     "FOLLOW_UP_CONFIDENCE",
@@ -83,6 +86,7 @@ __all__ = [
     "JOINT_ANNOTATION",
     "METRIC_FAMILIES",
     "ODD_ONE_OUT",
+    "PERTURBATION_RESPONSE",
     "PSEUDO_CELL_GENERATION",
     "TASKS",
     "MultiCellTask",

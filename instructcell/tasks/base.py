@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation", "multicell")
+METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation", "perturbation", "multicell")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Task:
         The instruction carries one cell (``{input}``): the example's cell is the *input* cell.
     output_cell : bool
         The answer is ``<SIGNAL>``: the model generates a cell, the example's cell is the *target* cell.
+        A task that also reads a cell pairs cells (:attr:`pairs_cells`): its input is another cell, e.g. a
+        control cell whose perturbed counterpart is the target.
     label_key : str
         Default ``obs`` column holding each cell's label.
     label_placeholder : str or None
@@ -58,7 +60,7 @@ class Task:
         Metadata a chat response may echo (besides ``{output}``).
     metadata_keys : tuple of str
         Metadata each example carries (``species``, ``tissue``, ``sequencing_method``, ``drug``).
-    metric_family : {"classification", "generation", "multicell"}
+    metric_family : {"classification", "generation", "perturbation", "multicell"}
         How test answers are scored (:mod:`instructcell.evaluation` has one evaluator per family).
     baselines : tuple of str
         Baselines the evaluation runs beside the model, of the same metric family (keys of
@@ -102,6 +104,11 @@ class Task:
     def offers_choices(self) -> bool:
         """Whether instructions may list the label options (``{choices}``)."""
         return "choices" in self.optional_placeholders
+
+    @property
+    def pairs_cells(self) -> bool:
+        """Whether an example reads one cell and generates another (perturbation response)."""
+        return self.input_cell and self.output_cell
 
     @property
     def answer_is_label(self) -> bool:

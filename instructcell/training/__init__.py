@@ -4,7 +4,8 @@
 - :mod:`.build`: processor (gene vocabulary + tokenizer) and model (preset, backbone, LoRA).
 - :mod:`.trainer`: the Trainer with its loss parts, wall-clock cap and checkpoint-on-interrupt callbacks.
 - :mod:`.cell_decoder`: the second stage that fits the cell VAE on frozen ``<SIGNAL>`` states.
-- :mod:`.run`: one training run from a built dataset folder (:func:`run_training`).
+- :mod:`.processes`: several processes (DDP): the launch check and the decisions they take together.
+- :mod:`.run`: one training run from a built dataset folder (:func:`run_training`), resumable.
 """
 
 from .arguments import (
@@ -15,7 +16,7 @@ from .arguments import (
     parse_training_arguments,
 )
 from .build import build_model, build_processor, config_for_processor
-from .run import run_training, training_budget
+from .run import budget_report, run_training, training_budget
 from .tokenization import train_instruction_tokenizer
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "DataArguments",
     "InstructCellTrainingArguments",
     "ModelArguments",
+    "budget_report",
     "build_model",
     "build_processor",
     "config_for_processor",

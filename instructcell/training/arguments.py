@@ -22,6 +22,14 @@ class ModelArguments:
     """Which model to build."""
 
     preset: str = field(default="small", metadata={"help": "Preset name (tiny, small, base) or JSON path."})
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tune a saved model folder: keep its weights, gene vocabulary, tokenizer and cell "
+            "decoder (preset, backbone and tokenizer do not apply). Build the data with `instructcell "
+            "build-data --gene-vocab-from` this folder."
+        },
+    )
     backbone: str | None = field(
         default=None,
         metadata={
@@ -69,7 +77,7 @@ class DataArguments:
     dataset_dir: str = field(
         default="outputs/instructcell-data",
         metadata={
-            "help": "Output of examples/build_dataset.py: {train,validation}.parquet + gene_vocab.txt."
+            "help": "A folder written by `instructcell build-data` (splits as Parquet, gene_vocab.txt)."
         },
     )
     tasks: str = field(default="cta,dsp,cpcg", metadata={"help": "Comma-separated tasks to mix."})

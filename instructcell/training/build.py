@@ -4,8 +4,15 @@ The processor is the model's contract with the data: its gene vocabulary is the 
 ``gene_vocab.txt`` and its tokenizer is a pretrained one or one trained offline on the training text. The
 model config comes from a preset (``configuration/presets``) with the sizes that must match the processor
 filled in from it (:func:`config_for_processor`).
+
+With ``init_from`` (fine-tuning a saved model folder) both come from the folder instead: its processor (gene
+vocabulary, tokenizer) and its weights (cell encoder, language model, cell decoder). The data must have been
+built with that vocabulary (``instructcell build-data --gene-vocab-from``); labels are text, so a new cell
+type is a new answer the same tokenizer writes. The run's loss weights (``alignment_loss_weight``,
+``vae_loss_weight``, ``vae_kl_weight``) apply to the loaded model.
 """
 
+import logging
 from typing import Any
 
 import datasets
@@ -13,6 +20,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from datasets_builder.dataset_folder import dataset_genes
 from instructcell.configuration import load_preset
+from instructcell.hub import load_processor
 from modeling_instructcell import (
     InstructCellConfig,
     InstructCellFeatureExtractor,
@@ -22,6 +30,8 @@ from modeling_instructcell import (
 
 from .arguments import DataArguments, ModelArguments
 from .tokenization import train_instruction_tokenizer
+
+logger = logging.getLogger(__name__)
 
 # submodules of InstructCellForConditionalGeneration that are new next to the language model
 CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae"})
@@ -68,8 +78,16 @@ def config_for_processor(
     )
 
 
-def build_processor(model_args: ModelArguments, data_args: DataArguments, train: datasets.Dataset):
-    """Processor over the dataset's gene vocabulary with a pretrained or offline-trained tokenizer."""
+def build_processor(
+    model_args: ModelArguments, data_args: DataArguments, train: datasets.Dataset
+) -> InstructCellProcessor:
+    """Processor over the dataset's gene vocabulary with a pretrained or offline-trained tokenizer.
+
+    With ``init_from``, the saved model's processor, once the data is checked against it
+    (:func:`saved_processor`).
+    """
+    if model_args.init_from is not None:
+        return saved_processor(model_args, data_args, train)
     genes = dataset_genes(data_args.dataset_dir)
     name = model_args.tokenizer or model_args.backbone
     if name is not None:
@@ -82,6 +100,45 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, train:
         gene_names=genes, min_gene_overlap=min_gene_overlap_for(train, len(genes))
     )
     return InstructCellProcessor(feature_extractor, tokenizer, num_query_tokens=num_query_tokens)
+
+
+def saved_processor(
+    model_args: ModelArguments, data_args: DataArguments, train: datasets.Dataset
+) -> InstructCellProcessor:
+    """Load the processor of the ``init_from`` folder, after checking that the data and the flags fit it.
+
+    Raises
+    ------
+    ValueError
+        A tokenizer or backbone flag (the saved tokenizer is kept), a dataset built with another gene
+        vocabulary, or training text with characters the saved tokenizer cannot write.
+    """
+    given = [flag for flag in ("backbone", "tokenizer") if getattr(model_args, flag) is not None]
+    if given:
+        raise ValueError(
+            "--init_from keeps the saved model's language model and tokenizer: drop "
+            f"--{' and --'.join(given)}."
+        )
+    processor = load_processor(model_args.init_from)
+    genes = dataset_genes(data_args.dataset_dir)
+    if genes != list(processor.feature_extractor.gene_names):
+        raise ValueError(
+            f"{data_args.dataset_dir} was built with its own gene vocabulary ({len(genes)} genes), not the "
+            f"{processor.feature_extractor.vocab_size} genes of {model_args.init_from}: rebuild it with "
+            f"`instructcell build-data OUT ... --gene-vocab-from {model_args.init_from}`."
+        )
+    texts = sorted(set(train["label"]) | set(train["response"]) | set(train["instruction"]))
+    unknown = processor.tokenizer.unk_token_id
+    unwritable = [
+        t for t, ids in zip(texts, processor.tokenizer(texts)["input_ids"], strict=True) if unknown in ids
+    ]
+    if unwritable:
+        raise ValueError(
+            f"{len(unwritable)} training texts have characters the tokenizer of {model_args.init_from} "
+            f"cannot write, e.g. {unwritable[:3]}: spell the labels and metadata with characters the model "
+            "knows (e.g. ASCII: 'gamma-delta T cell')."
+        )
+    return processor
 
 
 def min_gene_overlap_for(train: datasets.Dataset, n_genes: int) -> float:
@@ -101,10 +158,44 @@ def min_gene_overlap_for(train: datasets.Dataset, n_genes: int) -> float:
     return round(0.5 * min(coverage), 4)
 
 
+def saved_model(model_args: ModelArguments) -> InstructCellForConditionalGeneration:
+    """Load the model of the ``init_from`` folder and give it the run's loss weights.
+
+    Raises
+    ------
+    ValueError
+        No weights in the folder, or ``standardize_genes`` asked of a model built without gene statistics.
+    """
+    folder = model_args.init_from
+    try:
+        model = InstructCellForConditionalGeneration.from_pretrained(folder)
+    except OSError as err:
+        raise ValueError(
+            f"No model weights load from {folder} ({err}): pass a folder written by `instructcell train` "
+            "(<output_dir>/final)."
+        ) from err
+    if model_args.standardize_genes and not model.config.standardize_genes:
+        raise ValueError(
+            f"{folder} was trained without per-gene standardization: fine-tune it with "
+            "--standardize_genes false."
+        )
+    model.config.alignment_loss_weight = model_args.alignment_loss_weight
+    model.config.vae_loss_weight = model_args.vae_loss_weight
+    if model_args.vae_kl_weight is not None:
+        model.config.vae_kl_weight = model_args.vae_kl_weight
+    logger.info("Fine-tuning %s (its architecture; the preset %r does not apply)", folder, model_args.preset)
+    return model
+
+
 def build_model(
     model_args: ModelArguments, processor: InstructCellProcessor
 ) -> InstructCellForConditionalGeneration:
-    """Build the preset's model; with ``backbone``, its language model starts from pretrained weights."""
+    """Build the preset's model; with ``backbone``, its language model starts from pretrained weights.
+
+    With ``init_from``, the saved model (:func:`saved_model`). ``use_lora`` then wraps either in LoRA.
+    """
+    if model_args.init_from is not None:
+        return _with_lora(saved_model(model_args), model_args)
     overrides = {}
     if model_args.backbone is not None:
         backbone = AutoModelForSeq2SeqLM.from_pretrained(model_args.backbone)
@@ -119,6 +210,11 @@ def build_model(
     if model_args.backbone is not None:
         backbone.resize_token_embeddings(config.text_config.vocab_size)
         model.language_model.load_state_dict(backbone.state_dict())
+    return _with_lora(model, model_args)
+
+
+def _with_lora(model: InstructCellForConditionalGeneration, model_args: ModelArguments):
+    """LoRA on the language model's q/v projections (cell modules trained in full) when ``use_lora``."""
     if model_args.use_lora:
         from peft import LoraConfig, get_peft_model
 

@@ -5,9 +5,11 @@ with every optimizer step, so the VAE chases a moving target and sees each gener
 times; the states themselves already separate the requested cell types (docs/experiments.md has the
 measurements that led to this stage).
 
-So, after the main stage, :func:`fit_cell_decoder` computes the ``<SIGNAL>`` state of every training row with a
-target cell once (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and trains the
-VAE alone with a Hugging Face ``Trainer``, which brings checkpoints, resume and logging.
+So, after the main stage, :func:`fit_cell_decoder` computes the ``<SIGNAL>`` state of every training row
+with a target cell once (teacher-forced, eval mode: the states that :meth:`generate_cells` will see) and
+trains the VAE alone with a Hugging Face ``Trainer``, which brings checkpoints, resume and logging. In several
+processes it is one data-parallel fit, like the main stage: every process computes the states and takes an
+equal share of every batch, and only the main process writes checkpoints.
 """
 
 import logging
@@ -32,6 +34,8 @@ from datasets_builder.collator import DataCollatorForInstructCell
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
 from modeling_instructcell.modeling_cell_vae import InstructCellConditionalVAE
 
+from .trainer import CheckpointLastStepCallback
+
 logger = logging.getLogger(__name__)
 CELL_DECODER_DIR = "cell-decoder"
 
@@ -45,21 +49,39 @@ class FrozenConditionCellVAE(nn.Module):
         Trained in place: the wrapper holds the model's own module, not a copy.
     kl_weight : float
         Weight of the latent KL term (the model's ``config.vae_kl_weight``).
+    encode_input_cell : bool
+        Encode a row's input cell as the source of its target (the model's ``config.vae_encode_input_cell``).
     """
 
-    def __init__(self, cell_vae: InstructCellConditionalVAE, kl_weight: float):
+    def __init__(
+        self, cell_vae: InstructCellConditionalVAE, kl_weight: float, encode_input_cell: bool = True
+    ):
         super().__init__()
         self.cell_vae = cell_vae
         self.kl_weight = kl_weight
+        self.encode_input_cell = encode_input_cell
 
     def forward(
-        self, condition_states: torch.Tensor, target_cell_values: torch.Tensor
+        self,
+        condition_states: torch.Tensor,
+        target_cell_values: torch.Tensor,
+        source_cell_values: torch.Tensor | None = None,
+        has_source: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Return the negative ELBO of ``target_cell_values`` ``(n, n_genes)``.
 
-        ``condition_states`` is ``(n, d_model)``.
+        ``condition_states`` is ``(n, d_model)``; ``source_cell_values`` ``(n, n_genes)`` and ``has_source``
+        ``(n,)`` are the rows' input cells (perturbation response), decoded into their targets.
         """
-        output = self.cell_vae(target_cell_values, condition_states, kl_weight=self.kl_weight)
+        if not self.encode_input_cell:
+            source_cell_values = has_source = None
+        output = self.cell_vae(
+            target_cell_values,
+            condition_states,
+            kl_weight=self.kl_weight,
+            source_counts=source_cell_values,
+            has_source=has_source,
+        )
         return {"loss": output.loss}
 
 
@@ -70,15 +92,26 @@ class ConditionedCellCollator:
     n_genes: int
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Return ``condition_states`` ``(n, d_model)`` and ``target_cell_values`` ``(n, n_genes)``."""
+        """Return ``condition_states`` ``(n, d_model)`` and ``target_cell_values`` ``(n, n_genes)``.
+
+        Rows with an input cell add ``source_cell_values`` ``(n, n_genes)`` and ``has_source`` ``(n,)``.
+        """
         states = np.asarray([row["condition_states"] for row in rows], dtype=np.float32)
         cells = np.stack(
             [densify(row["target_gene_indices"], row["target_gene_counts"], self.n_genes) for row in rows]
         )
-        return {
+        batch = {
             "condition_states": torch.from_numpy(states),
             "target_cell_values": torch.from_numpy(cells.astype(np.float32)),
         }
+        has_source = np.array([len(row.get("input_gene_indices") or []) > 0 for row in rows])
+        if has_source.any():
+            sources = np.stack(
+                [densify(row["input_gene_indices"], row["input_gene_counts"], self.n_genes) for row in rows]
+            )
+            batch["source_cell_values"] = torch.from_numpy(sources)
+            batch["has_source"] = torch.from_numpy(has_source)
+        return batch
 
 
 @torch.inference_mode()
@@ -117,9 +150,18 @@ def conditioned_cells(
     if len(rows) == 0:
         return None
     states = signal_states(model, processor, rows)
-    keep = ["target_gene_indices", "target_gene_counts"]
+    keep = ["target_gene_indices", "target_gene_counts", "input_gene_indices", "input_gene_counts"]
     rows = rows.remove_columns([c for c in rows.column_names if c not in keep])
     return rows.add_column("condition_states", states.numpy().tolist())
+
+
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """Refuse a batch size that ``processes`` processes cannot share equally (ValueError)."""
+    if batch_size < 1 or batch_size % processes:
+        raise ValueError(
+            f"cell_decoder_batch_size ({batch_size}) must be a positive multiple of the number of processes "
+            f"({processes}): each process fits the cell decoder on an equal share of every batch."
+        )
 
 
 def fit_cell_decoder(
@@ -130,22 +172,26 @@ def fit_cell_decoder(
     steps: int,
     learning_rate: float = 1e-3,
     batch_size: int = 64,
+    output_dir: str | Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> Trainer | None:
     """Train ``model.cell_vae`` for ``steps`` steps on frozen ``<SIGNAL>`` states; resume if interrupted.
 
-    Checkpoints go to ``<training_args.output_dir>/cell-decoder``; a rerun resumes from the last one.
+    Checkpoints go to ``output_dir``; a rerun resumes from the last one.
 
     Parameters
     ----------
     model
         The trained model (not a peft wrapper: pass ``get_base_model()``); its VAE is updated in place.
     train
-        Training rows of the builder's schema; only those with a target cell (CPCG) are used.
+        Training rows of the builder's schema; only those with a target cell (CPCG, PRP) are used.
     training_args
         The main stage's arguments: seed, logging, reporting and device settings are reused.
     steps, learning_rate, batch_size
-        AdamW steps, learning rate and batch size of this stage.
+        AdamW steps, learning rate and batch size of this stage; the batch is split equally among the
+        processes of a multi-process run (``batch_size`` must be a multiple of their number).
+    output_dir
+        The stage's checkpoints (default ``<training_args.output_dir>/cell-decoder``).
     callbacks
         Extra Trainer callbacks (e.g. the interrupt handler).
 
@@ -156,15 +202,17 @@ def fit_cell_decoder(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
+    processes = training_args.world_size
+    check_batch_size(batch_size, processes)
     dataset = conditioned_cells(model, processor, train)
     if dataset is None:
         logger.warning("No generation rows with target cells: the cell decoder stage is skipped.")
         return None
-    output_dir = Path(training_args.output_dir) / CELL_DECODER_DIR
+    output_dir = Path(output_dir or Path(training_args.output_dir) / CELL_DECODER_DIR)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch_size // processes,
         learning_rate=learning_rate,
         optim="adamw_torch",
         lr_scheduler_type="constant",
@@ -180,18 +228,20 @@ def fit_cell_decoder(
         remove_unused_columns=False,
         dataloader_pin_memory=False,
     )
-    wrapper = FrozenConditionCellVAE(model.cell_vae, model.config.vae_kl_weight)
+    wrapper = FrozenConditionCellVAE(
+        model.cell_vae, model.config.vae_kl_weight, model.config.vae_encode_input_cell
+    )
     trainer = Trainer(
         model=wrapper,
         args=args,
         train_dataset=dataset,
         data_collator=ConditionedCellCollator(model.config.n_genes),
-        callbacks=list(callbacks),
+        callbacks=[CheckpointLastStepCallback(), *callbacks],
     )
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if checkpoint:
         state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
-        if state.global_step >= steps:  # finished earlier: load it (the Trainer would run one more step)
+        if state.global_step >= steps:  # finished earlier: load it instead of training
             logger.info("The cell decoder stage already finished: loading %s", checkpoint)
             wrapper.load_state_dict(load_file(str(Path(checkpoint) / SAFE_WEIGHTS_NAME)))
             trainer.state = state

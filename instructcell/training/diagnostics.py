@@ -1,11 +1,13 @@
-"""Where the gradient goes: per-module gradient norms during training, and their plot.
+"""What training spends: per-module gradient norms and their plot, and the time of every optimizer step.
 
-Used by ``benchmarks/learning_curve.py`` to show, for each recipe, how much of the update reaches the cell
-pathway (cell MLP, Q-Former, query tokens) compared with the language model.
+``benchmarks/learning_curve.py`` shows, for each recipe, how much of the update reaches the cell pathway
+(cell MLP, Q-Former, query tokens) compared with the language model; ``benchmarks/run_benchmarks.py`` and
+``benchmarks/training_scaling.py`` time the steps (:class:`StepTimer`).
 """
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -88,3 +90,26 @@ def plot_gradient_norms(
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock and CPU time (``time.perf_counter`` / ``time.process_time``) at the end of every step.
+
+    ``begin`` is the wall time at the start of training; ``step_ends`` and ``cpu_ends`` have one entry per
+    optimizer step of this process. CPU time over wall time between two entries is the share of a core
+    the process got (above 1 with several threads).
+    """
+
+    def __init__(self) -> None:
+        self.begin = 0.0
+        self.step_ends: list[float] = []
+        self.cpu_ends: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock."""
+        self.begin = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Record the step's end."""
+        self.step_ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())

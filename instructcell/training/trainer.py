@@ -1,4 +1,8 @@
-"""The Trainer of InstructCell and its callbacks: loss parts, a wall-clock cap, and checkpoint on interrupt."""
+"""The Trainer of InstructCell and its callbacks: loss parts, a wall-clock cap, and checkpoint on interrupt.
+
+The Trainer runs the same in one process and in several (DDP, :mod:`.processes`): a step's loss is that of its
+whole batch over all processes, and the callbacks that stop training decide once for all processes.
+"""
 
 import logging
 import math
@@ -11,7 +15,10 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, ProgressCallback
 
+from modeling_instructcell.modeling_instructcell import IGNORE_INDEX
+
 from .build import CELL_MODULES
+from .processes import any_process, main_process_value, sum_over_processes
 
 logger = logging.getLogger(__name__)
 # lr multiplier against the fraction of the wall-clock budget spent (``anneal_to_time_limit``)
@@ -21,13 +28,22 @@ WALL_CLOCK_SCHEDULES = {
 }
 
 
+def clock_is_budget(args) -> bool:
+    """Return whether the wall clock is the training budget, not only a safety cap over ``max_steps``.
+
+    It is with ``max_train_minutes`` and either no ``max_steps`` or ``anneal_to_time_limit`` (the lr decays
+    over the minutes).
+    """
+    return bool(args.max_train_minutes) and (args.max_steps <= 0 or args.anneal_to_time_limit)
+
+
 class InstructCellTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer that also logs the text loss and the ELBO (running means since the last log).
 
-    With ``max_train_minutes`` it stops on the wall clock (:class:`WallClockLimitCallback`). With ``max_steps``
-    (the recipes' budget) that is only a safety cap and the progress bar counts steps. Learning curves make the
-    clock the budget (no ``max_steps``, or ``anneal_to_time_limit``, which decays the lr over the minutes):
-    the bar then counts minutes.
+    With ``max_train_minutes`` it stops on the wall clock (:class:`WallClockLimitCallback`). With
+    ``max_steps`` (the recipes' budget) that is only a safety cap and the progress bar counts steps. Learning
+    curves make the clock the budget (:func:`clock_is_budget`: no ``max_steps``, or ``anneal_to_time_limit``,
+    which decays the lr over the minutes): the bar then counts minutes.
     """
 
     def __init__(self, *args, **kwargs):
@@ -49,8 +65,7 @@ class InstructCellTrainer(Seq2SeqTrainer):
             self.add_callback(WallClockLimitCallback(budget))
             # the wall clock is the budget (no max_steps, or the lr decays over it): a bar in minutes;
             # otherwise it is only a cap and the Trainer's bar counts steps done against planned
-            clock_is_budget = self.args.max_steps <= 0 or self.args.anneal_to_time_limit
-            if clock_is_budget and self.pop_callback(ProgressCallback) is not None:
+            if clock_is_budget(self.args) and self.pop_callback(ProgressCallback) is not None:
                 self.add_callback(WallClockProgressCallback(budget, lambda: self._wall_clock().elapsed()))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -110,21 +125,41 @@ class InstructCellTrainer(Seq2SeqTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Return the model's total loss and keep its parts (text, ELBO, alignment) for logging."""
+        """Return this batch's share of the optimizer step's loss and keep the loss parts for logging.
+
+        The model returns the text loss as a mean over this batch's answer tokens and the ELBO and alignment
+        terms as means over its rows. An optimizer step sums the gradients of its accumulated batches and
+        averages them over processes. To make a step equal one batch of the same total size in one process,
+        the text loss is weighted by this batch's share of the step's answer tokens (``num_items_in_batch``,
+        counted over every accumulated batch and process) and the other terms by one over the number of
+        accumulated batches. In evaluation (``num_items_in_batch`` None) the model's loss is returned as is.
+        """
         outputs = model(**inputs)
+        loss = outputs.loss
         if model.training:
             for name in self._loss_parts:
                 value = getattr(outputs, name)
                 if value is not None:
                     self._loss_parts[name].append(float(value.detach()))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+            if num_items_in_batch is not None and outputs.lm_loss is not None:
+                tokens = (inputs["labels"] != IGNORE_INDEX).sum()
+                processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+                other_terms = loss - outputs.lm_loss
+                loss = outputs.lm_loss * (tokens * processes / num_items_in_batch) + (
+                    other_terms / self.current_gradient_accumulation_steps
+                )
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean loss parts since the last log to the Trainer's log entry."""
-        if "loss" in logs:
-            for name, values in self._loss_parts.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 4)
+        """Add the mean loss parts since the last log, over all processes, to the Trainer's log entry."""
+        if "loss" in logs:  # every process logs the training loss at the same steps
+            totals = torch.tensor(
+                [[sum(values), len(values)] for values in self._loss_parts.values()], dtype=torch.float64
+            )
+            totals = sum_over_processes(totals, self.args)
+            for (name, values), (total, count) in zip(self._loss_parts.items(), totals.tolist(), strict=True):
+                if count:
+                    logs[name] = round(total / count, 4)
                 values.clear()
         super().log(logs, start_time)
 
@@ -132,34 +167,39 @@ class InstructCellTrainer(Seq2SeqTrainer):
 class WallClockLimitCallback(TrainerCallback, ExportableState):
     """Stop (and checkpoint) once ``minutes`` of training wall time have passed.
 
-    The time already trained is saved with every checkpoint, so a resumed run only trains what is left.
+    The time already trained is saved with every checkpoint, so a resumed run only trains what is left. In
+    several processes the main process's clock decides, after every step, for all of them; the wall-clock
+    lr schedule reads that agreed time too (:meth:`progress`), so every process applies the same lr.
     """
 
     def __init__(self, minutes: float, elapsed_before: float = 0.0):
         self.seconds = minutes * 60
         self.elapsed_before = elapsed_before
+        self.agreed_elapsed = elapsed_before
         self.start = time.monotonic()
         self.stopped_training = False
 
     def elapsed(self) -> float:
-        """Seconds trained so far, earlier runs included."""
+        """Seconds trained so far by this process's clock, earlier runs included."""
         return self.elapsed_before + time.monotonic() - self.start
 
     def progress(self) -> float:
-        """Fraction of the budget spent, in ``[0, 1]``."""
-        return min(1.0, self.elapsed() / self.seconds) if self.seconds > 0 else 1.0
+        """Return the fraction of the budget spent at the last step's end (main process's clock)."""
+        return min(1.0, self.agreed_elapsed / self.seconds) if self.seconds > 0 else 1.0
 
     def state(self) -> dict:
         """Return the budget and the training time used so far (saved in checkpoints)."""
         return {"args": {"minutes": self.seconds / 60}, "attributes": {"elapsed_before": self.elapsed()}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Start the clock."""
+        """Start the clock (after a resume, from the time trained before)."""
         self.start = time.monotonic()
+        self.agreed_elapsed = self.elapsed_before
 
     def on_step_end(self, args, state, control, **kwargs):
-        """Stop and save once the budget is spent."""
-        if self.elapsed() > self.seconds:
+        """Stop and save once the budget is spent by the main process's clock."""
+        self.agreed_elapsed = main_process_value(self.elapsed(), args)
+        if self.agreed_elapsed > self.seconds:
             self.stopped_training = True
             control.should_training_stop = True
             control.should_save = True
@@ -201,7 +241,10 @@ class WallClockProgressCallback(ProgressCallback):
 
 
 class SaveOnInterruptCallback(TrainerCallback):
-    """On SIGINT/SIGTERM, finish the current step, write a checkpoint and stop; rerun to resume."""
+    """On SIGINT/SIGTERM, finish the current step, write a checkpoint and stop; rerun to resume.
+
+    In several processes a signal that reaches any of them stops all of them after the same step.
+    """
 
     def __init__(self):
         self.interrupted = False
@@ -215,8 +258,23 @@ class SaveOnInterruptCallback(TrainerCallback):
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        """After Ctrl-C, save a checkpoint and stop at the end of this step."""
+        """After Ctrl-C (in any process), save a checkpoint and stop at the end of this step."""
+        self.interrupted = any_process(self.interrupted, args)
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+class CheckpointLastStepCallback(TrainerCallback):
+    """Checkpoint the last step whatever ``save_strategy`` says, so a rerun never trains this stage again.
+
+    What follows the stage (the cell-decoder stage, the final save) can then be interrupted and resumed:
+    the rerun finds the finished stage's checkpoint and continues from there.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Save after the planned last step."""
+        if state.global_step >= state.max_steps:
+            control.should_save = True
         return control
