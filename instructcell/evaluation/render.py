@@ -323,8 +323,6 @@ def _family_lines(family: str, by_task: Mapping[str, Any], run: Mapping[str, Any
     return [*lines, *(["", *notes] if notes else []), *(["", note] if note else [])]
 
 
-
-
 def _robustness_lines(section: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Robustness to the instruction's wording (held-out templates)",
