@@ -34,16 +34,16 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-
-from datasets_builder.build import build_dataset_folder
-from datasets_builder.dataset_folder import dataset_genes, load_split
-from datasets_builder.gene_vocab import GENE_VOCAB_FILENAME
-from datasets_builder.sources import shared_sources
 from instructcell.evaluation.predictions import (
     classification_metrics,
     logistic_regression_predictions,
     model_predictions,
 )
+
+from datasets_builder.build import build_dataset_folder
+from datasets_builder.dataset_folder import dataset_genes, load_split
+from datasets_builder.gene_vocab import GENE_VOCAB_FILENAME
+from datasets_builder.sources import shared_sources
 from instructcell.hub import save_for_hub
 from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training, training_budget
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
