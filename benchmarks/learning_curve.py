@@ -38,7 +38,8 @@ from instructcell.evaluation.classification_evaluator import classification_scor
 from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training
 from instructcell.training.diagnostics import GradientNormRecorder, plot_gradient_norms
 
-# Each curve: a shipped recipe (configuration/recipes) and the overrides that make it an ablation. docs/experiments.md
+# Each curve: a shipped recipe (configuration/recipes) and the overrides that make it an ablation
+# (docs/experiments.md).
 # has the curves measured so far and the ablations that were tried and removed.
 RECIPES: dict[str, tuple[str, dict]] = {
     "default": (DEFAULT_RECIPE, {}),
@@ -118,7 +119,7 @@ class WallClockEvaluation(TrainerCallback):
 
 
 def budget_overrides(recipe: str, mark: float, unit: str) -> dict | None:
-    """Overrides that make ``mark`` a recipe's budget, or None when one run is scored at every mark.
+    """Return the overrides that make ``mark`` a recipe's budget (None: one run is scored at every mark).
 
     A recipe budgeted in steps (``max_steps``, its lr decaying over them) trains once per mark: with
     ``--unit steps`` the mark is its ``max_steps``; with minutes its lr decays over ``mark`` minutes of wall
@@ -130,7 +131,12 @@ def budget_overrides(recipe: str, mark: float, unit: str) -> dict | None:
         return None
     if unit == "steps":
         return {"max_steps": int(mark)}
-    return {"max_steps": -1, "num_train_epochs": 10_000, "max_train_minutes": mark, "anneal_to_time_limit": True}
+    return {
+        "max_steps": -1,
+        "num_train_epochs": 10_000,
+        "max_train_minutes": mark,
+        "anneal_to_time_limit": True,
+    }
 
 
 def run_recipe(
@@ -265,7 +271,9 @@ def main() -> None:
     parser.add_argument(
         "--datasets", default="bastidas_ponce_2019_pancreas,zheng2017_sorted_pbmc,kang2018_pbmc_ifnb_muscat"
     )
-    parser.add_argument("--recipes", default="paper,default", help=f"Comma-separated, among {', '.join(RECIPES)}.")
+    parser.add_argument(
+        "--recipes", default="paper,default", help=f"Comma-separated, among {', '.join(RECIPES)}."
+    )
     parser.add_argument(
         "--minutes",
         default="2,5,10,15,20,30",

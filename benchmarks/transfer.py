@@ -39,11 +39,9 @@ from datasets_builder.build import build_dataset_folder
 from datasets_builder.dataset_folder import dataset_genes, load_split
 from datasets_builder.gene_vocab import GENE_VOCAB_FILENAME
 from datasets_builder.sources import shared_sources
-from instructcell.evaluation.predictions import (
-    classification_metrics,
-    logistic_regression_predictions,
-    model_predictions,
-)
+from instructcell.evaluation.baselines import ClassificationCells, logistic_regression_predictions
+from instructcell.evaluation.candidates import model_predictions
+from instructcell.evaluation.classification_evaluator import classification_scores
 from instructcell.hub import save_for_hub
 from instructcell.training import DEFAULT_RECIPE, parse_training_arguments, run_training, training_budget
 from modeling_instructcell import InstructCellForConditionalGeneration, InstructCellProcessor
@@ -171,19 +169,22 @@ def model_scores(model_dir: Path, data: Path, dataset: str) -> dict[str, dict[st
     scores = {}
     for split in EVAL_SPLITS:
         rows = load_split(data, split, tasks=["cta"], variant="instruct", datasets_names=[dataset])
-        scores[split] = classification_metrics(model_predictions(model, processor, rows), rows)
+        scores[split] = classification_scores(model_predictions(model, processor, rows), rows)
     return scores
 
 
 def logistic_regression_scores(data: Path, dataset: str, seed: int) -> dict[str, dict[str, float]]:
     """Logistic regression fitted on the folder's training rows, scored like the models."""
     train_rows = load_split(data, "train", tasks=["cta"], variant="instruct", datasets_names=[dataset])
-    n_genes = len(dataset_genes(data))
+    genes = dataset_genes(data)
     scores = {}
     for split in EVAL_SPLITS:
         rows = load_split(data, split, tasks=["cta"], variant="instruct", datasets_names=[dataset])
-        predictions = logistic_regression_predictions(train_rows, rows, n_genes, seed=seed)
-        scores[split] = classification_metrics(predictions, rows)
+        cells = ClassificationCells.from_rows(train_rows, rows, genes)
+        predictions = logistic_regression_predictions(
+            cells.train_counts, cells.train_labels, cells.test_counts, seed=seed
+        )
+        scores[split] = classification_scores(predictions, rows)
     return scores
 
 

@@ -38,7 +38,7 @@ def _names(folder: str, suffix: str) -> list[str]:
 
 
 def _resolve(kind: str, name: str | os.PathLike, folder: str, suffix: str) -> Traversable | Path:
-    """A shipped file by name, or a user's file by path; a clear error naming the choices otherwise."""
+    """Find a shipped file by name, or a user's file by path; a clear error names the choices otherwise."""
     path = Path(name)
     if path.suffix:
         if not path.is_file():

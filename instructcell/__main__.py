@@ -1,4 +1,4 @@
-"""``python -m instructcell`` (and ``accelerate launch -m instructcell``) runs the ``instructcell`` command."""
+"""``python -m instructcell`` (and ``accelerate launch -m instructcell``): the ``instructcell`` command."""
 
 import sys
 

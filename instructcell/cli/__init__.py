@@ -26,7 +26,7 @@ SUBCOMMANDS = (build_data, train, evaluate, annotate, generate, perturb, chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser with every sub-command."""
+    """Build the parser with every sub-command."""
     parser = argparse.ArgumentParser(
         prog="instructcell", description="Talk to single-cell data with InstructCell."
     )

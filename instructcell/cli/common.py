@@ -80,7 +80,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_source(args) -> ModelSource:
-    """Describe the model of ``args`` with its dtype, device, remote-code and speed flags (loaded when needed)."""
+    """Describe the model of ``args``: dtype, device, remote-code and speed flags (loaded when needed)."""
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     speed = SpeedOptions(threads=args.threads, int8=args.int8, compile=args.compile)
     return ModelSource(

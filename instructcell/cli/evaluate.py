@@ -97,7 +97,8 @@ def run(args, stdin: TextIO, out: TextIO) -> int:
     folder = args.output_dir
     seconds = metrics["run"]["wall_seconds"]
     print(
-        f"Wrote {folder / 'report.md'}, {folder / 'metrics.json'} and {folder / 'figures'} in {seconds:.0f} s.",
+        f"Wrote {folder / 'report.md'}, {folder / 'metrics.json'} and {folder / 'figures'} "
+        f"in {seconds:.0f} s.",
         file=out,
     )
     return 0

@@ -154,8 +154,11 @@ def model_fingerprint(pipe: InstructCellPipeline) -> str:
 
 
 def _hash_state(digest, value) -> None:
-    """Add one state-dict entry: a tensor's bytes (a quantized tensor's integers and scales), or the parts of
-    the tuples int8 linear layers store (``--int8``), or any other value's repr."""
+    """Add one state-dict entry to ``digest``.
+
+    A tensor adds its bytes (a quantized tensor its integers and scales), a tuple its parts (int8 linear
+    layers store tuples, ``--int8``), anything else its repr.
+    """
     if isinstance(value, (tuple, list)):
         for part in value:
             _hash_state(digest, part)
