@@ -122,7 +122,7 @@ def case(name, command, code, expected, output=None, stdin="quit\n", model="mode
 
 
 def chat_save(name, target, expected, output=None):
-    """A chat that generates three cells (its model answers with ``<SIGNAL>``) and saves them to ``target``."""
+    """A chat that generates three cells (its model answers ``<SIGNAL>``) and saves them to ``target``."""
     stdin = f"generate 3 B cells\nsave generated to {target}\nquit\n"
     return case(name, "chat cells.h5ad --max-new-tokens 2", 0, expected, output, stdin, model="signal_model")
 

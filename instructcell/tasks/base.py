@@ -15,7 +15,8 @@ class TaskGrammar:
     Parameters
     ----------
     description : str
-        ``"<task title>: <who does what>"``, with the task's placeholders; the template-synthesis prompts quote it.
+        ``"<task title>: <who does what>"``, with the task's placeholders; the template-synthesis prompts
+        quote it.
     cores : mapping of str to list of str
         Instruction cores per questioner proficiency (``"high"``, ``"low"``).
     answers : list of str
