@@ -10,7 +10,8 @@ Example
 >>> train = builder.as_dataset("train")                                      # doctest: +SKIP
 
 Every cell of a source gives one example per task; its split is :func:`~datasets_builder.splits.split_of`, and
-its template is drawn (seeded by the example key) from the template bank's templates of the same split.
+its template is drawn (seeded by the example key) from the template bank's templates of the same split. The
+multi-cell and follow-up tasks write rows of several cells of one split (:mod:`datasets_builder.multicell`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from instructcell.tasks import TASKS, get_task
+from instructcell.tasks import TASKS, get_task, is_multicell
 
 from .anndata_source import AnnDataReader, AnnDataSource, CellRecord
 from .gene_vocab import GENE_VOCAB_FILENAME, check_gene_vocab, read_gene_vocab, write_gene_vocab
+from .multicell import MULTICELL_FEATURES, multicell_examples, single_cell_columns
 from .perturbation_pairs import PairedCellRecord, paired_cells, pairing_design
 from .splits import SPLITS, split_of
 from .templates import CELL_TOKEN, DEFAULT_BANK_DIR, SIGNAL_TOKEN, VARIANTS, Template, TemplateBank, render
@@ -55,6 +57,7 @@ FEATURES = datasets.Features(
         "input_gene_counts": datasets.List(datasets.Value("float32")),
         "target_gene_indices": datasets.List(datasets.Value("int32")),
         "target_gene_counts": datasets.List(datasets.Value("float32")),
+        **MULTICELL_FEATURES,
     }
 )
 
@@ -206,6 +209,7 @@ def make_example(
         "input_gene_counts": inputs[1],
         "target_gene_indices": target[0],
         "target_gene_counts": target[1],
+        **single_cell_columns(),
     }
 
 
@@ -278,6 +282,10 @@ class InstructCellDatasetBuilder(datasets.GeneratorBasedBuilder):
         for source in self._sources():
             reader = AnnDataReader(source, vocab, self.config.chunk_size, self.config.progress)
             choices = reader.label_set()
+            if is_multicell(get_task(source.task)):
+                cells = [cell for cell in reader if split_of(source.name, cell.obs_name) == split]
+                yield from multicell_examples(source, variant, cells, split, bank, choices)
+                continue
             cells = paired_cells(source, reader) if get_task(source.task).pairs_cells else reader
             for cell in cells:
                 if split_of(source.name, cell.obs_name) != split:

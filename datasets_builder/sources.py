@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import anndata
@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from instructcell.tasks import get_task
+from instructcell.tasks import get_task, tasks_of_family
 
 from .anndata_source import AnnDataSource, check_raw_counts, read_obs_fields
 
@@ -167,6 +167,31 @@ def shared_sources(data_dir: str | os.PathLike, names: Sequence[str] | None = No
             drop_rare_labels=any(get_task(task).drop_rare_labels for task in known[name][0]),
         )
         for name in chosen
+    ]
+
+
+def with_multicell_tasks(sources: Sequence[DataSource]) -> list[DataSource]:
+    """Add the multi-cell and follow-up tasks to every source of cell type annotation (``--multicell``).
+
+    They read the same label column as cell type annotation, so each such source serves them as it is;
+    sources without cell type annotation are returned unchanged.
+
+    Parameters
+    ----------
+    sources
+        The build's sources.
+
+    Returns
+    -------
+    list of DataSource
+        The sources, those with ``cta`` among their tasks followed by the ``multicell`` family's tasks.
+    """
+    multicell = tasks_of_family("multicell")
+    return [
+        replace(source, tasks=(*source.tasks, *(t for t in multicell if t not in source.tasks)))
+        if "cta" in source.tasks
+        else source
+        for source in sources
     ]
 
 

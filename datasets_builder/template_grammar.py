@@ -350,8 +350,8 @@ class GrammarGenerator:
     Parameters
     ----------
     metadata_probability
-        Probability that each optional metadata placeholder (species, tissue, sequencing method) appears in a
-        CTA/DSP instruction; CPCG always has all three.
+        Probability that each optional metadata placeholder (species, tissue, sequencing method) appears in an
+        instruction (CTA, DSP); a task that requires them (CPCG) always has them.
     """
 
     def __init__(self, metadata_probability: float = 0.55) -> None:
@@ -367,9 +367,12 @@ class GrammarGenerator:
         middle = [core]
         if spec.input_cell and "{input}" not in core:
             middle.append(_pick(rng, INPUT_SENTENCES[level]))
-        keys = ["species", "tissue", "sequencing_method"]
-        if spec.input_cell:
-            keys = [k for k in keys if rng.random() < self.metadata_probability]
+        keys = [
+            key
+            for key in ("species", "tissue", "sequencing_method")
+            if key in spec.required_placeholders
+            or (key in spec.optional_placeholders and rng.random() < self.metadata_probability)
+        ]
         if keys:
             middle.append(self._metadata_sentence(keys, rng))
         if questioner.motivation:
@@ -399,7 +402,8 @@ class GrammarGenerator:
 
     def rewrite(self, text: str, task: str, questioner: Questioner, rng: np.random.Generator) -> str:
         """Rewrite = a fresh sample with the same traits (and the same choice of offering options)."""
-        return self.instruction(task, questioner, "{choices}" in text, rng)
+        offered = get_task(task).offers_choices and "{choices}" in text
+        return self.instruction(task, questioner, offered, rng)
 
     def response(self, task: str, instruction: str, questioner: Questioner, rng: np.random.Generator) -> str:
         """Chat response for ``instruction``: tone from the personality, detail from the proficiency.

@@ -13,6 +13,7 @@ ids and therefore template splits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -279,16 +280,19 @@ class TemplateBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike = DEFAULT_BANK_DIR, max_words: int = MAX_WORDS) -> TemplateBank:
-        """Load a bank: a ``.jsonl`` file or a folder of them (default: the committed bank)."""
+        """Load a bank: a ``.jsonl`` file or a folder of them (default: the committed bank).
+
+        Files are read and validated once per process: loading the same unchanged files (same size and
+        modification time) again returns the bank already read.
+        """
         path = Path(path)
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if not files:
             raise ValueError(f"No .jsonl template files in {path}: point to a template bank folder or file.")
-        records = []
-        for file in files:
-            with open(file, encoding="utf-8") as f:
-                records.extend(json.loads(line) for line in f if line.strip())
-        return cls.from_records(records, max_words)
+        signature = tuple(
+            (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns) for file in files
+        )
+        return _read_bank(cls, signature, max_words)
 
     def select(self, task: str, variant: str, split: str) -> list[Template]:
         """Templates of one task, variant and split, sorted by id."""
@@ -303,6 +307,18 @@ class TemplateBank:
                 "(ids are split 8:1:1 by their sha1 hash)."
             )
         return candidates[int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % len(candidates)]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_bank(
+    cls: type[TemplateBank], files: tuple[tuple[str, int, int], ...], max_words: int
+) -> TemplateBank:
+    """Read and validate the bank files ``(path, size, mtime)`` (cached by :meth:`TemplateBank.load`)."""
+    records = []
+    for file, _, _ in files:
+        with open(file, encoding="utf-8") as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return cls.from_records(records, max_words)
 
 
 def render(

@@ -25,12 +25,18 @@ def main() -> int:
     parser.add_argument("--variant", choices=["instruct", "chat", "both"], default="both")
     parser.add_argument("--datasets", default=None, help="comma-separated subset of the shared datasets")
     parser.add_argument("--orthologs", default="", help="MGI/BioMart mouse->human table (file or URL)")
+    parser.add_argument(
+        "--multicell",
+        action="store_true",
+        help="also build the multi-cell and follow-up tasks for every dataset with cell type annotation",
+    )
     parser.add_argument("--template-bank", default=str(DEFAULT_BANK_DIR))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     argv = ["build-data", args.output, "--shared-datasets", args.data_dir, "--n-top-genes", args.n_top_genes]
     argv += ["--variant", args.variant, "--orthologs", args.orthologs, "--template-bank", args.template_bank]
     argv += ["--datasets", args.datasets] if args.datasets else []
+    argv += ["--multicell"] if args.multicell else []
     argv += ["--overwrite"] if args.overwrite else []
     return instructcell(argv)
 

@@ -265,6 +265,10 @@ class InstructCellProcessor(ProcessorMixin):
     def _count_cell_slots(self, text: str) -> int:
         return len(re.findall(re.escape(self.cell_start_token), text))
 
+    def _count_template_slots(self, template: str) -> int:
+        """Cell slots of an unfilled template: ``{input}`` placeholders and ``<CELL>`` tokens."""
+        return template_fields(template).count(CELL_PLACEHOLDER) + self._count_cell_slots(template)
+
     def __call__(
         self,
         text: str | Sequence[str] | None = None,
@@ -283,8 +287,9 @@ class InstructCellProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Prepare model inputs from instructions, cells and (for training) answers.
 
-        One instruction with ``n`` cells is broadcast to ``n`` prompts (one cell each). Otherwise the
-        number of ``{input}``/``<CELL>`` slots over all instructions must equal the number of cells.
+        One instruction with one cell slot and ``n`` cells is broadcast to ``n`` prompts (one cell each).
+        Otherwise the number of ``{input}``/``<CELL>`` slots over all instructions must equal the number of
+        cells, given in slot order (an instruction about several cells has one slot per cell).
 
         Parameters
         ----------
@@ -325,7 +330,7 @@ class InstructCellProcessor(ProcessorMixin):
                 cells, gene_names=gene_names, layer=layer, return_tensors="np"
             )
             n_cells = cell_features["cell_values"].shape[0]
-            if len(texts) == 1 and n_cells > 1:
+            if len(texts) == 1 and n_cells > 1 and self._count_template_slots(texts[0]) == 1:
                 texts = texts * n_cells
         metadata_rows = self._metadata_rows(cells, metadata, len(texts))
         prompts = [self.fill_template(t, m) for t, m in zip(texts, metadata_rows, strict=True)]

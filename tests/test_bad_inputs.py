@@ -77,7 +77,13 @@ def workspace(tmp_path_factory):
     processor = InstructCellProcessor(
         InstructCellFeatureExtractor(gene_names=GENES), tokenizer, num_query_tokens=4
     )
-    save_for_hub(InstructCellModelTester(processor).make_model(), processor, root / "model")
+    model = InstructCellModelTester(processor).make_model()
+    save_for_hub(model, processor, root / "model")
+    # the same model answering every message with <SIGNAL>: chat then samples cells to save
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    signal = model.config.signal_token_index
+    model.generation_config.suppress_tokens = [i for i in range(vocab_size) if i != signal]
+    save_for_hub(model, processor, root / "signal_model")
     (root / "inputs").mkdir()
     _write_inputs(root / "inputs")
     return root
@@ -109,16 +115,16 @@ def _run_cli(argv, stdin="", capsys=None):
     return code, out.getvalue(), capsys.readouterr().err
 
 
-def case(name, command, code, expected, output=None, stdin="quit\n"):
+def case(name, command, code, expected, output=None, stdin="quit\n", model="model"):
     """One CLI case: the command line without the model, its exit status, the text expected in stderr (on an
-    error) or stdout, and the one file it may write."""
-    return pytest.param(shlex.split(command), stdin, code, expected, output, id=name)
+    error) or stdout, the one file it may write, and the workspace's model folder it runs."""
+    return pytest.param(shlex.split(command), stdin, code, expected, output, model, id=name)
 
 
 def chat_save(name, target, expected, output=None):
-    """A chat that generates three cells and saves them to ``target``."""
+    """A chat that generates three cells (its model answers ``<SIGNAL>``) and saves them to ``target``."""
     stdin = f"generate 3 B cells\nsave generated to {target}\nquit\n"
-    return case(name, "chat cells.h5ad --max-new-tokens 2", 0, expected, output, stdin)
+    return case(name, "chat cells.h5ad --max-new-tokens 2", 0, expected, output, stdin, model="signal_model")
 
 
 L = '--labels "T cell,B cell" --quiet'
@@ -261,17 +267,17 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, stdin, code, expected, output", CLI_CASES)
-def test_cli(workspace, case_dir, capsys, argv, stdin, code, expected, output):
-    model = str(workspace / "model")
-    before = _hashes(case_dir, workspace / "model")
+@pytest.mark.parametrize("argv, stdin, code, expected, output, model_name", CLI_CASES)
+def test_cli(workspace, case_dir, capsys, argv, stdin, code, expected, output, model_name):
+    model = str(workspace / model_name)
+    before = _hashes(case_dir, workspace / model_name)
     got, out, err = _run_cli([argv[0], model, *argv[1:]], stdin, capsys)
     assert "Traceback" not in err
     assert got == code, err
     assert pd.Series([err if code else out]).str.contains(expected, regex=True).iloc[0], (out, err)
     if code:
         assert "error:" in err
-    after = _hashes(case_dir, workspace / "model")
+    after = _hashes(case_dir, workspace / model_name)
     changed = {path for path in {*before, *after} if before.get(path) != after.get(path)}
     assert changed == ({case_dir / output} if output else set())
 

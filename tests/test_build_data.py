@@ -224,3 +224,32 @@ def test_too_few_labels_left_is_refused_before_any_work(files, tmp_path, capsys)
     adata.write_h5ad(path)
     err = _refused(["--h5ad", path, "--drop-rare-labels"], tmp_path / "out", [path], capsys)
     assert "1 label(s) of 'cell_type' have 20 cells or more" in err and "cta needs two" in err
+
+
+def test_multicell_adds_the_conversation_tasks_to_every_annotation_source(files, tmp_path, capsys):
+    from instructcell.cli import build_parser
+    from instructcell.cli.build_data import collect_sources
+    from instructcell.tasks import tasks_of_family
+
+    sources = files["root"] / "multicell_sources.yaml"
+    sources.write_text(
+        "sources:\n  - path: pancreas.h5ad\n    tasks: [cta]\n  - path: mouse.h5ad\n    tasks: [cpcg]\n"
+    )
+    args = build_parser().parse_args(
+        ["build-data", str(tmp_path / "out"), "--sources", str(sources), "--multicell"]
+    )
+    by_name = {source.name: source.tasks for source in collect_sources(args)[0]}
+    assert by_name == {"pancreas": ("cta", *tasks_of_family("multicell")), "mouse": ("cpcg",)}
+    err = _refused(["--h5ad", files["mouse"], "--task", "cpcg", "--multicell"], tmp_path / "out", [], capsys)
+    assert "--multicell adds tasks to the sources of cell type annotation" in err
+
+
+def test_the_example_script_passes_multicell_on(monkeypatch):
+    from script_modules import load_script
+
+    seen = []
+    script = load_script("examples/build_dataset.py", "build_dataset_example")
+    monkeypatch.setattr(script, "instructcell", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr("sys.argv", ["build_dataset.py", "--data-dir", "d", "--output", "o", "--multicell"])
+    assert script.main() == 0
+    assert seen[0][:4] == ["build-data", "o", "--shared-datasets", "d"] and "--multicell" in seen[0]

@@ -9,7 +9,6 @@ import pytest
 from synthetic_anndata import make_counts
 
 from instructcell import cli, inference
-from instructcell.cli.chat import ChatSession
 from instructcell.hub import save_for_hub
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.pipeline_instructcell import TASK
@@ -224,44 +223,3 @@ def test_cli_annotate_predict_generate(model_dir, h5ad, tmp_path):
         )
         == 2
     )
-
-
-def test_cli_chat_keeps_history(model_dir, h5ad, tmp_path):
-    lines = [
-        "what are cells 0-3?",
-        "generate 5 naive B cells like these",
-        "which genes drive that call?",
-        f"save generated to {tmp_path / 'chat.h5ad'}",
-        "what are cells 9-99?",
-        "quit",
-    ]
-    out = io.StringIO()
-    code = cli.main(
-        ["chat", str(model_dir), str(h5ad), "--labels", "T cell,B cell", "--max-new-tokens", "2"],
-        stdin=io.StringIO("\n".join(lines) + "\n"),
-        stdout=out,
-    )
-    text = out.getvalue()
-    assert code == 0
-    assert "Cells 0-3:" in text and "mean p=" in text
-    assert "Generated 5 cells (cell_type=naive B cell, species=human, tissue=blood" in text
-    assert "Top genes behind" in text
-    assert "outside 0-6" in text
-    generated = anndata.read_h5ad(tmp_path / "chat.h5ad")
-    assert generated.n_obs == 5 and (generated.obs["cell_type"] == "naive B cell").all()
-
-
-def test_chat_session_puts_history_in_the_prompt(pipe, h5ad, monkeypatch):
-    session = ChatSession(pipe, anndata.read_h5ad(h5ad), labels=LABELS, max_new_tokens=2)
-    session.respond("what is cell 2?")
-    seen = []
-    original = InstructCellPipeline.__call__
-
-    def spy(self, inputs=None, *args, **kwargs):
-        seen.append(inputs)
-        return original(self, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(InstructCellPipeline, "__call__", spy)
-    session.respond("tell me about {this}")
-    assert seen[0].startswith("User: what is cell 2?\nAssistant: Cell 2 is 1 x ")
-    assert seen[0].endswith("tell me about {{this}}")

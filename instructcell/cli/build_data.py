@@ -25,6 +25,7 @@ from datasets_builder.sources import (
     DataSource,
     read_sources_file,
     shared_sources,
+    with_multicell_tasks,
 )
 from datasets_builder.templates import DEFAULT_BANK_DIR, VARIANTS
 from instructcell.tasks import parse_task_list, task_names
@@ -70,6 +71,12 @@ def add_parsers(subparsers) -> None:
     )
     build = parser.add_argument_group("build")
     build.add_argument(
+        "--multicell",
+        action="store_true",
+        help="also build the multi-cell and follow-up conversation tasks for every source of cell type "
+        "annotation (docs/multicell.md)",
+    )
+    build.add_argument(
         "--gene-vocab-from", metavar="MODEL", default=None, help="keep this saved model's gene vocabulary"
     )
     build.add_argument(
@@ -87,8 +94,10 @@ def add_parsers(subparsers) -> None:
 def collect_sources(args: argparse.Namespace) -> tuple[list[DataSource], dict | None]:
     """Return the sources named on the command line and the ``settings`` record of a shared-data build.
 
-    A build of the shared datasets alone records ``{n_top_genes, orthologs, data_dir[, datasets]}``, as
-    ``make data`` always has, so that an identical earlier build can be recognised (``examples/demo.py``).
+    A build of the shared datasets alone records ``{n_top_genes, orthologs, data_dir[, datasets][,
+    multicell]}``, as ``make data`` always has, so that an identical earlier build can be recognised
+    (``examples/demo.py``). ``--multicell`` adds the multi-cell tasks to every source of cell type annotation
+    (:func:`~datasets_builder.sources.with_multicell_tasks`).
     """
     tasks = parse_task_list(args.task)
     if not args.task.strip():
@@ -121,6 +130,8 @@ def collect_sources(args: argparse.Namespace) -> tuple[list[DataSource], dict | 
             }
             if names:
                 settings["datasets"] = sorted(names)
+            if args.multicell:
+                settings["multicell"] = True
         sources += shared
     elif args.datasets:
         raise ValueError("--datasets selects among the shared datasets: pass --shared-datasets DIR too.")
@@ -128,6 +139,13 @@ def collect_sources(args: argparse.Namespace) -> tuple[list[DataSource], dict | 
         raise ValueError(
             "No source: pass --h5ad FILE (repeatable), --sources FILE.yaml or --shared-datasets DIR."
         )
+    if args.multicell:
+        if not any("cta" in source.tasks for source in sources):
+            raise ValueError(
+                "--multicell adds tasks to the sources of cell type annotation, and no source has cta: "
+                "add cta to a source's tasks (--task cta,... or tasks: [cta] in a sources file)."
+            )
+        sources = with_multicell_tasks(sources)
     return sources, settings
 
 

@@ -1,19 +1,42 @@
-"""``instructcell chat``: a conversation over the cells of an .h5ad."""
+"""``instructcell chat``: a conversation with the model about the cells of an .h5ad.
+
+Every message goes to the model with the conversation so far and the cells it refers to. ``cell 5``,
+``cells 10-13`` or ``cells 1, 4 and 9`` name rows of the file: the reference becomes the cells' slots in the
+message (``this cell <CELL>`` for one, ``cell 1: <CELL>, cell 2: <CELL>, ...`` for several, numbered as the
+model reads them), and the cells of earlier turns stay in the prompt, so
+follow-up questions ("and cell 21?", "how sure are you?", "generate 20 more like the first") are answered by
+the model from the whole conversation. An answer with ``<SIGNAL>`` samples cells (as many as the message
+asks for, 10 by default). Only what the model cannot do is done here: saving generated cells to a file,
+gene saliency of the last call, and a question about more cells than one prompt holds, which is asked about
+each cell on its own and the answers counted.
+
+The prompt keeps the last ``--history-turns`` turns, dropping the oldest ones first while the conversation
+holds more than :data:`~instructcell.tasks.multicell.MAX_CELLS_PER_PROMPT` cells or more tokens than the model
+reads (:func:`~modeling_instructcell.pipeline_instructcell.max_prompt_tokens`); a turn is never cut in the
+middle, and a question too long on its own is refused with a message that says so. Generated cells are saved
+only to a new file: the chat never replaces one.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import TextIO
 
 import anndata
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
 
 from instructcell import inference
 from instructcell.inference.files import read_anndata, write_anndata
 from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
-from modeling_instructcell.pipeline_instructcell import PromptTooLongError
+from instructcell.tasks.multicell import MAX_CELLS_PER_PROMPT, cell_list, conversation
+from modeling_instructcell.answer_extraction import extract_label
+from modeling_instructcell.pipeline_instructcell import PromptTooLongError, max_prompt_tokens
 
 from .common import (
     add_model_arguments,
@@ -25,233 +48,311 @@ from .common import (
 )
 
 PROMPT = "you> "
+#: Cells sampled for an answer with ``<SIGNAL>`` when the message names no number.
+DEFAULT_CELLS_TO_GENERATE = 10
 
+HELP = f"""Ask about the cells of the file; name them as cell 5, cells 10-13 or cells 1, 4 and 9. E.g.
+  What cell types are in cells 0-7, and how many of each?
+  Which of cells 10-13 is the B cell?          (the answer's "cell 2" is the 2nd cell named)
+  What is cell 20?    And cell 21?    How sure are you?
+  Generate 20 more like the first one.          (samples cells when the model answers <SIGNAL>)
+  save generated to out.h5ad                    write the last generated cells (to a new file)
+  which genes drive that call?                  gradient saliency of the last answer's label
+  quit
+Up to {MAX_CELLS_PER_PROMPT} cells go into one prompt; about more cells, each cell is asked on its own and the
+answers are counted."""
 
-def add_parsers(subparsers) -> None:
-    """Register ``chat``."""
-    chat = subparsers.add_parser("chat", help="interactive conversation over an .h5ad")
-    add_model_arguments(chat)
-    chat.add_argument("input", help=".h5ad file")
-    chat.add_argument("--labels")
-    chat.add_argument("--labels-from-obs", metavar="COLUMN")
-    chat.add_argument("--template", default=get_task("cta").default_instruction)
-    chat.add_argument(
-        "--history-turns", type=non_negative_int, default=4, help="previous turns kept in the prompt"
-    )
-    chat.add_argument("--max-new-tokens", type=positive_int, default=32)
-    chat.set_defaults(run=run)
-
-
-HELP = """Ask about the loaded cells, e.g.
-  what are cells 0-99?            annotate a range (becomes the current selection)
-  generate 50 naive B cells like these   sample cells conditioned on the selection's metadata
-  which genes drive that call?    gradient saliency of the last call's label
-  save generated to out.h5ad      write the last generated cells (to a new file)
-  anything else                   free-text question (conversation history is kept in the prompt)
-  quit"""
-
-_RANGE = re.compile(r"\bcells?\s+(\d+)(?:\s*(?:-|–|to|\.\.)\s*(\d+))?", re.IGNORECASE)
-_GENERATE = re.compile(
-    r"^\s*(?:please\s+)?(?:generate|simulate|make)\s+(\d+)\s+(.+?)\s*[?.!]*\s*$", re.IGNORECASE
-)
+_RANGE = r"\d+(?:\s*(?:-|–|to|\.\.)\s*\d+)?"
+_REFERENCE = re.compile(rf"\bcells?\s+#?({_RANGE}(?:\s*(?:,\s*and|,|and|&)\s*{_RANGE})*)", re.IGNORECASE)
+_NUMBER = re.compile(r"\b(\d+)\b")
 _SALIENCY = re.compile(r"\b(which|what)\s+genes?\b|\bwhy\b|\bdrive", re.IGNORECASE)
 _SAVE = re.compile(
     r"^\s*save\s+(?:generated\s+)?(?:cells\s+)?(?:to\s+)?(\S+\.(?:h5ad|zarr))\s*$", re.IGNORECASE
 )
 
 
+def add_parsers(subparsers) -> None:
+    """Register ``chat``."""
+    chat = subparsers.add_parser("chat", help="interactive conversation over an .h5ad")
+    add_model_arguments(chat)
+    chat.add_argument("input", help=".h5ad file (or .zarr store)")
+    chat.add_argument("--labels", help="comma-separated label set: names the calls counted and explained")
+    chat.add_argument("--labels-from-obs", metavar="COLUMN", help="the label set from an obs column")
+    chat.add_argument(
+        "--history-turns", type=non_negative_int, default=2, help="earlier turns kept in the prompt at most"
+    )
+    chat.add_argument("--max-new-tokens", type=positive_int, default=96)
+    chat.add_argument("--seed", type=int, default=0, help="seed of the cell sampler")
+    chat.set_defaults(run=run)
+
+
+def _escape(text: str) -> str:
+    """User text inside a prompt template: braces are literal."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def cell_references(message: str, n_obs: int) -> list[int]:
+    """Return the file rows a message names (``cell 5``, ``cells 10-13``, ``cells 1, 4 and 9``), in order.
+
+    Raises
+    ------
+    ValueError
+        For a row outside the file or a reversed range.
+    """
+    rows: list[int] = []
+    for match in _REFERENCE.finditer(message):
+        for part in re.findall(_RANGE, match.group(1)):
+            bounds = [int(n) for n in re.findall(r"\d+", part)]
+            first, last = bounds[0], bounds[-1]
+            if first > last or last >= n_obs:
+                raise ValueError(f"cells {first}-{last} are outside the file's rows 0-{n_obs - 1}.")
+            rows += range(first, last + 1)
+    return rows
+
+
+@dataclass
+class Turn:
+    """One answered message: its text with a cell slot per cell shown, the model's answer, the cells' rows."""
+
+    message: str
+    answer: str
+    rows: list[int]
+
+
 class ChatSession:
-    """State of one ``instructcell chat`` conversation (also usable from Python)."""
+    """One ``instructcell chat`` conversation (also usable from Python: :meth:`respond`).
+
+    Parameters
+    ----------
+    pipe : InstructCellPipeline
+        The model and its processor.
+    adata : AnnData
+        The cells (raw counts), backed or in memory.
+    labels : list of str, optional
+        The label set: answers about many cells are counted by label, saliency explains a label of it.
+    history_turns : int
+        Earlier turns kept in the prompt at most.
+    max_new_tokens : int
+        Answer length.
+    batch_size : int
+        Prompts per model call (questions asked cell by cell).
+    seed : int
+        Seed of the cell sampler (turn ``t`` samples with ``seed + t``).
+    """
 
     def __init__(
         self,
         pipe,
         adata: anndata.AnnData,
-        labels=None,
-        template: str | None = None,
-        history_turns: int = 4,
-        max_new_tokens: int = 32,
+        labels: list[str] | None = None,
+        history_turns: int = 2,
+        max_new_tokens: int = 96,
         batch_size: int = 64,
+        seed: int = 0,
     ):
+        if history_turns < 0 or max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("history_turns must be >= 0, max_new_tokens and batch_size >= 1.")
         self.pipe, self.adata, self.labels = pipe, adata, labels
-        self.template = template or get_task("cta").default_instruction
-        self.history_turns, self.max_new_tokens, self.batch_size = history_turns, max_new_tokens, batch_size
-        self.history: list[tuple[str, str]] = []
-        self.selection: np.ndarray | None = None
-        self.last_call: tuple[np.ndarray, str] | None = None
+        self.model, self.processor = pipe.model, pipe.processor
+        self.history_turns, self.max_new_tokens, self.batch_size, self.seed = (
+            history_turns,
+            max_new_tokens,
+            batch_size,
+            seed,
+        )
+        self.max_tokens = max_prompt_tokens(self.model.config, self.processor.tokenizer)
+        self.turns: list[Turn] = []
         self.generated: anndata.AnnData | None = None
 
-    def _history_prefix(self, n_turns: int) -> str:
-        turns = self.history[-n_turns:] if n_turns > 0 else []
-        text = "".join(f"User: {user}\nAssistant: {reply}\n" for user, reply in turns)
-        return text.replace("{", "{{").replace("}", "}}")
-
-    def _with_history(self, ask):
-        """Call ``ask(history_prefix)`` with the last ``history_turns`` turns, fewer while it is too long."""
-        for n_turns in range(min(self.history_turns, len(self.history)), -1, -1):
-            try:
-                return ask(self._history_prefix(n_turns))
-            except PromptTooLongError:
-                if n_turns == 0:
-                    raise
-        raise AssertionError("unreachable: the loop returns or raises")
-
-    def _cells(self, rows: np.ndarray) -> anndata.AnnData:
-        view = self.adata[rows]
-        return view.to_memory() if getattr(self.adata, "isbacked", False) else view.copy()
-
     def respond(self, message: str) -> str:
-        """Answer one user message and append the turn to the history."""
+        """Answer one message; a message the model answered joins the conversation."""
         message = message.strip()
         if not message:
             return ""
         try:
-            reply = self._dispatch(message)
+            return self._dispatch(message)
         except (ValueError, OSError) as err:  # the session goes on after bad input or a failed write
-            reply = f"Sorry, I could not do that: {err}"
-        self.history.append((message, reply.splitlines()[0] if reply else reply))
-        return reply
+            return f"Sorry, I could not do that: {err}"
 
     def _dispatch(self, message: str) -> str:
         if message.lower() in ("help", "?"):
             return HELP
         if match := _SAVE.match(message):
-            if self.generated is None:
-                return "Nothing generated yet; try 'generate 50 B cells like these'."
-            path = check_destination(match.group(1), overwrite=False, flag=None)  # never replaces a file
-            write_anndata(self.generated, path)
-            return f"Saved {self.generated.n_obs} generated cells to {path}."
-        if match := _GENERATE.match(message):
-            return self._generate(int(match.group(1)), match.group(2))
-        if _SALIENCY.search(message) and self.last_call is not None and not _RANGE.search(message):
+            return self._save(match.group(1))
+        rows = cell_references(message, self.adata.n_obs)
+        if _SALIENCY.search(message) and not rows:
             return self._saliency()
-        if match := _RANGE.search(message):
-            first = int(match.group(1))
-            last = int(match.group(2)) if match.group(2) else first
-            return self._annotate(first, last)
-        return self._free_text(message)
+        if len(rows) > MAX_CELLS_PER_PROMPT:
+            return self._cell_by_cell(message, rows)
+        return self._ask(message, rows)
 
-    def _annotate(self, first: int, last: int) -> str:
-        n = self.adata.n_obs
-        if first > last or last >= n:
-            raise ValueError(f"cells {first}-{last} are outside 0-{n - 1}.")
-        rows = np.arange(first, last + 1)
-        cells = self._cells(rows)
-        results = self._with_history(
-            lambda history: self.pipe(
-                history + self.template,
-                cells=cells,
-                labels=self.labels,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-            )
-        )
-        calls = [
-            r["label"] if r["label"] is not None else (r["argmax_label"] or r["answer"]) for r in results
-        ]
-        self.selection = rows
-        top = Counter(calls).most_common()
-        self.last_call = (rows, top[0][0])
-        parts = []
-        for label, count in top[:6]:
-            probs = [
-                r["label_probabilities"][label]
-                for r in results
-                if r["label_probabilities"] and label in r["label_probabilities"]
-            ]
-            detail = f" (mean p={np.mean(probs):.2f})" if probs else ""
-            parts.append(f"{count} x {label!s}{detail}")
-        what = f"Cell {first} is" if first == last else f"Cells {first}-{last}:"
-        return f"{what} " + ", ".join(parts) + "."
+    def _cells(self, rows: list[int]) -> anndata.AnnData:
+        """Return the file rows ``rows`` in memory."""
+        view = self.adata[rows]
+        return view.to_memory() if getattr(self.adata, "isbacked", False) else view.copy()
 
-    def _generate(self, n_cells: int, phrase: str) -> str:
-        like_these = bool(re.search(r"\blike (these|those|them|this)\b", phrase, re.IGNORECASE))
-        cell_type = re.sub(
-            r"\s*\blike (these|those|them|this)( cells?)?\b", "", phrase, flags=re.IGNORECASE
-        ).strip()
-        cell_type = re.sub(r"\bcells$", "cell", cell_type)
-        condition = {"cell_type": cell_type}
+    def _counts(self, rows: list[int]) -> np.ndarray:
+        """Raw counts ``(len(rows), n_genes)`` of file rows in the model's gene order."""
+        cells = self._cells(sorted(set(rows)))
+        values = self.processor.feature_extractor(cells, return_tensors="np")["cell_values"]
+        position = {row: i for i, row in enumerate(sorted(set(rows)))}
+        return values[[position[row] for row in rows]]
+
+    def _question(self, message: str, one_cell: bool = False) -> str:
+        """Replace every cell reference of the message by its cell slots, numbered as the model reads them.
+
+        ``cells 10-13`` becomes ``cell 1: <CELL>, ..., cell 4: <CELL>``; a message about one cell (or, with
+        ``one_cell``, each cell of a message asked cell by cell) reads ``this cell <CELL>``.
+        """
+        token = self.processor.cell_start_token
+        n_cells = 1 if one_cell else len(cell_references(message, self.adata.n_obs))
+        parts, shown, end = [], 0, 0
+        for match in _REFERENCE.finditer(message):
+            parts.append(_escape(message[end : match.start()]))
+            count = 1 if n_cells == 1 else len(cell_references(match.group(0), self.adata.n_obs))
+            if n_cells == 1:
+                parts.append("" if shown else f"this cell {token}")
+            else:
+                parts.append(cell_list(count, token, first=shown + 1))
+            shown += count
+            end = match.end()
+        return "".join(parts) + _escape(message[end:])
+
+    def _encode(self, question: str, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[Turn]]:
+        """Model inputs for ``question`` after the most recent earlier turns that fit (see the module)."""
+        kept = self.turns[len(self.turns) - self.history_turns :] if self.history_turns else []
+        while True:
+            all_rows = [row for turn in kept for row in turn.rows] + rows
+            if len(all_rows) <= MAX_CELLS_PER_PROMPT:
+                prompt = conversation([(t.message, t.answer) for t in kept], question)
+                cells = self._counts(all_rows) if all_rows else None
+                inputs = self.processor(text=[prompt], cells=cells)
+                if inputs["input_ids"].shape[-1] <= self.max_tokens:
+                    return {k: v.to(self.model.device) for k, v in inputs.items()}, kept
+            if not kept:
+                length = inputs["input_ids"].shape[-1] if len(all_rows) <= MAX_CELLS_PER_PROMPT else None
+                size = f"{length} tokens long" if length else f"about {len(all_rows)} cells"
+                raise PromptTooLongError(
+                    f"the question is {size} (cell slots included); this model reads at most "
+                    f"{self.max_tokens} tokens and {MAX_CELLS_PER_PROMPT} cells: ask about fewer cells, or "
+                    "in fewer words."
+                )
+            kept = kept[1:]
+
+    @torch.inference_mode()
+    def _ask(self, message: str, rows: list[int]) -> str:
+        question = self._question(message)
+        inputs, kept = self._encode(question, rows)
+        leftover = _REFERENCE.sub(" ", message)
+        numbers = _NUMBER.findall(leftover)
+        n_cells = int(numbers[0]) if numbers and int(numbers[0]) > 0 else DEFAULT_CELLS_TO_GENERATE
+        conversation_rows = [row for turn in kept for row in turn.rows] + rows
         library = None
-        if like_these and self.selection is not None:
-            obs = self.adata.obs.iloc[self.selection]
-            for name in ("species", "tissue", "sequencing_method"):
-                values = obs[name].dropna() if name in obs.columns else ()
-                if len(values):  # the most common present value; missing values never become "nan"
-                    condition[name] = str(values.astype(str).mode().iloc[0])
-            cells = self._cells(self.selection)
-            values = self.pipe.processor.feature_extractor(cells, return_tensors="np")["cell_values"]
-            library = max(1, round(float(np.median(values.sum(1)))))
-        template = inference.generation_template(condition)
-        self.generated = self._with_history(
-            lambda history: inference.generate_cells(
-                self.pipe,
-                [condition],
-                n_cells=n_cells,
-                template=history + template,
-                library_size=library,
-                progress=False,
-                max_new_tokens=self.max_new_tokens,
+        if conversation_rows:
+            library = float(np.median(self._counts(conversation_rows).sum(axis=1)))
+        output = self.model.generate_cells(
+            **inputs,
+            num_cells=n_cells,
+            library_size=library,
+            seed=self.seed + len(self.turns),
+            max_new_tokens=self.max_new_tokens,
+        )
+        answer = self.processor.post_process_generation(output.sequences)[0]["text"]
+        self.turns.append(Turn(question, answer, rows))
+        reply = answer or "(the model gave an empty answer)"
+        position = re.fullmatch(r"\s*cell\s+(\d+)\s*", answer, re.IGNORECASE)
+        if position and len(rows) > 1 and 1 <= int(position.group(1)) <= len(rows):
+            reply += f" (row {rows[int(position.group(1)) - 1]} of the file)"
+        if bool(output.has_signal[0]):
+            self.generated = self._generated_cells(output.cell_values, answer)
+            totals = np.asarray(self.generated.X.sum(axis=1)).ravel()
+            reply += (
+                f" [sampled {self.generated.n_obs} cells, median {np.median(totals):.0f} counts; say 'save "
+                "generated to FILE.h5ad' to keep them]"
             )
+        return reply
+
+    def _generated_cells(self, values: torch.Tensor, answer: str) -> anndata.AnnData:
+        genes = list(self.processor.feature_extractor.gene_names)
+        obs = pd.DataFrame(
+            {"answer": [answer] * values.shape[0]}, index=[f"generated_{i}" for i in range(values.shape[0])]
         )
-        totals = np.asarray(self.generated.X.sum(1)).ravel()
-        described = ", ".join(f"{k}={v}" for k, v in condition.items())
+        matrix = sp.csr_matrix(values.cpu().numpy().astype(np.int32))
+        return anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+
+    @torch.inference_mode()
+    def _cell_by_cell(self, message: str, rows: list[int]) -> str:
+        """Ask the message about each cell on its own; count the answers (by label when labels are given)."""
+        question = self._question(message, one_cell=True)
+        answers = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            inputs = self.processor(text=[question] * len(chunk), cells=self._counts(chunk))
+            inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+            sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+            answers += [a["text"] for a in self.processor.post_process_generation(sequences)]
+        if self.labels:
+            answers = [extract_label(a, self.labels) or a for a in answers]
+        counted = ", ".join(f"{n} x {answer}" for answer, n in Counter(answers).most_common())
         return (
-            f"Generated {self.generated.n_obs} cells ({described}); median {np.median(totals):.0f} "
-            "counts per cell. Say 'save generated to <file>.h5ad' to keep them."
+            f"More than {MAX_CELLS_PER_PROMPT} cells: I asked about each of the {len(rows)} cells on its "
+            "own. "
+            f"Answers: {counted}."
         )
+
+    def _save(self, path: str) -> str:
+        if self.generated is None:
+            return "Nothing generated yet: ask, e.g., 'Generate 20 more like the first one.'"
+        destination = check_destination(path, overwrite=False, flag=None)  # never replaces a file
+        write_anndata(self.generated, destination)
+        return f"Saved {self.generated.n_obs} generated cells to {destination}."
 
     def _saliency(self) -> str:
-        rows, label = self.last_call
-        if self.labels is None or label not in self.labels:
-            labels = None
-        else:
-            labels = self.labels
+        shown = [turn for turn in self.turns if turn.rows]
+        if not shown:
+            return "No call to explain yet: ask about a cell first, e.g. 'What is cell 20?'."
+        turn = shown[-1]
+        label = extract_label(turn.answer, self.labels) if self.labels else None
         frame = inference.gene_saliency(
             self.pipe,
-            self._cells(rows),
-            label,
-            labels=labels,
-            template=self.template,
+            self._cells(turn.rows),
+            label or turn.answer,
+            labels=self.labels if label else None,
+            template=get_task("cta").default_instruction,
             top_k=10,
             batch_size=self.batch_size,
         )
         genes = ", ".join(f"{gene} ({'+' if g > 0 else '-'})" for gene, g in frame["mean_gradient"].items())
         return (
-            f"Top genes behind '{label}' for {len(rows)} cells (vanilla gradient of log p; + = more counts "
-            f"favour it): {genes}."
+            f"Top genes behind '{label or turn.answer}' for {len(turn.rows)} cells (vanilla gradient of "
+            "log p; "
+            f"+ = more counts favour it): {genes}."
         )
-
-    def _free_text(self, message: str) -> str:
-        message = message.replace("{", "{{").replace("}", "}}")
-        result = self._with_history(
-            lambda history: self.pipe(history + message, max_new_tokens=self.max_new_tokens)[0]
-        )
-        return result["answer"] or "(the model gave an empty answer)"
 
 
 def run(args, stdin: TextIO, out: TextIO) -> int:
     """Load the file and answer messages from ``stdin`` until "quit" or end of input."""
-    adata = read_anndata(args.input)
     if args.labels and args.labels_from_obs:
         raise ValueError("Give either --labels or --labels-from-obs, not both.")
-    labels = parse_labels(args.labels) if args.labels else None
-    if args.labels_from_obs:
-        labels = obs_label_set(adata, args.labels_from_obs)
-    session = ChatSession(
-        model_source(args).load(),
-        adata,
-        labels=labels,
-        template=args.template,
-        history_turns=args.history_turns,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
-    print(
-        f"Loaded {args.input}: {adata.n_obs} cells x {adata.n_vars} genes. Type 'help' for examples, "
-        "'quit' to leave.",
-        file=out,
-    )
+    adata = read_anndata(args.input)
     try:
+        labels = parse_labels(args.labels) if args.labels else None
+        if args.labels_from_obs:
+            labels = obs_label_set(adata, args.labels_from_obs)
+        session = ChatSession(
+            model_source(args).load(),
+            adata,
+            labels=labels,
+            history_turns=args.history_turns,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        print(
+            f"Loaded {args.input}: {adata.n_obs} cells x {adata.n_vars} genes. Type 'help' for examples, "
+            "'quit' to leave.",
+            file=out,
+        )
         while True:
             print(PROMPT, end="", file=out, flush=True)
             line = stdin.readline()

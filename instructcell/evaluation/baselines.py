@@ -9,12 +9,15 @@ as the model is scored on:
   genes with their labels (:class:`GenerationCells` in); labels without training cells are left out;
 * ``perturbation``: given the training pairs (control -> perturbed cell) and the query control cells with
   their cell types and perturbations, it returns one predicted perturbed cell per query cell, as
-  log-normalized expression (:class:`PerturbationCells` in).
+  log-normalized expression (:class:`PerturbationCells` in);
+* ``multicell``: fitted on the training cells and their labels, it gives every test cell's label probabilities
+  (:class:`ClassificationCells` in, a cells x labels frame out); each multi-cell question is answered from
+  the probabilities of its cells.
 
-``logistic_regression``, ``label_mean``, ``reference``, ``no_change`` and ``additive`` are cheap and always
-available; ``celltypist`` and
-``scvi`` need optional installs (:mod:`instructcell.evaluation.optional_baselines`) and are skipped, with the
-reason recorded, when those are missing.
+``logistic_regression``, ``logistic_regression_cells``, ``label_mean``, ``reference``, ``no_change`` and
+``additive`` are cheap and always available; ``celltypist`` and ``scvi`` need optional installs
+(:mod:`instructcell.evaluation.optional_baselines`) and are skipped, with the reason recorded, when those are
+missing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
@@ -45,6 +49,7 @@ __all__ = [
     "choose_baselines",
     "label_mean_cells",
     "logistic_regression_predictions",
+    "logistic_regression_probabilities",
     "parse_baseline_choice",
     "reference_cells",
 ]
@@ -167,7 +172,7 @@ class Baseline:
         Registry key, as in :attr:`instructcell.tasks.Task.baselines` and ``metrics.json``.
     title : str
         Name in reports.
-    family : {"classification", "generation"}
+    family : {"classification", "generation", "multicell"}
         The metric family it is scored with.
     description : str
         One sentence for the report: what it is and how it was fitted.
@@ -214,9 +219,29 @@ def logistic_regression_predictions(
     list of str
         ``(n_test,)`` predicted labels.
     """
-    model = LogisticRegression(max_iter=2000, random_state=seed)
-    model.fit(normalize_log1p(train_counts), list(train_labels))
+    model = _fit_logistic_regression(train_counts, train_labels, seed)
     return list(model.predict(normalize_log1p(test_counts)))
+
+
+def _fit_logistic_regression(
+    train_counts: sp.spmatrix, train_labels: Sequence[str], seed: int
+) -> LogisticRegression:
+    model = LogisticRegression(max_iter=2000, random_state=seed)
+    return model.fit(normalize_log1p(train_counts), list(train_labels))
+
+
+def logistic_regression_probabilities(
+    train_counts: sp.spmatrix, train_labels: Sequence[str], test_counts: sp.spmatrix, seed: int = 0
+) -> pd.DataFrame:
+    """Fit the logistic regression of :func:`logistic_regression_predictions`; return the label probabilities.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``(n_test, n_labels)``: one column per training label (sorted), rows summing to 1.
+    """
+    model = _fit_logistic_regression(train_counts, train_labels, seed)
+    return pd.DataFrame(model.predict_proba(normalize_log1p(test_counts)), columns=list(model.classes_))
 
 
 def _label_rows(labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -375,6 +400,12 @@ def _run_logistic_regression(cells: ClassificationCells, seed: int = 0) -> Basel
     ), {}
 
 
+def _run_logistic_regression_cells(cells: ClassificationCells, seed: int = 0) -> BaselineOutput:
+    return logistic_regression_probabilities(
+        cells.train_counts, cells.train_labels, cells.test_counts, seed
+    ), {}
+
+
 def _run_celltypist(cells: ClassificationCells, seed: int = 0, use_sgd: bool = False) -> BaselineOutput:
     from .optional_baselines import celltypist_predictions
 
@@ -417,6 +448,15 @@ BASELINES: dict[str, Baseline] = {
             "scikit-learn's LogisticRegression on log-normalized counts (1e4 per cell, log1p).",
             cheap=True,
             run=_run_logistic_regression,
+        ),
+        Baseline(
+            "logistic_regression_cells",
+            "logistic regression, single-cell calls",
+            "multicell",
+            "the logistic regression's label probabilities of every cell of the question, fitted on the "
+            "training cells; the question is answered from them as from the model's own single-cell calls.",
+            cheap=True,
+            run=_run_logistic_regression_cells,
         ),
         Baseline(
             "celltypist",

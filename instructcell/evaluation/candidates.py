@@ -27,6 +27,7 @@ __all__ = [
     "GeneratedCells",
     "generate_for_requests",
     "greedy_answer",
+    "label_probabilities",
     "model_predictions",
 ]
 
@@ -146,28 +147,71 @@ def model_predictions(
     rows = list(rows)
     if answers is not None and len(answers) != len(rows):
         raise ValueError(f"Got answers for {len(answers)} rows but {len(rows)} rows.")
+    if method == "score":
+        probabilities = label_probabilities(
+            model, processor, rows, batch_size=batch_size, answers=answers, progress=progress, desc=desc
+        )
+        return [row["choices"][i] for row, i in zip(rows, probabilities.argmax(-1).tolist(), strict=True)]
     collator = DataCollatorForInstructCell(processor)
     predictions: list[str | None] = []
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = rows[start : start + batch_size]
         inputs = _model_inputs(collator(chunk), model.device)
-        if method == "generate":
-            sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
-            texts = processor.post_process_generation(sequences)
-            predictions.extend(
-                extract_label(a["text"], row["choices"]) for a, row in zip(texts, chunk, strict=True)
-            )
-            continue
+        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        texts = processor.post_process_generation(sequences)
+        predictions.extend(
+            extract_label(a["text"], row["choices"]) for a, row in zip(texts, chunk, strict=True)
+        )
+    return predictions
+
+
+@torch.inference_mode()
+def label_probabilities(
+    model: InstructCellForConditionalGeneration,
+    processor: InstructCellProcessor,
+    rows: datasets.Dataset | Sequence[dict[str, Any]],
+    batch_size: int = 64,
+    answers: Sequence[Sequence[str]] | None = None,
+    progress: bool = False,
+    desc: str = "score",
+) -> np.ndarray:
+    """Each row's probability of each of its ``choices`` under the model (``score_labels``).
+
+    Parameters
+    ----------
+    model : InstructCellForConditionalGeneration
+    processor : InstructCellProcessor
+    rows : Dataset or sequence of dict
+        ``n_rows`` builder rows sharing one label set of ``n_choices`` labels (one dataset).
+    batch_size : int
+        Rows per model call.
+    answers : sequence of sequence of str, optional
+        Per row, the answer text of each of its ``choices`` (see :func:`model_predictions`).
+    progress : bool
+        Show a tqdm bar over batches (``desc`` is its label).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_rows, n_choices)`` float32, each row summing to 1.
+    """
+    rows = list(rows)
+    collator = DataCollatorForInstructCell(processor)
+    blocks = []
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = rows[start : start + batch_size]
+        inputs = _model_inputs(collator(chunk), model.device)
         candidate_ids, candidate_mask = _choice_tokens(
             processor, chunk, None if answers is None else answers[start : start + batch_size]
         )
         scores = model.score_labels(
             **inputs, candidate_ids=candidate_ids, candidate_attention_mask=candidate_mask
         )
-        best = scores.probabilities.argmax(-1).tolist()
-        predictions.extend(row["choices"][i] for row, i in zip(chunk, best, strict=True))
-    return predictions
+        blocks.append(scores.probabilities.float().cpu().numpy())
+    n_choices = len(rows[0]["choices"]) if rows else 0
+    return np.concatenate(blocks) if blocks else np.zeros((0, n_choices), np.float32)
 
 
 def _choice_tokens(

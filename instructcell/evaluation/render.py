@@ -49,6 +49,11 @@ FAMILY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("mmd", "MMD (PCA)"),
         ("e_distance", "E-distance (PCA)"),
     ),
+    "multicell": (
+        ("accuracy", "accuracy"),
+        ("cell_accuracy", "cells right"),
+        ("answered_rate", "answered"),
+    ),
 }
 FAMILY_PROTOCOLS: dict[str, str] = {
     "classification": (
@@ -70,6 +75,14 @@ FAMILY_PROTOCOLS: dict[str, str] = {
         "real, over all genes and the top-100 DEGs (real perturbed vs control, Wilcoxon); Pearson "
         "correlation of predicted and real change of the means; MMD and energy distance in a PCA of the "
         "real cells. The table shows means over the groups."
+    ),
+    "multicell": (
+        "Each test row shows several held-out cells of one dataset, or a question after earlier turns, in a "
+        "held-out template. InstructCell answers the whole prompt (greedy); accuracy counts whole answers "
+        "(unanswered = wrong), *cells right* the task's partial credit (cells counted or labelled right, "
+        "the right position, or the right label). *Single-cell calls* answer the same question from "
+        "per-cell label probabilities: the model's own (each cell asked alone with its annotation test "
+        "row; for a follow-up, the question without its earlier turns) and the logistic regression's."
     ),
 }
 #: Below this share of one CPU (CPU time / wall time of the process), a section was starved by other jobs.
@@ -143,7 +156,7 @@ def method_rows(
 
     Parameters
     ----------
-    family : {"classification", "generation", "perturbation"}
+    family : {"classification", "generation", "perturbation", "multicell"}
     by_task : mapping
         ``scores`` of ``metrics.json`` restricted to the family's tasks: task -> dataset -> entry.
     methods : mapping
@@ -259,9 +272,26 @@ def _perturbation_group_lines(by_task: Mapping[str, Any], methods: Mapping[str, 
     return ["", "Per perturbation and cell type:", "", markdown_table(header, rows, numeric_from=3)]
 
 
+def _by_size_lines(by_task: Mapping[str, Any], methods: Mapping[str, Any]) -> list[str]:
+    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family)."""
+    lines = ["", "Accuracy by the cells a question shows, or by a follow-up's earlier turns:"]
+    for task, by_dataset in by_task.items():
+        for dataset, entry in by_dataset.items():
+            names = list(entry["methods"])
+            titles = [method_title(name, entry["methods"][name], methods) for name in names]
+            header = [entry["by_size"]["variable"], "n", *titles]
+            rows = [
+                [size, group["n"], *(group["methods"].get(name) for name in names)]
+                for size, group in sorted(entry["by_size"]["groups"].items(), key=lambda item: int(item[0]))
+            ]
+            lines += ["", f"**{task} {dataset}**", "", markdown_table(header, rows, numeric_from=1)]
+    return lines
+
+
 #: Per metric family, lines after its table (e.g. the per-group scores behind the perturbation means).
 _FAMILY_DETAILS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]] = {
     "perturbation": _perturbation_group_lines,
+    "multicell": _by_size_lines,
 }
 
 

@@ -28,6 +28,7 @@ from .context import Evaluation, ScoringSettings
 from .files import report_folder
 from .generation_evaluator import evaluate_generation
 from .metrics.generation import ReferenceEmbedding
+from .multicell_evaluator import evaluate_multicell
 from .perturbation_evaluator import evaluate_perturbation
 from .sections import robustness_section, saliency_csv, saliency_section
 
@@ -49,6 +50,7 @@ EVALUATORS: dict[str, Callable[[Evaluation, Task, str], tuple[dict[str, Any], da
     "classification": evaluate_classification,
     "generation": evaluate_generation,
     "perturbation": evaluate_perturbation,
+    "multicell": evaluate_multicell,
 }
 
 

@@ -11,8 +11,16 @@ Adding a task is one new module here with its :class:`Task`, an entry in :data:`
 from __future__ import annotations
 
 from .base import METRIC_FAMILIES, Task, TaskGrammar
+from .cell_match import CELL_MATCH
 from .cell_type_annotation import CELL_TYPE_ANNOTATION
 from .drug_sensitivity_prediction import DRUG_SENSITIVITY_PREDICTION
+from .follow_up_annotation import FOLLOW_UP_ANNOTATION
+from .follow_up_confidence import FOLLOW_UP_CONFIDENCE
+from .follow_up_generation import FOLLOW_UP_GENERATION
+from .group_composition import GROUP_COMPOSITION
+from .joint_annotation import JOINT_ANNOTATION
+from .multicell import MultiCellTask, is_multicell
+from .odd_one_out import ODD_ONE_OUT
 from .perturbation_response import CONTROL_PERTURBATION, PERTURBATION_RESPONSE
 from .pseudo_cell_generation import PSEUDO_CELL_GENERATION
 
@@ -25,6 +33,13 @@ TASKS: dict[str, Task] = {
         DRUG_SENSITIVITY_PREDICTION,
         PSEUDO_CELL_GENERATION,
         PERTURBATION_RESPONSE,
+        GROUP_COMPOSITION,
+        ODD_ONE_OUT,
+        CELL_MATCH,
+        JOINT_ANNOTATION,
+        FOLLOW_UP_ANNOTATION,
+        FOLLOW_UP_CONFIDENCE,
+        FOLLOW_UP_GENERATION,
     )
 }
 
@@ -35,7 +50,7 @@ def task_names() -> tuple[str, ...]:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; a ``ValueError`` listing the known tasks otherwise."""
+    """Return the task called ``name``; a ``ValueError`` listing the known tasks otherwise."""
     try:
         return TASKS[name]
     except (KeyError, TypeError):
@@ -60,16 +75,25 @@ def tasks_of_family(family: str) -> tuple[str, ...]:
 
 
 __all__ = [
+    "CELL_MATCH",
     "CELL_TYPE_ANNOTATION",
     "CONTROL_PERTURBATION",
     "DRUG_SENSITIVITY_PREDICTION",
+    "FOLLOW_UP_ANNOTATION",
+    "FOLLOW_UP_CONFIDENCE",
+    "FOLLOW_UP_GENERATION",
+    "GROUP_COMPOSITION",
+    "JOINT_ANNOTATION",
     "METRIC_FAMILIES",
+    "ODD_ONE_OUT",
     "PERTURBATION_RESPONSE",
     "PSEUDO_CELL_GENERATION",
     "TASKS",
+    "MultiCellTask",
     "Task",
     "TaskGrammar",
     "get_task",
+    "is_multicell",
     "parse_task_list",
     "task_names",
     "tasks_of_family",

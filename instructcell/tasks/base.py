@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation", "perturbation")
+METRIC_FAMILIES: tuple[str, ...] = ("classification", "generation", "perturbation", "multicell")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,8 @@ class TaskGrammar:
     Parameters
     ----------
     description : str
-        ``"<task title>: <who does what>"``, with the task's placeholders; the template-synthesis prompts quote it.
+        ``"<task title>: <who does what>"``, with the task's placeholders; the template-synthesis prompts
+        quote it.
     cores : mapping of str to list of str
         Instruction cores per questioner proficiency (``"high"``, ``"low"``).
     answers : list of str
@@ -60,7 +61,7 @@ class Task:
         Metadata a chat response may echo (besides ``{output}``).
     metadata_keys : tuple of str
         Metadata each example carries (``species``, ``tissue``, ``sequencing_method``, ``drug``).
-    metric_family : {"classification", "generation", "perturbation"}
+    metric_family : {"classification", "generation", "perturbation", "multicell"}
         How test answers are scored (:mod:`instructcell.evaluation` has one evaluator per family).
     baselines : tuple of str
         Baselines the evaluation runs beside the model, of the same metric family (keys of
