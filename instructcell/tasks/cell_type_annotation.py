@@ -19,7 +19,10 @@ CELL_TYPE_ANNOTATION = Task(
     default_instruction="What is the cell type of this cell? {input}",
     default_labels=None,
     grammar=TaskGrammar(
-        description="cell type annotation: another person tells the questioner the cell type of the single cell {input}",
+        description=(
+            "cell type annotation: another person tells the questioner the cell type of the single cell "
+            "{input}"
+        ),
         cores={
             "high": [
                 "Annotate the cell type of this single-cell transcriptome.",

@@ -1,4 +1,4 @@
-"""Drug sensitivity prediction (DSP): is one cell sensitive or resistant to a drug?"""
+"""Drug sensitivity prediction (DSP): whether one cell is sensitive or resistant to a drug."""
 
 from .base import Task, TaskGrammar
 
@@ -19,7 +19,10 @@ DRUG_SENSITIVITY_PREDICTION = Task(
     default_instruction="Is this cell sensitive or resistant to {drug}? {input}",
     default_labels=("sensitive", "resistant"),
     grammar=TaskGrammar(
-        description="drug sensitivity prediction: another person predicts whether the single cell {input} is sensitive or resistant to the drug {drug}",
+        description=(
+            "drug sensitivity prediction: another person predicts whether the single cell {input} is "
+            "sensitive or resistant to the drug {drug}"
+        ),
         cores={
             "high": [
                 "Predict the response of this cell to {drug}.",

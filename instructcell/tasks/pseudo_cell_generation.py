@@ -19,7 +19,11 @@ PSEUDO_CELL_GENERATION = Task(
     default_instruction=None,
     default_labels=None,
     grammar=TaskGrammar(
-        description="conditional pseudo-cell generation: another person generates a single-cell gene expression profile with the requested cell type {cell_type}, species {species}, tissue {tissue} and sequencing method {sequencing_method}",
+        description=(
+            "conditional pseudo-cell generation: another person generates a single-cell gene expression "
+            "profile with the requested cell type {cell_type}, species {species}, tissue {tissue} and "
+            "sequencing method {sequencing_method}"
+        ),
         cores={
             "high": [
                 "Generate a cell of type {cell_type}.",
