@@ -61,6 +61,16 @@ def save_for_hub(
     return directory
 
 
+def check_processor_files(folder: Path) -> None:
+    """Raise a ``ValueError`` that says what to do if ``folder`` has no ``preprocessor_config.json``."""
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"{folder} has no processor (preprocessor_config.json with the gene vocabulary, and the "
+            "tokenizer files): pass the folder `instructcell train` saved (<output_dir>/final), or save "
+            "the processor next to the model with `processor.save_pretrained(folder)`."
+        )
+
+
 def load_processor(model: str | os.PathLike) -> InstructCellProcessor:
     """Load the processor (gene vocabulary + tokenizer) saved with a model folder, or raise a clear error.
 
@@ -80,12 +90,7 @@ def load_processor(model: str | os.PathLike) -> InstructCellProcessor:
         raise ValueError(
             f"No model folder {folder}: pass a folder written by `instructcell train` (<output_dir>/final)."
         )
-    if not (folder / "preprocessor_config.json").is_file():
-        raise ValueError(
-            f"{folder} has no processor (preprocessor_config.json with the gene vocabulary, and the "
-            "tokenizer files): pass the folder `instructcell train` saved (<output_dir>/final), or save "
-            "the processor next to the model with `processor.save_pretrained(folder)`."
-        )
+    check_processor_files(folder)
     try:
         return InstructCellProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:

@@ -447,6 +447,12 @@ def test_load_pipeline_says_what_is_wrong(case_dir):
         inference.load_pipeline(case_dir / "afolder", dtype="fp16")
 
 
+def test_a_model_folder_without_its_processor_is_named(case_dir, model):
+    model.save_pretrained(case_dir / "bare_model")  # the weights only, as model.save_pretrained writes them
+    with pytest.raises(ValueError, match="has no processor"):
+        inference.load_pipeline(case_dir / "bare_model")
+
+
 def test_each_condition_gets_its_own_prompt_and_no_nan(pipe, monkeypatch):
     prompts = []
     original = InstructCellPipeline.__call__

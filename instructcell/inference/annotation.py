@@ -39,6 +39,7 @@ from modeling_instructcell.processing_instructcell import (
 
 from .arguments import check_whole_number
 from .files import CellFile, InMemoryCells, check_counts, write_anndata, write_obs_columns
+from .heap import release_freed_memory
 from .loading import ModelSource, load_pipeline, model_fingerprint
 from .partial import PartialResults
 from .prefetch import prefetched
@@ -238,6 +239,7 @@ def _annotate_in_memory(
         for chunk in prefetched(_read_chunks(cells, request, plan, range(n_chunks)), PREFETCH_CHUNKS):
             results.append(_annotate_chunk(pipe, request, plan, chunk))
             bar.update(chunk.stop - chunk.start)
+            release_freed_memory()
     return plan, results
 
 
@@ -253,6 +255,7 @@ def _run_chunks(
     """Annotate and save the chunks ``indices`` (a worker stops early when its starting process died)."""
     for chunk in prefetched(_read_chunks(cells, request, plan, indices), PREFETCH_CHUNKS):
         partial.save(chunk.index, _annotate_chunk(pipe, request, plan, chunk))
+        release_freed_memory()  # otherwise resident memory creeps up with the number of chunks
         if on_chunk is not None:
             on_chunk()
         if orphaned():

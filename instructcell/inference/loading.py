@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from instructcell.hub import check_processor_files
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.pipeline_instructcell import TASK
 
@@ -121,6 +122,8 @@ def load_pipeline(
         loaded = AutoModel.from_pretrained(name, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:  # transformers' "not a local folder and not found on the Hub" is an OSError
+        if Path(name).expanduser().is_dir():  # a model saved without its processor: say how to fix it
+            check_processor_files(Path(name).expanduser())
         raise ValueError(f"Cannot load the model {name!r}: {err}") from err
     if device is None:
         device = 0 if torch.cuda.is_available() else -1
