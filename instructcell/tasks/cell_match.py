@@ -8,12 +8,19 @@ import numpy as np
 
 from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
-from .multicell import CellGroup, MultiCellTask, label_pools, other_cells, parse_position, question_part
+from .multicell import (
+    CellGroup,
+    MultiCellTask,
+    PositionAnswer,
+    label_pools,
+    other_cells,
+    question_part,
+)
 
 MIN_CELLS, MAX_CELLS = 2, 8
 
 
-class CellMatch:
+class CellMatch(PositionAnswer):
     """k cells of k different types; the question names a type (``{cell_type}``), the answer its position."""
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -33,14 +40,6 @@ class CellMatch:
         """Return the position (1-based, among the question's cells) of the cell of the requested type."""
         return list(question_part(cell_labels, n_question_cells)).index(query) + 1
 
-    def render(self, answer: int) -> str:
-        """``"cell 3"``."""
-        return f"cell {answer}"
-
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> int | None:
-        """Return the one position the answer names."""
-        return parse_position(text, n_question_cells)
-
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str
     ) -> int:
@@ -48,29 +47,15 @@ class CellMatch:
         probabilities = np.asarray(question_part(probabilities, n_question_cells))
         return int(np.argmax(probabilities[:, list(labels).index(query)])) + 1
 
-    def cell_accuracy(self, answer: int | None, truth: int) -> float:
-        """Return 1 for the right position, else 0."""
-        return float(answer == truth)
-
 
 CELL_MATCH = MultiCellTask(
     name="cell_match",
     title="cell match",
-    input_cell=False,
-    output_cell=False,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset(["cell_type", "cells"]),
     optional_placeholders=frozenset(["sequencing_method", "species", "tissue"]),
     response_placeholders=frozenset(["cell_type", "sequencing_method", "species", "tissue"]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="Which of these cells is the {cell_type}? {cells}",
-    default_labels=None,
     question=CellMatch(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="cell match: another person says which cell of {cells} is of the type {cell_type}",
         cores={

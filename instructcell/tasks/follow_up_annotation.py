@@ -6,14 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modeling_instructcell.answer_extraction import extract_label
-
 from .base import TaskGrammar
 from .follow_up import earlier_turns
-from .multicell import CellGroup, MultiCellTask, argmax_labels
+from .multicell import CellGroup, LabelAnswer, MultiCellTask, argmax_labels
 
 
-class FollowUpAnnotation:
+class FollowUpAnnotation(LabelAnswer):
     """The new cell (the anchor, last in the prompt) gets its label; the earlier turns set the question."""
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -25,43 +23,22 @@ class FollowUpAnnotation:
         """Return the label of the last cell."""
         return cell_labels[-1]
 
-    def render(self, answer: str) -> str:
-        """Return the label."""
-        return answer
-
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> str | None:
-        """Return the one label the answer names."""
-        return extract_label(text, labels)
-
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str
     ) -> str:
         """Return the last cell's most probable label: the question asked without its earlier turns."""
         return argmax_labels(probabilities, labels)[-1]
 
-    def cell_accuracy(self, answer: str | None, truth: str) -> float:
-        """Return 1 for the right label, else 0."""
-        return float(answer == truth)
-
 
 FOLLOW_UP_ANNOTATION = MultiCellTask(
     name="follow_up_annotation",
     title="follow-up annotation",
     input_cell=True,
-    output_cell=False,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset(["input"]),
     optional_placeholders=frozenset([]),
     response_placeholders=frozenset([]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="And this one? {input}",
-    default_labels=None,
     question=FollowUpAnnotation(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="follow-up annotation: after annotating earlier cells, another person gives the cell "
         "type of one more cell {input}",

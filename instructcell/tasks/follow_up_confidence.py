@@ -69,21 +69,11 @@ class FollowUpConfidence:
 FOLLOW_UP_CONFIDENCE = MultiCellTask(
     name="follow_up_confidence",
     title="follow-up confidence",
-    input_cell=False,
-    output_cell=False,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset([]),
     optional_placeholders=frozenset([]),
     response_placeholders=frozenset([]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="How sure are you?",
-    default_labels=None,
     question=FollowUpConfidence(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="follow-up confidence: another person says whether the cell type they just gave for "
         "the last cell is right, and which type it is",

@@ -6,14 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modeling_instructcell.answer_extraction import extract_label
-
 from .base import TaskGrammar
 from .follow_up import earlier_turns
-from .multicell import CellGroup, MultiCellTask, argmax_labels
+from .multicell import CellGroup, LabelAnswer, MultiCellTask, argmax_labels
 
 
-class FollowUpGeneration:
+class FollowUpGeneration(LabelAnswer):
     """More cells like the conversation's first cell (the anchor): the answer is its type, then ``<SIGNAL>``.
 
     The builder appends ``<SIGNAL>`` to the answer and makes the anchor the target cell, so the cell decoder
@@ -29,43 +27,22 @@ class FollowUpGeneration:
         """Return the label of the first cell."""
         return cell_labels[0]
 
-    def render(self, answer: str) -> str:
-        """Return the label (the builder adds ``<SIGNAL>``)."""
-        return answer
-
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> str | None:
-        """Return the one label the answer names."""
-        return extract_label(text, labels)
-
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str
     ) -> str:
         """Return the first cell's most probable label."""
         return argmax_labels(probabilities, labels)[0]
 
-    def cell_accuracy(self, answer: str | None, truth: str) -> float:
-        """Return 1 for the right label, else 0."""
-        return float(answer == truth)
-
 
 FOLLOW_UP_GENERATION = MultiCellTask(
     name="follow_up_generation",
     title="follow-up generation",
-    input_cell=False,
     output_cell=True,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset([]),
     optional_placeholders=frozenset(["count"]),
     response_placeholders=frozenset(["count"]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="Generate {count} more cells like the first one.",
-    default_labels=None,
     question=FollowUpGeneration(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="follow-up generation: another person generates {count} more cells like the first "
         "cell of the conversation",

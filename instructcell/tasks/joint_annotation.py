@@ -81,21 +81,11 @@ class JointAnnotation:
 JOINT_ANNOTATION = MultiCellTask(
     name="joint_annotation",
     title="joint annotation",
-    input_cell=False,
-    output_cell=False,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset(["cells", "choices"]),
     optional_placeholders=frozenset(["sequencing_method", "species", "tissue"]),
     response_placeholders=frozenset(["sequencing_method", "species", "tissue"]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="Label each of these cells with one of {choices}, using each label once. {cells}",
-    default_labels=None,
     question=JointAnnotation(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="joint annotation: another person labels each cell of {cells} with one of the labels "
         "{choices}, each label used exactly once",

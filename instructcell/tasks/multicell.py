@@ -27,6 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
+from modeling_instructcell.answer_extraction import extract_label
+
 from .base import Task
 
 #: The most cells one prompt holds (group size of the multi-cell tasks, cells of a conversation).
@@ -113,9 +115,13 @@ class GroupQuestion(Protocol):
         """Return the share of the cells that ``answer`` gets right (0 for None)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MultiCellTask(Task):
     """A :class:`~instructcell.tasks.base.Task` about several cells, or with earlier turns.
+
+    Every multi-cell task asks about cell types (``label_key="cell_type"``), with the annotation datasets'
+    metadata, scored by the ``multicell`` metric family against per-cell logistic regression; those fields
+    default accordingly, and a question shows no cell of its own and writes none unless it says so.
 
     Parameters
     ----------
@@ -127,8 +133,17 @@ class MultiCellTask(Task):
         anchor one, to evaluate on as many groups as the held-out cells give.
     """
 
+    input_cell: bool = False
+    output_cell: bool = False
+    label_key: str = "cell_type"
+    label_placeholder: str | None = None
+    metadata_keys: tuple[str, ...] = ("species", "tissue", "sequencing_method")
+    metric_family: str = "multicell"
+    baselines: tuple[str, ...] = ("logistic_regression_cells",)
+    drop_rare_labels: bool = True
+    default_labels: tuple[str, ...] | None = None
     question: GroupQuestion | None = None
-    anchor_share: float = 1.0
+    anchor_share: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,6 +151,38 @@ class MultiCellTask(Task):
             raise ValueError(f"Task {self.name!r}: a multi-cell task needs its `question`.")
         if not 0 < self.anchor_share <= 1:
             raise ValueError(f"Task {self.name!r}: anchor_share must be in (0, 1].")
+
+
+class PositionAnswer:
+    """Answers that name one of the question's cells by its position: ``"cell 3"``."""
+
+    def render(self, answer: int) -> str:
+        """``"cell 3"``."""
+        return f"cell {answer}"
+
+    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> int | None:
+        """Return the one position the answer names."""
+        return parse_position(text, n_question_cells)
+
+    def cell_accuracy(self, answer: int | None, truth: int) -> float:
+        """Return 1 for the right position, else 0."""
+        return float(answer == truth)
+
+
+class LabelAnswer:
+    """Answers that are one label of the dataset's label set."""
+
+    def render(self, answer: str) -> str:
+        """Return the label."""
+        return answer
+
+    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> str | None:
+        """Return the one label the answer names."""
+        return extract_label(text, labels)
+
+    def cell_accuracy(self, answer: str | None, truth: str) -> float:
+        """Return 1 for the right label, else 0."""
+        return float(answer == truth)
 
 
 def is_multicell(task: Task) -> bool:

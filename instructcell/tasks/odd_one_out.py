@@ -12,17 +12,17 @@ from .follow_up import after_unrelated_turns
 from .multicell import (
     CellGroup,
     MultiCellTask,
+    PositionAnswer,
     argmax_labels,
     label_pools,
     other_cells,
-    parse_position,
     question_part,
 )
 
 MIN_CELLS, MAX_CELLS = 3, 8
 
 
-class OddOneOut:
+class OddOneOut(PositionAnswer):
     """k - 1 cells of one type and one of another; the answer is the odd cell's position (``"cell 3"``)."""
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -46,14 +46,6 @@ class OddOneOut:
         counts = Counter(labels)
         return next(i for i, label in enumerate(labels, 1) if counts[label] == 1)
 
-    def render(self, answer: int) -> str:
-        """``"cell 3"``."""
-        return f"cell {answer}"
-
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> int | None:
-        """Return the one position the answer names."""
-        return parse_position(text, n_question_cells)
-
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str
     ) -> int:
@@ -62,29 +54,15 @@ class OddOneOut:
         majority = Counter(argmax_labels(probabilities, labels)).most_common(1)[0][0]
         return int(np.argmin(probabilities[:, list(labels).index(majority)])) + 1
 
-    def cell_accuracy(self, answer: int | None, truth: int) -> float:
-        """Return 1 for the right position, else 0."""
-        return float(answer == truth)
-
 
 ODD_ONE_OUT = MultiCellTask(
     name="odd_one_out",
     title="odd one out",
-    input_cell=False,
-    output_cell=False,
-    label_key="cell_type",
-    label_placeholder=None,
     required_placeholders=frozenset(["cells"]),
     optional_placeholders=frozenset(["sequencing_method", "species", "tissue"]),
     response_placeholders=frozenset(["sequencing_method", "species", "tissue"]),
-    metadata_keys=("species", "tissue", "sequencing_method"),
-    metric_family="multicell",
-    baselines=("logistic_regression_cells",),
-    drop_rare_labels=True,
     default_instruction="Which cell differs from the others? {cells}",
-    default_labels=None,
     question=OddOneOut(),
-    anchor_share=0.5,
     grammar=TaskGrammar(
         description="odd one out: another person names the one cell of {cells} whose type differs from the "
         "others",
