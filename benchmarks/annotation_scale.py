@@ -110,24 +110,29 @@ class TreeSampler(threading.Thread):
 
 
 class ChunkWatcher(threading.Thread):
-    """Record when the run's first and last chunk results appear (the annotation phase)."""
+    """Record when the run's first and last chunk results were written (the annotation phase).
 
-    def __init__(self, folder: Path, n_chunks: int, interval: float = 0.2):
+    The times are the chunk files' modification times, so a run that writes its output and removes the
+    folder between two polls is still timed to its last chunk.
+    """
+
+    def __init__(self, folder: Path, interval: float = 0.2):
         super().__init__(daemon=True)
-        self.folder, self.n_chunks, self.interval = folder, n_chunks, interval
+        self.folder, self.interval = folder, interval
         self.first: float | None = None
         self.last: float | None = None
+        self.count = 0
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        """Poll the run's chunk folder until every chunk is there."""
-        while not self.stopped.is_set() and self.last is None:
-            done = len(list(self.folder.glob("chunk-*.json"))) if self.folder.is_dir() else 0
-            now = time.monotonic()
-            if done and self.first is None:
-                self.first, self.first_count = now, done
-            if done >= self.n_chunks:
-                self.last, self.last_count = now, done
+        """Poll the run's chunk folder until stopped."""
+        while not self.stopped.is_set():
+            try:
+                stamps = sorted(path.stat().st_mtime for path in self.folder.glob("chunk-*.json"))
+            except FileNotFoundError:  # removed while listed: the run has finished
+                stamps = []
+            if len(stamps) > self.count:
+                self.first, self.last, self.count = stamps[0], stamps[-1], len(stamps)
             time.sleep(self.interval)
 
 
@@ -139,7 +144,6 @@ def annotate_once(args, path: Path, n_cells: int, workers: int, output: Path) ->
         "--threads", str(args.threads), "--quiet",
         "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size), "--overwrite",
     ]  # fmt: skip
-    n_chunks = -(-n_cells // args.chunk_size)
     partial = output.parent / f"{output.name}.instructcell-partial"
     shutil.rmtree(partial, ignore_errors=True)  # never resume an earlier, interrupted measurement
     load_before = os.getloadavg()
@@ -147,7 +151,7 @@ def annotate_once(args, path: Path, n_cells: int, workers: int, output: Path) ->
     start = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(process.pid)
-    watcher = ChunkWatcher(partial, n_chunks)
+    watcher = ChunkWatcher(partial)
     sampler.start()
     watcher.start()
     stdout, stderr = process.communicate()
@@ -161,9 +165,8 @@ def annotate_once(args, path: Path, n_cells: int, workers: int, output: Path) ->
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     phase = None
-    if watcher.first is not None and watcher.last is not None and watcher.last > watcher.first:
-        cells_in_phase = (watcher.last_count - watcher.first_count) * args.chunk_size
-        phase = cells_in_phase / (watcher.last - watcher.first)
+    if watcher.count > 1 and watcher.last > watcher.first:  # cells annotated after the first chunk was saved
+        phase = (watcher.count - 1) * args.chunk_size / (watcher.last - watcher.first)
     return {
         "cells": n_cells,
         "workers": workers,
