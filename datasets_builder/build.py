@@ -43,9 +43,10 @@ from .templates import DEFAULT_BANK_DIR, VARIANTS, TemplateBank
 logger = logging.getLogger(__name__)
 
 COUNT_COLUMNS = ["task", "variant", "dataset", "cell_id", "split", "template_id"]
-#: Smallest share of a file's genes that the other files of a new vocabulary must also hold. Below it the
-#: files name genes differently (Ensembl ids against symbols, unmapped species) and the model would read
-#: them as unrelated genes.
+#: Smallest share of the genes of a file, or of the other files of a new vocabulary when they hold fewer,
+#: that both sides hold (a 1,000-gene panel inside a whole transcriptome shares all of its genes). Below it
+#: the files name genes differently (Ensembl ids against symbols, unmapped species) and the model would
+#: read them as unrelated genes.
 MIN_SHARED_GENE_FRACTION = 0.1
 SPLIT_RULE = "int(sha1(f'{dataset}/{cell_id}').hexdigest(), 16) % 10: 0-7 train, 8 validation, 9 test"
 
@@ -177,11 +178,13 @@ def _check_shared_genes(gene_sets: Mapping[str, set[str]]) -> None:
         return
     for name, genes in gene_sets.items():
         others = set().union(*(g for other, g in gene_sets.items() if other != name))
-        shared = len(genes & others) / max(len(genes), 1)
+        common = len(genes & others)
+        shared = common / max(min(len(genes), len(others)), 1)
         if shared < MIN_SHARED_GENE_FRACTION:
             raise ValueError(
-                f"{name}: only {shared:.1%} of its {len(genes)} genes are in the other files (e.g. "
-                f"{sorted(genes)[:3]} against {sorted(others)[:3]}): give every file gene symbols of one "
+                f"{name} and the other files share only {common} genes, {shared:.1%} of the smaller side "
+                f"({len(genes)} genes against {len(others)}; e.g. {sorted(genes)[:3]} against "
+                f"{sorted(others)[:3]}): give every file gene symbols of one "
                 "species (symbols in var_names or a feature_name / gene_symbols column; mouse genes with "
                 "--species mouse and --orthologs TABLE), or build the files separately."
             )

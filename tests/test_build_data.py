@@ -16,6 +16,7 @@ import torch
 from conftest import GENES
 from synthetic_anndata import make_counts
 
+from datasets_builder.build import _check_shared_genes
 from datasets_builder.dataset_folder import dataset_genes, load_split
 from datasets_builder.splits import split_of
 from instructcell.cli import main
@@ -203,7 +204,15 @@ def test_files_that_name_genes_differently_are_refused(files, tmp_path, capsys):
     ensembl = files["ensembl"]
     argv = ["--h5ad", ensembl, "--h5ad", path, "--drop-rare-labels", "--orthologs", files["orthologs"]]
     err = _refused(argv, tmp_path / "out", [ensembl, path], capsys)
-    assert "of its" in err and "genes are in the other files" in err
+    assert "share only" in err and "of the smaller side" in err
+
+
+def test_a_gene_panel_inside_a_whole_transcriptome_is_accepted():
+    whole = {f"GENE{i}" for i in range(20_000)}
+    panel = {f"GENE{i}" for i in range(0, 20_000, 20)}  # 1,000 genes: 5% of the whole, all of the panel
+    _check_shared_genes({"whole": whole, "panel": panel})
+    with pytest.raises(ValueError, match="share only 0 genes"):
+        _check_shared_genes({"whole": whole, "ids": {f"ENSG{i:011d}" for i in range(1_000)}})
 
 
 def test_missing_species_and_task_errors(files, tmp_path, capsys):
