@@ -26,6 +26,8 @@ from anndata.io import read_elem, sparse_dataset, write_elem
 from instructcell.outputs import atomic_output, is_zarr_path
 from modeling_instructcell.feature_extraction_instructcell import _validate_values as validate_counts
 
+from .heap import release_freed_memory
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFile", "InMemoryCells", "check_counts", "read_anndata", "write_anndata", "write_obs_columns"]
@@ -225,6 +227,7 @@ def check_counts(cells: CellFile | InMemoryCells) -> None:
             validate_counts(np.asarray(block.data), None, start, indptr=block.indptr)
         else:
             validate_counts(block, None, start)
+        release_freed_memory()  # a large file's blocks would otherwise pile up in the allocator's heaps
 
 
 def read_anndata(path: str | os.PathLike) -> anndata.AnnData:
