@@ -315,6 +315,7 @@ def inference_paths(model, processor, adata, labels, args, work: Path) -> tuple[
                 str(path),
                 "-o",
                 str(work / "annotated.h5ad"),
+                "--overwrite",  # the same scratch output in every repeat
                 "--labels",
                 ",".join(labels),
                 "--batch-size",
