@@ -170,7 +170,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"Training throughput of the `{args.preset}` preset ({rows[0]['n_parameters'] / 1e6:.1f} M "
         f"parameters) on {args.tasks} rows of `{args.dataset_dir.name}`, global batch {args.global_batch}, "
         f"{args.steps} timed steps after {args.warmup_steps} warm-up steps, on a machine with "
-        f"{os.cpu_count()} cores shared with other jobs. CPU share: CPU time / wall time of each process "
+        f"{os.cpu_count()} cores (the load averages show what else ran). CPU share: CPU time / wall time of each process "
         "over the timed steps (1.0 = one full core); cores used: their sum; examples per core-second: "
         "examples/s over cores used (what the run made of the CPU it got); load: the 1-minute load average "
         "before and after the run.",
