@@ -170,10 +170,10 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"Training throughput of the `{args.preset}` preset ({rows[0]['n_parameters'] / 1e6:.1f} M "
         f"parameters) on {args.tasks} rows of `{args.dataset_dir.name}`, global batch {args.global_batch}, "
         f"{args.steps} timed steps after {args.warmup_steps} warm-up steps, on a machine with "
-        f"{os.cpu_count()} cores (the load averages show what else ran). CPU share: CPU time / wall time of each process "
-        "over the timed steps (1.0 = one full core); cores used: their sum; examples per core-second: "
-        "examples/s over cores used (what the run made of the CPU it got); load: the 1-minute load average "
-        "before and after the run.",
+        f"{os.cpu_count()} cores (the load averages show what else ran). CPU share: CPU time / wall time "
+        "of each process over the timed steps (1.0 = one full core); cores used: their sum; examples per "
+        "core-second: examples/s over cores used (what the run made of the CPU it got); load: the 1-minute "
+        "load average before and after the run.",
         "",
         "| processes | threads each | examples/s | s/step | speed-up | CPU share per process | cores used "
         "| examples per core-second | load before / after | loss at last step |",
