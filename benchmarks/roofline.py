@@ -57,7 +57,7 @@ from modeling_instructcell import (  # noqa: E402
     InstructCellPipeline,
     InstructCellProcessor,
 )
-from modeling_instructcell.pipeline_instructcell import TASK  # noqa: E402
+from modeling_instructcell.pipeline_instructcell import DEFAULT_BATCH_SIZE, TASK  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "zheng2017_sorted_pbmc" / "zheng2017_sorted_pbmc.h5ad"
 ORIGINAL_CONFIG = ROOT.parent / "shared" / "reference" / "original_tiny" / "checkpoint" / "config.json"
@@ -466,13 +466,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label-column", default="cell_type")
     parser.add_argument("--cells", type=int, default=256, help="cells per batched run")
     parser.add_argument("--single-cells", type=int, default=32, help="cells of the one-cell-per-call path")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="the package default")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every path")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument(
-        "--sweep", default="1,2:16,64,256", help="THREADS:BATCHES of the generate sweep; '' skips"
+        "--sweep", default="1,2:16,64,128,256", help="THREADS:BATCHES of the generate sweep; '' skips"
     )
     parser.add_argument(
         "--output", type=Path, default=RESULTS / "roofline", help="writes OUTPUT.md and .json"

@@ -7,6 +7,7 @@ import argparse
 import anndata
 
 from instructcell.inference import ModelSource, SpeedOptions
+from modeling_instructcell.pipeline_instructcell import DEFAULT_BATCH_SIZE
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -60,7 +61,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, 0, ... (default: GPU if available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="use the model folder's own code")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="prompts per model call")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="prompts per model call"
+    )
     parser.add_argument(
         "--threads",
         type=positive_int,

@@ -29,7 +29,7 @@ from instructcell.outputs import check_destination, is_zarr_path
 from instructcell.tasks import CELL_TYPE_ANNOTATION, DRUG_SENSITIVITY_PREDICTION
 from modeling_instructcell import InstructCellPipeline
 from modeling_instructcell.feature_extraction_instructcell import GeneAlignment
-from modeling_instructcell.pipeline_instructcell import resolve_label_set
+from modeling_instructcell.pipeline_instructcell import DEFAULT_BATCH_SIZE, resolve_label_set
 from modeling_instructcell.processing_instructcell import (
     CELL_PLACEHOLDER,
     METADATA_PLACEHOLDERS,
@@ -397,7 +397,7 @@ def annotate(
     metadata: Mapping[str, Any] | None = None,
     layer: str | None = None,
     chunk_size: int = 1024,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     overwrite: bool = False,
     num_workers: int = 1,
