@@ -228,7 +228,7 @@ class InstructCellPipeline(ChunkPipeline):
     gene_names, layer, alignment
         Gene names of unnamed arrays, the AnnData layer with raw counts, a precomputed ``GeneAlignment``.
     batch_size
-        Prompts per model call (default 32).
+        Prompts per model call (default :data:`DEFAULT_BATCH_SIZE`, 128).
     """
 
     _load_processor = True
