@@ -36,7 +36,11 @@ from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
 from instructcell.tasks.multicell import MAX_CELLS_PER_PROMPT, cell_list, conversation
 from modeling_instructcell.answer_extraction import extract_label
-from modeling_instructcell.pipeline_instructcell import PromptTooLongError, max_prompt_tokens
+from modeling_instructcell.pipeline_instructcell import (
+    DEFAULT_BATCH_SIZE,
+    PromptTooLongError,
+    max_prompt_tokens,
+)
 
 from .common import (
     add_model_arguments,
@@ -147,7 +151,7 @@ class ChatSession:
         labels: list[str] | None = None,
         history_turns: int = 2,
         max_new_tokens: int = 96,
-        batch_size: int = 64,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = 0,
     ):
         if history_turns < 0 or max_new_tokens < 1 or batch_size < 1:
