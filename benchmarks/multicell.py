@@ -111,7 +111,7 @@ def scripted_chat(session: ChatSession, labels: Sequence[str], rows: Sequence[in
     truth = composition.truth(group, 4, "")
     turn(
         f"What cell types are in {cells}, and how many of each?",
-        composition.render(truth),
+        composition.render(truth, group),
         lambda answer: composition.parse(answer, label_set, 4) == truth,
     )
     turn(
@@ -137,7 +137,7 @@ def scripted_chat(session: ChatSession, labels: Sequence[str], rows: Sequence[in
     truth = confidence.truth([labels[second]], 0, given)
     turn(
         "How sure are you?",
-        confidence.render(truth),
+        confidence.render(truth, []),
         lambda answer: confidence.parse(answer, label_set, 0) == truth,
     )
     return turns

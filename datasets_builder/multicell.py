@@ -26,7 +26,14 @@ import datasets
 import numpy as np
 
 from instructcell.tasks import get_task
-from instructcell.tasks.multicell import CellGroup, EarlierTurn, MultiCellTask, cell_list, conversation
+from instructcell.tasks.multicell import (
+    CellGroup,
+    EarlierTurn,
+    MultiCellTask,
+    cell_list,
+    conversation,
+    question_part,
+)
 
 from .anndata_source import AnnDataSource, CellRecord, densify
 from .splits import hash_bucket
@@ -171,7 +178,8 @@ def multicell_example(
         for j, turn in enumerate(group.earlier)
     ]
     values = {**metadata, "cell_type": group.query, "count": _count(key)}
-    answer = task.question.render(task.question.truth(labels, group.n_question_cells, group.query))
+    truth = task.question.truth(labels, group.n_question_cells, group.query)
+    answer = task.question.render(truth, question_part(labels, group.n_question_cells))
     output = f"{answer} {SIGNAL_TOKEN}" if task.output_cell else answer
     options = list(group.choices) or option_order(choices, key)
     question, response, template = _turn(

@@ -53,6 +53,11 @@ class InstructCellConfig(PreTrainedConfig):
         k, the number of cell embeddings spliced into the text for one cell.
     num_kv_tokens : int
         t, the number of key/value tokens the residual MLP makes from one cell.
+    num_cell_slots : int
+        Learned embeddings added to the cell embeddings of a prompt's first, second, ... cell, so that the
+        language model can tell the cells of a multi-cell prompt apart and find the one a question names
+        (T5 has no absolute positions). A prompt then holds at most this many cells. 0 (the paper's model)
+        adds none.
     cell_mlp_num_blocks : int
         Residual MLP blocks of the cell encoder (the first maps genes to t tokens and has no residual).
     cell_mlp_dropout : float
@@ -139,6 +144,7 @@ class InstructCellConfig(PreTrainedConfig):
     n_genes: int = 18961
     num_query_tokens: int = 8
     num_kv_tokens: int = 6
+    num_cell_slots: int = 0
     cell_mlp_num_blocks: int = 3
     cell_mlp_dropout: float = 0.1
     use_language_projection: bool = True
@@ -182,6 +188,8 @@ class InstructCellConfig(PreTrainedConfig):
                 "n_genes, num_query_tokens and num_kv_tokens must be positive, got "
                 f"{self.n_genes}, {self.num_query_tokens}, {self.num_kv_tokens}."
             )
+        if self.num_cell_slots < 0:
+            raise ValueError(f"num_cell_slots must be 0 (none) or positive, got {self.num_cell_slots}.")
         if self.cell_mlp_num_blocks < 1:
             raise ValueError(f"cell_mlp_num_blocks must be at least 1, got {self.cell_mlp_num_blocks}.")
         if self.target_sum is not None and self.target_sum <= 0:

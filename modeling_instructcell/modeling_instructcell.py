@@ -298,6 +298,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_hidden_size)
         else:  # the original InstructCell feeds the Q-Former output to the language model unchanged
             self.language_projection = nn.Identity()
+        self.cell_slot_embedding = (
+            nn.Embedding(config.num_cell_slots, text_hidden_size) if config.num_cell_slots else None
+        )
         if config.use_decoder_only_language_model:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
@@ -396,6 +399,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed the text and scatter the cell embeddings into its placeholders.
 
+        With ``config.num_cell_slots``, each cell's slot embedding (its order in the prompt, see
+        :meth:`cell_slots`) is added to its embeddings where they are spliced in.
+
         Parameters
         ----------
         input_ids : torch.LongTensor, optional
@@ -409,7 +415,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         -------
         tuple of torch.Tensor
             Merged embeddings ``(batch_size, seq_len, hidden_size)`` and the cell embeddings
-            ``(n_cells, num_query_tokens, hidden_size)`` (``None`` without cells).
+            ``(n_cells, num_query_tokens, hidden_size)`` without slot embeddings (``None`` without cells).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -434,8 +440,30 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
                 "one `{input}`/<CELL> slot per cell and expands it."
             )
         cell_embeds = cell_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), cell_embeds)
+        spliced = cell_embeds
+        if self.cell_slot_embedding is not None:
+            slots = self.cell_slots(mask[..., 0])
+            spliced = cell_embeds + self.cell_slot_embedding(slots).to(cell_embeds.dtype).unsqueeze(1)
+        inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), spliced)
         return inputs_embeds, cell_embeds
+
+    def cell_slots(self, placeholder_mask: torch.Tensor) -> torch.LongTensor:
+        """Each cell's order within its prompt (0 for a prompt's first cell), ``(n_cells,)``.
+
+        Parameters
+        ----------
+        placeholder_mask : torch.Tensor
+            ``(batch_size, seq_len)``, True at the ``num_query_tokens`` placeholders of every cell.
+        """
+        cell_rows = torch.nonzero(placeholder_mask)[:: self.config.num_query_tokens, 0].contiguous()
+        order = torch.arange(len(cell_rows), device=cell_rows.device)
+        slots = order - torch.searchsorted(cell_rows, cell_rows)  # minus the index of the row's first cell
+        if len(slots) and int(slots.max()) >= self.config.num_cell_slots:
+            raise ValueError(
+                f"A prompt holds {int(slots.max()) + 1} cells, but this model tells at most "
+                f"{self.config.num_cell_slots} apart (config.num_cell_slots): ask about fewer cells at once."
+            )
+        return slots
 
     def forward(
         self,

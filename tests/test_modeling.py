@@ -26,6 +26,24 @@ def test_cell_embeddings_land_on_placeholders(model, tester):
     torch.testing.assert_close(merged[~mask], text_only[~mask])
 
 
+def test_cell_slot_embeddings_tell_the_cells_of_a_prompt_apart(tester):
+    config = InstructCellConfig.from_dict({**tester.config.to_dict(), "num_cell_slots": 2})
+    torch.manual_seed(0)
+    model = InstructCellForConditionalGeneration(config).eval()
+    counts = tester.make_counts(3)
+    batch = tester.processor(
+        text=["Which differs? cell 1: <CELL>, cell 2: <CELL>", "What is this cell? <CELL>"], cells=counts
+    )
+    mask = batch["input_ids"] == config.cell_token_index
+    assert model.cell_slots(mask).tolist() == [0, 1, 0]
+    merged, cell_embeds = model.merge_cell_embeddings(batch["input_ids"], batch["cell_values"])
+    slots = model.cell_slot_embedding.weight[[0, 1, 0]].unsqueeze(1).expand_as(cell_embeds)
+    torch.testing.assert_close(merged[mask], (cell_embeds + slots).reshape(-1, cell_embeds.shape[-1]))
+    three = tester.processor(text="cell 1: <CELL>, cell 2: <CELL>, cell 3: <CELL>", cells=counts)
+    with pytest.raises(ValueError, match="tells at most 2 apart"):
+        model(**three)
+
+
 def test_placeholder_cell_count_mismatch_raises(model, tester):
     batch = tester.task_batch()
     with pytest.raises(ValueError, match="placeholder tokens but 1 cells"):

@@ -17,6 +17,7 @@ from instructcell.tasks.multicell import (
     cell_list,
     conversation,
     parse_position,
+    question_part,
 )
 
 MULTICELL = tasks_of_family("multicell")
@@ -48,7 +49,8 @@ def test_each_question_draws_valid_groups_and_reads_its_own_answers(name):
         assert group.n_question_cells == len(group.cells) - sum(t.n_cells for t in group.earlier)
         cell_labels = [labels[i] for i in group.cells]
         truth = question.truth(cell_labels, group.n_question_cells, group.query)
-        assert question.parse(question.render(truth), LABELS, group.n_question_cells) == truth
+        text = question.render(truth, question_part(cell_labels, group.n_question_cells))
+        assert question.parse(text, LABELS, group.n_question_cells) == truth
         probabilities = _one_hot(cell_labels)  # per-cell calls that are all right answer right
         assert question.from_cell_probabilities(
             probabilities, LABELS, group.n_question_cells, group.query
@@ -61,11 +63,23 @@ def test_answers_are_read_strictly():
     assert composition.parse("B cells: 2; T cell: 1", LABELS, 3) == (("B cell", 2), ("T cell", 1))
     assert composition.parse("B cell: 2; B cell: 1", LABELS, 3) is None  # a label twice
     assert composition.parse("B cell: two", LABELS, 3) is None
+    walked = composition.render((("B cell", 2), ("T cell", 1)), ["B cell", "T cell", "B cell"])
+    assert walked == "1: B cell; 2: T cell; 3: B cell; in total B cell: 2; T cell: 1"
+    # the counts are read after "in total", whatever the walk-through says
+    assert composition.parse(f"I count {walked}.", LABELS, 3) == (("B cell", 2), ("T cell", 1))
+    assert composition.parse("1: B cell; 2: B cell; in total B cell: 1", LABELS, 2) == (("B cell", 1),)
+    with pytest.raises(ValueError, match="do not make the composition"):
+        composition.render((("B cell", 1),), ["B cell", "T cell"])
     joint = get_task("joint_annotation").question
     assert joint.parse("1: T cell; 2: B cell", LABELS, 2) == ("T cell", "B cell")
     assert joint.parse("1: T cell", LABELS, 2) is None  # a cell left out
     assert parse_position("It is cell 3.", 4) == 3 and parse_position("cell 5", 4) is None
     assert parse_position("cell 1 or cell 2", 4) is None
+    odd = get_task("odd_one_out").question
+    walked = odd.render(2, ["T cell", "B cell", "T cell"])
+    assert walked == "1: T cell; 2: B cell; 3: T cell; so cell 2"
+    assert odd.parse(f"Answer: {walked}.", LABELS, 3) == 2
+    assert odd.parse("1: T cell; 2: B cell; so cell 3 or cell 1", LABELS, 3) is None
     confidence = get_task("follow_up_confidence").question
     assert confidence.parse("not sure, more likely NK cells", LABELS, 0) == (False, "NK cell")
     assert confidence.parse("sure, it is T cell", LABELS, 0) == (True, "T cell")
@@ -95,7 +109,8 @@ def test_rows_show_every_cell_of_their_split_once_per_slot(name, cells, bank):
         assert all(split_of("toy", cell) == "train" for cell in row["cell_ids"])
         assert row["instruction"].count("User: ") == row["n_earlier_turns"]
         truth = task.question.truth(row["cell_labels"], row["n_question_cells"], row["query"])
-        assert row["label"] == task.question.render(truth)
+        shown = question_part(row["cell_labels"], row["n_question_cells"])
+        assert row["label"] == task.question.render(truth, shown)
         assert row["response"] == row["label"] + (" <SIGNAL>" if task.output_cell else "")
         assert len(row["target_gene_indices"]) == (
             len(row["cells_gene_indices"][0]) if task.output_cell else 0

@@ -34,7 +34,7 @@ from instructcell import inference
 from instructcell.inference.files import read_anndata, write_anndata
 from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
-from instructcell.tasks.multicell import MAX_CELLS_PER_PROMPT, cell_list, conversation
+from instructcell.tasks.multicell import ANSWER_TOKENS, MAX_CELLS_PER_PROMPT, cell_list, conversation
 from modeling_instructcell.answer_extraction import extract_label
 from modeling_instructcell.pipeline_instructcell import (
     DEFAULT_BATCH_SIZE,
@@ -85,7 +85,9 @@ def add_parsers(subparsers) -> None:
     chat.add_argument(
         "--history-turns", type=non_negative_int, default=2, help="earlier turns kept in the prompt at most"
     )
-    chat.add_argument("--max-new-tokens", type=positive_int, default=96)
+    chat.add_argument(
+        "--max-new-tokens", type=positive_int, default=ANSWER_TOKENS, help="answer length, in tokens"
+    )
     chat.add_argument("--seed", type=int, default=0, help="seed of the cell sampler")
     chat.set_defaults(run=run)
 
@@ -150,7 +152,7 @@ class ChatSession:
         adata: anndata.AnnData,
         labels: list[str] | None = None,
         history_turns: int = 2,
-        max_new_tokens: int = 96,
+        max_new_tokens: int = ANSWER_TOKENS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = 0,
     ):

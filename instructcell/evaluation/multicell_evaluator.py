@@ -28,18 +28,16 @@ from tqdm.auto import tqdm
 from datasets_builder.collator import DataCollatorForInstructCell
 from datasets_builder.dataset_folder import cap_rows
 from instructcell.tasks import Task
-from instructcell.tasks.multicell import GroupQuestion
+from instructcell.tasks.multicell import ANSWER_TOKENS, GroupQuestion
 
 from .baselines import ClassificationCells
 from .candidates import Candidate, label_probabilities
 from .context import Evaluation, timed
 
-__all__ = ["ANSWER_TOKENS", "evaluate_multicell", "group_answers", "multicell_entry", "size_of"]
+__all__ = ["evaluate_multicell", "group_answers", "multicell_entry", "size_of"]
 
 logger = logging.getLogger(__name__)
 
-#: Greedy answer length: a composition of four types or eight labelled cells.
-ANSWER_TOKENS = 96
 #: The per-cell annotation rows the single-cell calls are asked with.
 CELL_TASK = "cta"
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .multicell import MAX_CELLS_PER_PROMPT, CellGroup, EarlierTurn, composition_of, composition_text
+from .multicell import MAX_CELLS_PER_PROMPT, CellGroup, EarlierTurn, composition_text
 
 #: Cells of an earlier group-composition turn.
 MIN_GROUP, MAX_GROUP = 2, 4
@@ -38,7 +38,7 @@ def annotation_turn(
         return EarlierTurn("cta", 1, labels[first]), [first]
     more = random_cells(len(labels), int(rng.integers(MIN_GROUP, MAX_GROUP + 1)) - 1, [first, *exclude], rng)
     cells = [first, *more]
-    answer = composition_text(composition_of([labels[i] for i in cells]))
+    answer = composition_text([labels[i] for i in cells])
     return EarlierTurn("group_composition", len(cells), answer), cells
 
 

@@ -41,7 +41,7 @@ class FollowUpConfidence:
         """Return whether the earlier answer (``query``) is the last cell's label, and that label."""
         return (query == cell_labels[-1], cell_labels[-1])
 
-    def render(self, answer: Confidence) -> str:
+    def render(self, answer: Confidence, cell_labels: Sequence[str]) -> str:
         """Write ``"sure, it is B cells"`` / ``"not sure, more likely T cells"``."""
         agrees, label = answer
         return f"sure, it is {label}" if agrees else f"not sure, more likely {label}"

@@ -12,12 +12,14 @@ from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
 from .multicell import (
     MAX_CELLS_PER_PROMPT,
+    TALLY_MARK,
     CellGroup,
     Composition,
     MultiCellTask,
     argmax_labels,
     composition_of,
     composition_text,
+    conclusion,
     label_pools,
     other_cells,
     question_part,
@@ -31,7 +33,9 @@ MAX_TYPES = 4
 class GroupComposition:
     """k = 2-16 cells of 1-4 types of one dataset; the answer lists every type with its count.
 
-    The answer reads ``"B cells: 2; T cells: 1"`` (types in alphabetical order).
+    The answer labels each cell, then counts (types in alphabetical order):
+    ``"1: B cells; 2: T cells; 3: B cells; in total B cells: 2; T cells: 1"``
+    (:func:`~instructcell.tasks.multicell.composition_text`).
     """
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -57,17 +61,24 @@ class GroupComposition:
         """Count the question's cells' labels."""
         return composition_of(question_part(cell_labels, n_question_cells))
 
-    def render(self, answer: Composition) -> str:
-        """Write ``"B cells: 2; T cells: 1"``."""
-        return composition_text(answer)
+    def render(self, answer: Composition, cell_labels: Sequence[str]) -> str:
+        """Label the cells one by one, then write the counts: ``"1: B cells; ...; in total B cells: 2"``."""
+        if composition_of(cell_labels) != answer:
+            raise ValueError(f"The cells {list(cell_labels)} do not make the composition {answer}.")
+        return composition_text(cell_labels)
 
     def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> Composition | None:
-        """Read ``"<label>: <count>; ..."``; None when a part names no label, a label twice, or no count."""
+        """Read the counts ``"<label>: <count>; ..."`` after the walk-through's ``in total``.
+
+        Without ``in total`` the whole text is read. None when a part names no label, a label twice, or no
+        count.
+        """
         counts: dict[str, int] = {}
-        for part in (text or "").split(";"):
+        for part in conclusion(text, TALLY_MARK).split(";"):
             name, _, count = part.rpartition(":")
+            count = count.strip().rstrip(".")  # the end of the answer's sentence
             label = extract_label(name, labels) if name.strip() else None
-            if label is None or label in counts or not count.strip().isdigit() or int(count) < 1:
+            if label is None or label in counts or not count.isdigit() or int(count) < 1:
                 return None
             counts[label] = int(count)
         return tuple(sorted(counts.items())) if counts else None

@@ -11,7 +11,7 @@ from modeling_instructcell.answer_extraction import extract_label
 
 from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
-from .multicell import CellGroup, MultiCellTask, label_pools, other_cells, question_part
+from .multicell import CellGroup, MultiCellTask, cell_by_cell, label_pools, other_cells, question_part
 
 MIN_CELLS, MAX_CELLS = 2, 8
 #: Separates the listed options in the example's ``query``.
@@ -45,9 +45,9 @@ class JointAnnotation:
         """Return the question's cells' labels in prompt order."""
         return tuple(question_part(cell_labels, n_question_cells))
 
-    def render(self, answer: tuple[str, ...]) -> str:
+    def render(self, answer: tuple[str, ...], cell_labels: Sequence[str]) -> str:
         """Write ``"1: B cells; 2: T cells"``."""
-        return "; ".join(f"{i}: {label}" for i, label in enumerate(answer, 1))
+        return cell_by_cell(answer)
 
     def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> tuple[str, ...] | None:
         """Read ``"<position>: <label>; ..."`` with every position 1..n once; None otherwise."""

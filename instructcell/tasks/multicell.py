@@ -8,6 +8,8 @@ writes, reads and derives its answers:
 
 * :meth:`GroupQuestion.draw` picks the cells of one example (and its earlier turns) from the split's labels;
 * :meth:`GroupQuestion.truth` is the right answer for those cells, :meth:`GroupQuestion.render` its text;
+  questions about a group's own cells walk through them first (:func:`cell_by_cell`: each cell's label in
+  prompt order), then conclude (the counts, the position), so that the model answers from its own labels;
 * :meth:`GroupQuestion.parse` reads a model's answer back (``None`` when it cannot);
 * :meth:`GroupQuestion.from_cell_probabilities` answers the same question from per-cell label probabilities
   (the evaluation's baselines: the model's own single-cell calls, or logistic regression's);
@@ -33,6 +35,12 @@ from .base import Task
 
 #: The most cells one prompt holds (group size of the multi-cell tasks, cells of a conversation).
 MAX_CELLS_PER_PROMPT = 16
+#: Greedy answer length that holds the longest answer: 16 cells labelled one by one, then their counts.
+ANSWER_TOKENS = 192
+#: Ends a composition's cell-by-cell walk-through; the counts follow.
+TALLY_MARK = "in total"
+#: Ends the walk-through of a question answered by a position; the position follows.
+CONCLUSION_MARK = "so"
 #: A composition: ``((label, count), ...)`` sorted by label.
 Composition = tuple[tuple[str, int], ...]
 
@@ -100,8 +108,11 @@ class GroupQuestion(Protocol):
     def truth(self, cell_labels: Sequence[str], n_question_cells: int, query: str) -> Hashable:
         """Return the right answer for cells with these labels (prompt order) and the example's query."""
 
-    def render(self, answer: Hashable) -> str:
-        """Write the answer as text: the ``{output}`` of the task's templates."""
+    def render(self, answer: Hashable, cell_labels: Sequence[str]) -> str:
+        """Write the answer as text: the ``{output}`` of the task's templates.
+
+        ``cell_labels`` are the question's cells' labels in prompt order, for answers that walk through them.
+        """
 
     def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> Hashable | None:
         """Read an answer of the dataset's label set back from text; None when it names no valid answer."""
@@ -154,15 +165,18 @@ class MultiCellTask(Task):
 
 
 class PositionAnswer:
-    """Answers that name one of the question's cells by its position: ``"cell 3"``."""
+    """Answers that name one of the question's cells by its position, after labelling each cell.
 
-    def render(self, answer: int) -> str:
-        """``"cell 3"``."""
-        return f"cell {answer}"
+    ``"1: B cells; 2: T cells; 3: B cells; so cell 2"``.
+    """
+
+    def render(self, answer: int, cell_labels: Sequence[str]) -> str:
+        """Label the cells one by one, then name the position: ``"1: B cells; ...; so cell 2"``."""
+        return f"{cell_by_cell(cell_labels)}; {CONCLUSION_MARK} cell {answer}"
 
     def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> int | None:
-        """Return the one position the answer names."""
-        return parse_position(text, n_question_cells)
+        """Return the one position the answer names (after its walk-through's ``so``, if it has one)."""
+        return parse_position(conclusion(text, CONCLUSION_MARK), n_question_cells)
 
     def cell_accuracy(self, answer: int | None, truth: int) -> float:
         """Return 1 for the right position, else 0."""
@@ -172,7 +186,7 @@ class PositionAnswer:
 class LabelAnswer:
     """Answers that are one label of the dataset's label set."""
 
-    def render(self, answer: str) -> str:
+    def render(self, answer: str, cell_labels: Sequence[str]) -> str:
         """Return the label."""
         return answer
 
@@ -242,6 +256,11 @@ def other_cells(
     return [int(i) for i in rng.choice(left, size=n, replace=False)]
 
 
+def conclusion(text: str | None, mark: str) -> str:
+    """Return what follows the last ``mark`` (a whole word or phrase, any case), or all of ``text``."""
+    return re.split(rf"\b{re.escape(mark)}\b", text or "", flags=re.IGNORECASE)[-1]
+
+
 def parse_position(text: str, n_cells: int) -> int | None:
     """Return the cell an answer names (``"cell 3"``, ``"3"``), 1-based; None for none or an impossible."""
     found = {int(a or b) for a, b in _POSITION.findall(text or "")}
@@ -261,9 +280,20 @@ def composition_of(labels: Sequence[str]) -> Composition:
     return tuple(sorted(Counter(labels).items()))
 
 
-def composition_text(composition: Composition) -> str:
-    """``"B cells: 2; T cells: 1"``: the answer of a group composition question."""
-    return "; ".join(f"{label}: {count}" for label, count in composition)
+def cell_by_cell(cell_labels: Sequence[str]) -> str:
+    """``"1: B cells; 2: T cells"``: each cell's label, in prompt order."""
+    return "; ".join(f"{i}: {label}" for i, label in enumerate(cell_labels, 1))
+
+
+def composition_text(cell_labels: Sequence[str]) -> str:
+    """Write the answer of a group composition question: each cell's label, then the counts of each label.
+
+    ``["B cells", "T cells", "B cells"]`` -> ``"1: B cells; 2: T cells; 3: B cells; in total B cells: 2;
+    T cells: 1"``. Labelling the cells one by one before counting them is what lets the model count: the
+    counts are then read off its own answer, not estimated from all the cells at once.
+    """
+    counts = "; ".join(f"{label}: {count}" for label, count in composition_of(cell_labels))
+    return f"{cell_by_cell(cell_labels)}; {TALLY_MARK} {counts}"
 
 
 def question_part(values: Sequence, n_question_cells: int) -> Sequence:

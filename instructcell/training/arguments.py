@@ -53,6 +53,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."},
     )
+    num_cell_slots: int = field(
+        default=0,
+        metadata={
+            "help": "Learned slot embeddings that tell the cells of one prompt apart (the most cells a "
+            "prompt may hold; 16 for the multi-cell tasks). 0: none, the paper's model."
+        },
+    )
     vae_loss_weight: float = field(
         default=1.0, metadata={"help": "Weight of the ELBO relative to the text loss."}
     )

@@ -34,7 +34,7 @@ from .tokenization import train_instruction_tokenizer
 logger = logging.getLogger(__name__)
 
 # submodules of InstructCellForConditionalGeneration that are new next to the language model
-CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae"})
+CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_slot_embedding", "cell_vae"})
 
 
 def config_for_processor(
@@ -203,6 +203,7 @@ def build_model(
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
+    overrides["num_cell_slots"] = model_args.num_cell_slots
     if model_args.vae_kl_weight is not None:
         overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
