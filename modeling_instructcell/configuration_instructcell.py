@@ -53,11 +53,13 @@ class InstructCellConfig(PreTrainedConfig):
         k, the number of cell embeddings spliced into the text for one cell.
     num_kv_tokens : int
         t, the number of key/value tokens the residual MLP makes from one cell.
-    num_cell_slots : int
-        Learned embeddings added to the cell embeddings of a prompt's first, second, ... cell, so that the
-        language model can tell the cells of a multi-cell prompt apart and find the one a question names
-        (T5 has no absolute positions). A prompt then holds at most this many cells. 0 (the paper's model)
-        adds none.
+    cell_slot_token_ids : list of list of int, optional
+        Token ids of the numbers ``1, 2, ...`` as prompts write them before their cells (``cell 3: <CELL>``).
+        The mean input embedding of entry i's ids is added to every embedding of a prompt's i-th cell where it
+        is spliced in: a cell carries the vector of the word that numbers it, in the prompt and in answers
+        (``3: B cells``, ``so cell 3``), so the language model can find "cell 3" by matching it (T5 has no
+        absolute positions, and cross-attention none at all). A prompt then holds at most that many cells.
+        None (the paper's model) adds nothing.
     cell_mlp_num_blocks : int
         Residual MLP blocks of the cell encoder (the first maps genes to t tokens and has no residual).
     cell_mlp_dropout : float
@@ -144,7 +146,7 @@ class InstructCellConfig(PreTrainedConfig):
     n_genes: int = 18961
     num_query_tokens: int = 8
     num_kv_tokens: int = 6
-    num_cell_slots: int = 0
+    cell_slot_token_ids: list[list[int]] | None = None
     cell_mlp_num_blocks: int = 3
     cell_mlp_dropout: float = 0.1
     use_language_projection: bool = True
@@ -188,8 +190,8 @@ class InstructCellConfig(PreTrainedConfig):
                 "n_genes, num_query_tokens and num_kv_tokens must be positive, got "
                 f"{self.n_genes}, {self.num_query_tokens}, {self.num_kv_tokens}."
             )
-        if self.num_cell_slots < 0:
-            raise ValueError(f"num_cell_slots must be 0 (none) or positive, got {self.num_cell_slots}.")
+        if self.cell_slot_token_ids is not None and not all(self.cell_slot_token_ids):
+            raise ValueError("cell_slot_token_ids needs at least one token id per slot (the number's).")
         if self.cell_mlp_num_blocks < 1:
             raise ValueError(f"cell_mlp_num_blocks must be at least 1, got {self.cell_mlp_num_blocks}.")
         if self.target_sum is not None and self.target_sum <= 0:

@@ -298,9 +298,6 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_hidden_size)
         else:  # the original InstructCell feeds the Q-Former output to the language model unchanged
             self.language_projection = nn.Identity()
-        self.cell_slot_embedding = (
-            nn.Embedding(config.num_cell_slots, text_hidden_size) if config.num_cell_slots else None
-        )
         if config.use_decoder_only_language_model:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
@@ -399,8 +396,8 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed the text and scatter the cell embeddings into its placeholders.
 
-        With ``config.num_cell_slots``, each cell's slot embedding (its order in the prompt, see
-        :meth:`cell_slots`) is added to its embeddings where they are spliced in.
+        With ``config.cell_slot_token_ids``, the embedding of the number of each cell's order in the prompt
+        (:meth:`cell_slot_embeddings`) is added to its embeddings where they are spliced in.
 
         Parameters
         ----------
@@ -415,7 +412,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         -------
         tuple of torch.Tensor
             Merged embeddings ``(batch_size, seq_len, hidden_size)`` and the cell embeddings
-            ``(n_cells, num_query_tokens, hidden_size)`` without slot embeddings (``None`` without cells).
+            ``(n_cells, num_query_tokens, hidden_size)`` without their numbers (``None`` without cells).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -441,9 +438,9 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
             )
         cell_embeds = cell_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         spliced = cell_embeds
-        if self.cell_slot_embedding is not None:
-            slots = self.cell_slots(mask[..., 0])
-            spliced = cell_embeds + self.cell_slot_embedding(slots).to(cell_embeds.dtype).unsqueeze(1)
+        if self.config.cell_slot_token_ids is not None:
+            numbers = self.cell_slot_embeddings()[self.cell_slots(mask[..., 0])]
+            spliced = cell_embeds + numbers.to(cell_embeds.dtype).unsqueeze(1)
         inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), spliced)
         return inputs_embeds, cell_embeds
 
@@ -458,12 +455,27 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         cell_rows = torch.nonzero(placeholder_mask)[:: self.config.num_query_tokens, 0].contiguous()
         order = torch.arange(len(cell_rows), device=cell_rows.device)
         slots = order - torch.searchsorted(cell_rows, cell_rows)  # minus the index of the row's first cell
-        if len(slots) and int(slots.max()) >= self.config.num_cell_slots:
+        n_slots = len(self.config.cell_slot_token_ids or ())
+        if len(slots) and int(slots.max()) >= n_slots:
             raise ValueError(
-                f"A prompt holds {int(slots.max()) + 1} cells, but this model tells at most "
-                f"{self.config.num_cell_slots} apart (config.num_cell_slots): ask about fewer cells at once."
+                f"A prompt holds {int(slots.max()) + 1} cells, but this model numbers at most {n_slots} "
+                "(config.cell_slot_token_ids): ask about fewer cells at once."
             )
         return slots
+
+    def cell_slot_embeddings(self) -> torch.Tensor:
+        """Return the number of each slot as the language model reads it, ``(n_slots, hidden_size)``.
+
+        Row i is the mean input embedding of ``config.cell_slot_token_ids[i]`` (the tokens of the number
+        i + 1): tied to the vocabulary, it is trained with it and needs no weights of its own.
+        """
+        embeddings = self.get_input_embeddings()
+        return torch.stack(
+            [
+                embeddings(torch.tensor(ids, device=embeddings.weight.device)).mean(0)
+                for ids in self.config.cell_slot_token_ids
+            ]
+        )
 
     def forward(
         self,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from instructcell.training.build import number_token_ids
 from modeling_instructcell import InstructCellConfig, InstructCellForConditionalGeneration
 
 
@@ -26,8 +27,10 @@ def test_cell_embeddings_land_on_placeholders(model, tester):
     torch.testing.assert_close(merged[~mask], text_only[~mask])
 
 
-def test_cell_slot_embeddings_tell_the_cells_of_a_prompt_apart(tester):
-    config = InstructCellConfig.from_dict({**tester.config.to_dict(), "num_cell_slots": 2})
+def test_each_cell_carries_the_embedding_of_its_number_in_the_prompt(tester):
+    numbers = number_token_ids(tester.processor, 2)
+    assert tester.processor.tokenizer.decode(numbers[1]).strip() == "2"
+    config = InstructCellConfig.from_dict({**tester.config.to_dict(), "cell_slot_token_ids": numbers})
     torch.manual_seed(0)
     model = InstructCellForConditionalGeneration(config).eval()
     counts = tester.make_counts(3)
@@ -37,10 +40,11 @@ def test_cell_slot_embeddings_tell_the_cells_of_a_prompt_apart(tester):
     mask = batch["input_ids"] == config.cell_token_index
     assert model.cell_slots(mask).tolist() == [0, 1, 0]
     merged, cell_embeds = model.merge_cell_embeddings(batch["input_ids"], batch["cell_values"])
-    slots = model.cell_slot_embedding.weight[[0, 1, 0]].unsqueeze(1).expand_as(cell_embeds)
+    words = model.get_input_embeddings()(torch.tensor(numbers)).mean(1)  # "1", "2": one token each here
+    slots = words[[0, 1, 0]].unsqueeze(1).expand_as(cell_embeds)
     torch.testing.assert_close(merged[mask], (cell_embeds + slots).reshape(-1, cell_embeds.shape[-1]))
     three = tester.processor(text="cell 1: <CELL>, cell 2: <CELL>, cell 3: <CELL>", cells=counts)
-    with pytest.raises(ValueError, match="tells at most 2 apart"):
+    with pytest.raises(ValueError, match="numbers at most 2"):
         model(**three)
 
 

@@ -53,11 +53,12 @@ class ModelArguments:
         default=False,
         metadata={"help": "Center and scale each gene by training-cell statistics before the cell MLP."},
     )
-    num_cell_slots: int = field(
+    cell_slots: int = field(
         default=0,
         metadata={
-            "help": "Learned slot embeddings that tell the cells of one prompt apart (the most cells a "
-            "prompt may hold; 16 for the multi-cell tasks). 0: none, the paper's model."
+            "help": "Add the embedding of the word '1', '2', ... to a prompt's first, second, ... cell, for "
+            "this many cells (the most a prompt may hold; 16 for the multi-cell tasks). 0: none, the "
+            "paper's model."
         },
     )
     vae_loss_weight: float = field(

@@ -34,7 +34,7 @@ from .tokenization import train_instruction_tokenizer
 logger = logging.getLogger(__name__)
 
 # submodules of InstructCellForConditionalGeneration that are new next to the language model
-CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_slot_embedding", "cell_vae"})
+CELL_MODULES = frozenset({"cell_encoder", "language_projection", "cell_vae"})
 
 
 def config_for_processor(
@@ -76,6 +76,12 @@ def config_for_processor(
         **processor.special_token_ids,
         **kwargs,
     )
+
+
+def number_token_ids(processor: InstructCellProcessor, n: int) -> list[list[int]]:
+    """Token ids of the numbers 1..n as prompts write them after a word (``cell 3``): the cell slots."""
+    tokenizer = processor.tokenizer
+    return [tokenizer(f" {i}", add_special_tokens=False)["input_ids"] for i in range(1, n + 1)]
 
 
 def build_processor(
@@ -203,7 +209,8 @@ def build_model(
     overrides["alignment_loss_weight"] = model_args.alignment_loss_weight
     overrides["vae_loss_weight"] = model_args.vae_loss_weight
     overrides["standardize_genes"] = model_args.standardize_genes
-    overrides["num_cell_slots"] = model_args.num_cell_slots
+    if model_args.cell_slots:
+        overrides["cell_slot_token_ids"] = number_token_ids(processor, model_args.cell_slots)
     if model_args.vae_kl_weight is not None:
         overrides["vae_kl_weight"] = model_args.vae_kl_weight
     config = config_for_processor(model_args.preset, processor, **overrides)
