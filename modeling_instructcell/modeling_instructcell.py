@@ -444,6 +444,16 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), spliced)
         return inputs_embeds, cell_embeds
 
+    def cell_rows(self, placeholder_mask: torch.Tensor) -> torch.LongTensor:
+        """Return the prompt (batch row) of every cell, in order of appearance, ``(n_cells,)``.
+
+        Parameters
+        ----------
+        placeholder_mask : torch.Tensor
+            ``(batch_size, seq_len)``, True at the ``num_query_tokens`` placeholders of every cell.
+        """
+        return torch.nonzero(placeholder_mask)[:: self.config.num_query_tokens, 0].contiguous()
+
     def cell_slots(self, placeholder_mask: torch.Tensor) -> torch.LongTensor:
         """Each cell's order within its prompt (0 for a prompt's first cell), ``(n_cells,)``.
 
@@ -452,7 +462,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         placeholder_mask : torch.Tensor
             ``(batch_size, seq_len)``, True at the ``num_query_tokens`` placeholders of every cell.
         """
-        cell_rows = torch.nonzero(placeholder_mask)[:: self.config.num_query_tokens, 0].contiguous()
+        cell_rows = self.cell_rows(placeholder_mask)
         order = torch.arange(len(cell_rows), device=cell_rows.device)
         slots = order - torch.searchsorted(cell_rows, cell_rows)  # minus the index of the row's first cell
         n_slots = len(self.config.cell_slot_token_ids or ())
@@ -627,8 +637,7 @@ class InstructCellForConditionalGeneration(InstructCellPreTrainedModel, Generati
         none = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         if not self.config.vae_encode_input_cell or input_ids is None or cell_values is None:
             return None, none
-        placeholders = torch.nonzero(input_ids == self.config.cell_token_index)
-        cell_rows = placeholders[:: self.config.num_query_tokens, 0].contiguous()  # one row per cell
+        cell_rows = self.cell_rows(input_ids == self.config.cell_token_index)
         if cell_rows.shape[0] == 0 or rows.shape[0] == 0:
             return None, none
         rows = rows.to(cell_rows.device)
