@@ -159,6 +159,29 @@ def summary_rows(scores: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def turn_rows(scores: dict[str, Any]) -> list[list[Any]]:
+    """One row per group task and dataset: each method's accuracy asked first / after earlier turns.
+
+    Read from the entries' ``by_turns``; "after" pools the rows of one and of two earlier turns.
+    """
+    rows = []
+    for task in tasks_of_family("multicell"):
+        for dataset, entry in sorted(scores.get(task, {}).items()):
+            if "by_turns" not in entry:
+                continue
+            first = entry["by_turns"].get("0", {"n": 0, "methods": {}})
+            after = [group for key, group in entry["by_turns"].items() if key != "0"]
+            n_after = sum(group["n"] for group in after)
+            row = [task, dataset, first["n"], n_after]
+            for name in METHODS:
+                later = (
+                    sum(group["n"] * group["methods"][name] for group in after) / n_after if n_after else None
+                )
+                row.append(f"{fmt(first['methods'].get(name))} / {fmt(later)}")
+            rows.append(row)
+    return rows
+
+
 def plot_by_size(scores: dict[str, Any], path: Path) -> None:
     """Accuracy against the cells of a question (group tasks) or the earlier turns (follow-ups)."""
     tasks = [task for task in tasks_of_family("multicell") if scores.get(task)]
@@ -237,6 +260,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "share of cells right.",
         "",
         table,
+        "",
+        "The group questions asked first, and after one or two unrelated earlier turns (their cells come "
+        "first in the prompt); accuracy first / after:",
+        "",
+        markdown_table(
+            ["task", "dataset", "n first", "n after", *METHODS.values()], turn_rows(scores), numeric_from=2
+        ),
         "",
         "Single-cell annotation accuracy of the same model and of logistic regression on the same datasets:",
         "",

@@ -191,6 +191,13 @@ def test_entry_scores_whole_answers_partial_credit_and_sizes(cells, bank):
     groups = entry["by_size"]["groups"]
     assert entry["by_size"]["variable"] == "cells"
     assert sum(g["n"] for g in groups.values()) == 6
+    turns = entry["by_turns"]  # a group question, scored apart by the earlier turns it came after
+    assert set(turns) == {str(r["n_earlier_turns"]) for r in rows}
+    for key, group in turns.items():
+        chosen = [i for i, r in enumerate(rows) if str(r["n_earlier_turns"]) == key]
+        assert group["n"] == len(chosen)
+        assert group["methods"]["model"] == np.mean([answers["model"][i] is not None for i in chosen])
     metrics = {"run": {}, "scores": {"group_composition": {"toy": entry}}}
     report = render_report(metrics)
     assert "| cells | n | model | cells | wrong |" in report and "cells right" in report
+    assert "| asked after earlier turns | n | model | cells | wrong |" in report

@@ -11,7 +11,8 @@ per-cell label probabilities (:meth:`~instructcell.tasks.multicell.GroupQuestion
 
 Scores per method: ``accuracy`` (the whole answer right; unanswered = wrong), ``cell_accuracy`` (the task's
 partial credit, e.g. the share of cells labelled right) and ``answered_rate``; ``by_size`` breaks accuracy
-down by the cells a prompt shows (group tasks) or by its earlier turns (follow-up tasks).
+down by the cells a prompt shows (group tasks) or by its earlier turns (follow-up tasks), and ``by_turns``
+breaks a group question's accuracy down by the earlier turns it was asked after.
 """
 
 from __future__ import annotations
@@ -119,34 +120,53 @@ def multicell_entry(
     -------
     dict
         ``n_test``, ``n_train``, ``labels``, ``methods`` (method -> ``accuracy``, ``cell_accuracy``,
-        ``answered_rate`` and its extras) and ``by_size`` (``variable``; ``groups``: size -> ``n`` and
-        method -> accuracy).
+        ``answered_rate`` and its extras), ``by_size`` (``variable``; ``groups``: size -> ``n`` and
+        method -> accuracy) and, for group questions, ``by_turns`` (earlier turns -> ``n`` and method ->
+        accuracy: the same question asked first, or after unrelated turns of a conversation).
     """
     truths = [question.truth(row["cell_labels"], row["n_question_cells"], row["query"]) for row in rows]
-    sizes = [size_of(row) for row in rows]
-    methods, by_size = {}, {}
+    methods, exact = {}, {}
     for name, given in answers.items():
-        exact = np.array([a is not None and a == t for a, t in zip(given, truths, strict=True)], dtype=float)
+        exact[name] = np.array(
+            [a is not None and a == t for a, t in zip(given, truths, strict=True)], dtype=float
+        )
         methods[name] = {
-            "accuracy": float(exact.mean()),
+            "accuracy": float(exact[name].mean()),
             "cell_accuracy": float(
                 np.mean([question.cell_accuracy(a, t) for a, t in zip(given, truths, strict=True)])
             ),
             "answered_rate": float(np.mean([a is not None for a in given])),
             **extras.get(name, {}),
         }
-        for size in sorted(set(sizes)):
-            chosen = [i for i, s in enumerate(sizes) if s == size]
-            group = by_size.setdefault(str(size), {"n": len(chosen), "methods": {}})
-            group["methods"][name] = float(exact[chosen].mean())
     follow_up = any(row["n_question_cells"] < 2 for row in rows)
-    return {
+    entry = {
         "n_test": len(rows),
         "n_train": n_train,
         "labels": sorted(rows[0]["choices"]) if rows else [],
         "methods": methods,
-        "by_size": {"variable": "earlier turns" if follow_up else "cells", "groups": by_size},
+        "by_size": {
+            "variable": "earlier turns" if follow_up else "cells",
+            "groups": _accuracy_by([size_of(row) for row in rows], exact),
+        },
     }
+    if not follow_up:  # a follow-up's sizes are its earlier turns already
+        entry["by_turns"] = _accuracy_by([int(row["n_earlier_turns"]) for row in rows], exact)
+    return entry
+
+
+def _accuracy_by(keys: Sequence[int], exact: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Group rows by an integer key: ``str(key) -> {"n": rows, "methods": {method: accuracy}}``.
+
+    ``exact`` maps each method to its ``(n_rows,)`` 0/1 whole-answer scores, in the order of ``keys``.
+    """
+    groups = {}
+    for key in sorted(set(keys)):
+        chosen = [i for i, k in enumerate(keys) if k == key]
+        groups[str(key)] = {
+            "n": len(chosen),
+            "methods": {name: float(scores[chosen].mean()) for name, scores in exact.items()},
+        }
+    return groups
 
 
 def evaluate_multicell(ev: Evaluation, task: Task, dataset: str) -> tuple[dict[str, Any], datasets.Dataset]:

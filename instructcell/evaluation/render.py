@@ -273,18 +273,25 @@ def _perturbation_group_lines(by_task: Mapping[str, Any], methods: Mapping[str, 
 
 
 def _by_size_lines(by_task: Mapping[str, Any], methods: Mapping[str, Any]) -> list[str]:
-    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family)."""
+    """Accuracy of every method by the cells a prompt shows, or by its earlier turns (multicell family).
+
+    A group question's accuracy is also broken down by the earlier turns it was asked after (``by_turns``).
+    """
     lines = ["", "Accuracy by the cells a question shows, or by a follow-up's earlier turns:"]
     for task, by_dataset in by_task.items():
         for dataset, entry in by_dataset.items():
             names = list(entry["methods"])
             titles = [method_title(name, entry["methods"][name], methods) for name in names]
-            header = [entry["by_size"]["variable"], "n", *titles]
-            rows = [
-                [size, group["n"], *(group["methods"].get(name) for name in names)]
-                for size, group in sorted(entry["by_size"]["groups"].items(), key=lambda item: int(item[0]))
-            ]
-            lines += ["", f"**{task} {dataset}**", "", markdown_table(header, rows, numeric_from=1)]
+            lines += ["", f"**{task} {dataset}**", ""]
+            breakdowns = [(entry["by_size"]["variable"], entry["by_size"]["groups"])]
+            if "by_turns" in entry:
+                breakdowns.append(("asked after earlier turns", entry["by_turns"]))
+            for variable, groups in breakdowns:
+                rows = [
+                    [key, group["n"], *(group["methods"].get(name) for name in names)]
+                    for key, group in sorted(groups.items(), key=lambda item: int(item[0]))
+                ]
+                lines += ["", markdown_table([variable, "n", *titles], rows, numeric_from=1)]
     return lines
 
 
