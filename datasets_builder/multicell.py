@@ -5,9 +5,11 @@ rows in ``cells_gene_indices`` / ``cells_gene_counts`` with their ``cell_ids`` a
 single-cell ``input_*`` columns stay empty. Its ``instruction`` is the whole conversation
 (:func:`instructcell.tasks.multicell.conversation`): earlier turns (their task's short default question,
 answered in the row's variant), then the question, from the task's template bank, with one ``<CELL>`` per
-cell. ``label`` is the right answer's text, ``query`` the task's parameter (the asked label, the answer being
-questioned, the listed options), ``n_earlier_turns`` the number of earlier turns and ``n_question_cells`` the
-cells the question itself shows (the last ones). A follow-up generation row also has its first cell as the
+cell. Cells are numbered through the conversation (``cell 3: <CELL>`` after turns that showed two cells, and
+``3:`` in the answers), the numbers of the model's cell slots. ``label`` is the right answer's text,
+``query`` the task's parameter (the asked label, the answer being questioned, the listed options),
+``n_earlier_turns`` the number of earlier turns and ``n_question_cells`` the cells the question itself shows
+(the last ones). A follow-up generation row also has its first cell as the
 target cell. Single-cell rows carry these columns empty (:func:`single_cell_columns`).
 
 Every cell of a validation or test split anchors one example per task; a training cell anchors one with the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from typing import Any
 
 import datasets
@@ -32,6 +35,7 @@ from instructcell.tasks.multicell import (
     MultiCellTask,
     cell_list,
     conversation,
+    first_question_cell,
     question_part,
 )
 
@@ -101,34 +105,43 @@ def _turn(
     key: str,
     metadata: dict[str, str],
     n_cells: int,
+    first: int,
     output: str,
     choices: Sequence[str],
 ) -> tuple[str, str, Template]:
     """(instruction, response, template) of one turn about ``n_cells`` cells (``{input}`` or ``{cells}``).
 
-    ``choices`` are the options in prompt order, listed when the template offers them.
+    ``first`` is the number of its first cell in the conversation; ``choices`` are the options in prompt
+    order, listed when the template offers them.
     """
     template = bank.choose(task_name, variant, split, key)
     options = choices if template.has_choices else []
-    values = {**metadata, "cells": cell_list(n_cells, CELL_TOKEN)} if n_cells else metadata
+    values = {**metadata, "cells": cell_list(n_cells, CELL_TOKEN, first)} if n_cells else metadata
     instruction, response = render(template, values, output, options)
     return instruction, response, template
 
 
 def _earlier_turn(
-    bank: TemplateBank, turn: EarlierTurn, variant: str, split: str, key: str, metadata: dict[str, str]
+    bank: TemplateBank,
+    turn: EarlierTurn,
+    first: int,
+    variant: str,
+    split: str,
+    key: str,
+    metadata: dict[str, str],
 ) -> tuple[str, str]:
     """(user message, answer) of an earlier turn: its task's default instruction, answered in the variant.
 
     Earlier turns are short questions, as a user types them in a conversation (and as the prompt can afford:
-    the whole conversation is read again at every turn); their answers are a template's response.
+    the whole conversation is read again at every turn); their answers are a template's response. ``first``
+    is the number of the turn's first cell in the conversation.
     """
     task = get_task(turn.task)
     template = bank.choose(task.name, variant, split, key)
     short = Template(template.id, task.name, variant, task.default_instruction, template.response)
     values = {**metadata, "count": _count(key)}
     if turn.n_cells:
-        values["cells"] = cell_list(turn.n_cells, CELL_TOKEN)
+        values["cells"] = cell_list(turn.n_cells, CELL_TOKEN, first)
     return render(short, values, turn.answer)
 
 
@@ -170,20 +183,26 @@ def multicell_example(
     members = [cells[i] for i in group.cells]
     labels = [cell.label for cell in members]
     metadata = {
-        "species": "", "tissue": "", "sequencing_method": "", "drug": "", "perturbation": "",
+        "species": "",
+        "tissue": "",
+        "sequencing_method": "",
+        "drug": "",
+        "perturbation": "",
         **cells[anchor].metadata,
     }
+    starts = list(accumulate((turn.n_cells for turn in group.earlier), initial=1))
     earlier = [
-        _earlier_turn(bank, turn, variant, split, f"{key}/turn{j}", metadata)
+        _earlier_turn(bank, turn, starts[j], variant, split, f"{key}/turn{j}", metadata)
         for j, turn in enumerate(group.earlier)
     ]
     values = {**metadata, "cell_type": group.query, "count": _count(key)}
+    first = first_question_cell(len(labels), group.n_question_cells)
     truth = task.question.truth(labels, group.n_question_cells, group.query)
-    answer = task.question.render(truth, question_part(labels, group.n_question_cells))
+    answer = task.question.render(truth, question_part(labels, group.n_question_cells), first)
     output = f"{answer} {SIGNAL_TOKEN}" if task.output_cell else answer
     options = list(group.choices) or option_order(choices, key)
     question, response, template = _turn(
-        bank, task.name, variant, split, key, values, group.n_question_cells, output, options
+        bank, task.name, variant, split, key, values, group.n_question_cells, first, output, options
     )
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
     target = (members[0].gene_indices, members[0].gene_counts) if task.output_cell else empty

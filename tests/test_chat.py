@@ -86,6 +86,24 @@ def test_old_turns_leave_the_prompt_first_and_a_too_long_question_is_refused(ses
     assert len(calls) == 4 and len(session.turns) == 4  # nothing was asked, nothing was added
 
 
+def test_cells_are_numbered_through_the_conversation_and_again_when_old_turns_leave(session, calls):
+    session.respond("Which of cells 1-2 is the B cell?")
+    session.respond("Which of cells 3-5 is the B cell?")
+    assert [turn.first for turn in session.turns] == [1, 3]  # the second turn's cells follow the first's
+    assert session._question("Which of cells 3-5 is it?", first=3) == (
+        "Which of cell 3: <CELL>, cell 4: <CELL>, cell 5: <CELL> is it?"
+    )
+    session.turns[1].answer = "3: T cell; 4: B cell; 5: T cell; so cell 4"
+    # without the oldest turn, the kept one's cells are the prompt's first: its text and answer follow
+    assert session._history(session.turns[1:]) == [
+        (
+            "Which of cell 1: <CELL>, cell 2: <CELL>, cell 3: <CELL> is the B cell?",
+            "1: T cell; 2: B cell; 3: T cell; so cell 2",
+        )
+    ]
+    assert session._history(session.turns)[1][1] == session.turns[1].answer  # nothing dropped, as asked
+
+
 def test_many_cells_are_asked_one_by_one(session, calls):
     reply = session.respond("What are cells 0-17?")
     assert reply.startswith("More than 16 cells: I asked about each of the 18 cells on its own. Answers:")

@@ -1,5 +1,7 @@
 """Multi-cell and follow-up tasks: their questions, the builder's rows of several cells, batching, scoring."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,10 @@ from instructcell.tasks.multicell import (
     MAX_CELLS_PER_PROMPT,
     cell_list,
     conversation,
+    first_question_cell,
     parse_position,
     question_part,
+    shift_cell_numbers,
 )
 
 MULTICELL = tasks_of_family("multicell")
@@ -49,8 +53,9 @@ def test_each_question_draws_valid_groups_and_reads_its_own_answers(name):
         assert group.n_question_cells == len(group.cells) - sum(t.n_cells for t in group.earlier)
         cell_labels = [labels[i] for i in group.cells]
         truth = question.truth(cell_labels, group.n_question_cells, group.query)
-        text = question.render(truth, question_part(cell_labels, group.n_question_cells))
-        assert question.parse(text, LABELS, group.n_question_cells) == truth
+        first = first_question_cell(len(cell_labels), group.n_question_cells)
+        text = question.render(truth, question_part(cell_labels, group.n_question_cells), first)
+        assert question.parse(text, LABELS, group.n_question_cells, first) == truth
         probabilities = _one_hot(cell_labels)  # per-cell calls that are all right answer right
         assert question.from_cell_probabilities(
             probabilities, LABELS, group.n_question_cells, group.query
@@ -80,6 +85,16 @@ def test_answers_are_read_strictly():
     assert walked == "1: T cell; 2: B cell; 3: T cell; so cell 2"
     assert odd.parse(f"Answer: {walked}.", LABELS, 3) == 2
     assert odd.parse("1: T cell; 2: B cell; so cell 3 or cell 1", LABELS, 3) is None
+    # after earlier turns that showed three cells, the question's cells are numbered 4-6
+    walked = odd.render(2, ["T cell", "B cell", "T cell"], first=4)
+    assert walked == "4: T cell; 5: B cell; 6: T cell; so cell 5"
+    assert odd.parse(walked, LABELS, 3, first=4) == 2
+    assert odd.parse("so cell 2", LABELS, 3, first=4) is None  # an earlier turn's cell
+    assert joint.parse("4: T cell; 5: B cell", LABELS, 2, first=4) == ("T cell", "B cell")
+    assert joint.parse("1: T cell; 2: B cell", LABELS, 2, first=4) is None
+    assert shift_cell_numbers(walked, -3) == "1: T cell; 2: B cell; 3: T cell; so cell 2"
+    counted = composition.render((("B cell", 2),), ["B cell", "B cell"], first=3)
+    assert shift_cell_numbers(counted, -2) == "1: B cell; 2: B cell; in total B cell: 2"  # counts stay
     confidence = get_task("follow_up_confidence").question
     assert confidence.parse("not sure, more likely NK cells", LABELS, 0) == (False, "NK cell")
     assert confidence.parse("sure, it is T cell", LABELS, 0) == (True, "T cell")
@@ -110,7 +125,12 @@ def test_rows_show_every_cell_of_their_split_once_per_slot(name, cells, bank):
         assert row["instruction"].count("User: ") == row["n_earlier_turns"]
         truth = task.question.truth(row["cell_labels"], row["n_question_cells"], row["query"])
         shown = question_part(row["cell_labels"], row["n_question_cells"])
-        assert row["label"] == task.question.render(truth, shown)
+        first = first_question_cell(len(row["cell_labels"]), row["n_question_cells"])
+        assert row["label"] == task.question.render(truth, shown, first)
+        # a number written before a cell slot is that slot's place in the whole conversation
+        slots = re.finditer(r"(?:cell (\d+): )?<CELL>", row["instruction"])
+        for place, slot in enumerate(slots, 1):
+            assert slot.group(1) is None or int(slot.group(1)) == place
         assert row["response"] == row["label"] + (" <SIGNAL>" if task.output_cell else "")
         assert len(row["target_gene_indices"]) == (
             len(row["cells_gene_indices"][0]) if task.output_cell else 0

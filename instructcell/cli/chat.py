@@ -2,8 +2,8 @@
 
 Every message goes to the model with the conversation so far and the cells it refers to. ``cell 5``,
 ``cells 10-13`` or ``cells 1, 4 and 9`` name rows of the file: the reference becomes the cells' slots in the
-message (``this cell <CELL>`` for one, ``cell 1: <CELL>, cell 2: <CELL>, ...`` for several, numbered as the
-model reads them), and the cells of earlier turns stay in the prompt, so
+message (``this cell <CELL>`` for one, ``cell 3: <CELL>, cell 4: <CELL>, ...`` for several, numbered through
+the conversation as the model reads them), and the cells of earlier turns stay in the prompt, so
 follow-up questions ("and cell 21?", "how sure are you?", "generate 20 more like the first") are answered by
 the model from the whole conversation. An answer with ``<SIGNAL>`` samples cells (as many as the message
 asks for, 10 by default). Only what the model cannot do is done here: saving generated cells to a file,
@@ -13,8 +13,9 @@ each cell on its own and the answers counted.
 The prompt keeps the last ``--history-turns`` turns, dropping the oldest ones first while the conversation
 holds more than :data:`~instructcell.tasks.multicell.MAX_CELLS_PER_PROMPT` cells or more tokens than the model
 reads (:func:`~modeling_instructcell.pipeline_instructcell.max_prompt_tokens`); a turn is never cut in the
-middle, and a question too long on its own is refused with a message that says so. Generated cells are saved
-only to a new file: the chat never replaces one.
+middle, and a question too long on its own is refused with a message that says so. The turns kept are
+numbered again from the first cell of the prompt (:func:`~instructcell.tasks.multicell.shift_cell_numbers`).
+Generated cells are saved only to a new file: the chat never replaces one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ from instructcell import inference
 from instructcell.inference.files import read_anndata, write_anndata
 from instructcell.outputs import check_destination
 from instructcell.tasks import get_task
-from instructcell.tasks.multicell import ANSWER_TOKENS, MAX_CELLS_PER_PROMPT, cell_list, conversation
+from instructcell.tasks.multicell import (
+    ANSWER_TOKENS,
+    CONCLUSION_MARK,
+    MAX_CELLS_PER_PROMPT,
+    cell_list,
+    conclusion,
+    conversation,
+    parse_position,
+    shift_cell_numbers,
+)
 from modeling_instructcell.answer_extraction import extract_label
 from modeling_instructcell.pipeline_instructcell import (
     DEFAULT_BATCH_SIZE,
@@ -57,7 +67,7 @@ DEFAULT_CELLS_TO_GENERATE = 10
 
 HELP = f"""Ask about the cells of the file; name them as cell 5, cells 10-13 or cells 1, 4 and 9. E.g.
   What cell types are in cells 0-7, and how many of each?
-  Which of cells 10-13 is the B cell?          (the answer's "cell 2" is the 2nd cell named)
+  Which of cells 10-13 is the B cell?          (the answer's cell number is followed by its file row)
   What is cell 20?    And cell 21?    How sure are you?
   Generate 20 more like the first one.          (samples cells when the model answers <SIGNAL>)
   save generated to out.h5ad                    write the last generated cells (to a new file)
@@ -118,11 +128,16 @@ def cell_references(message: str, n_obs: int) -> list[int]:
 
 @dataclass
 class Turn:
-    """One answered message: its text with a cell slot per cell shown, the model's answer, the cells' rows."""
+    """One answered message: the user's text, the model's answer, the rows of the cells it showed.
+
+    ``first`` is the number its first cell had in the conversation when it was asked (the answer names the
+    cells by those numbers).
+    """
 
     message: str
     answer: str
     rows: list[int]
+    first: int = 1
 
 
 class ChatSession:
@@ -204,11 +219,12 @@ class ChatSession:
         position = {row: i for i, row in enumerate(sorted(set(rows)))}
         return values[[position[row] for row in rows]]
 
-    def _question(self, message: str, one_cell: bool = False) -> str:
+    def _question(self, message: str, one_cell: bool = False, first: int = 1) -> str:
         """Replace every cell reference of the message by its cell slots, numbered as the model reads them.
 
-        ``cells 10-13`` becomes ``cell 1: <CELL>, ..., cell 4: <CELL>``; a message about one cell (or, with
-        ``one_cell``, each cell of a message asked cell by cell) reads ``this cell <CELL>``.
+        ``cells 10-13`` becomes ``cell 1: <CELL>, ..., cell 4: <CELL>`` (numbered from ``first``, the number
+        of the message's first cell in the conversation); a message about one cell (or, with ``one_cell``,
+        each cell of a message asked cell by cell) reads ``this cell <CELL>``.
         """
         token = self.processor.cell_start_token
         n_cells = 1 if one_cell else len(cell_references(message, self.adata.n_obs))
@@ -219,18 +235,32 @@ class ChatSession:
             if n_cells == 1:
                 parts.append("" if shown else f"this cell {token}")
             else:
-                parts.append(cell_list(count, token, first=shown + 1))
+                parts.append(cell_list(count, token, first=first + shown))
             shown += count
             end = match.end()
         return "".join(parts) + _escape(message[end:])
 
-    def _encode(self, question: str, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[Turn]]:
-        """Model inputs for ``question`` after the most recent earlier turns that fit (see the module)."""
+    def _history(self, kept: list[Turn]) -> list[tuple[str, str]]:
+        """(user message, answer) of the kept turns, their cells numbered from the prompt's first cell."""
+        history, first = [], 1
+        for turn in kept:
+            history.append(
+                (
+                    self._question(turn.message, first=first),
+                    shift_cell_numbers(turn.answer, first - turn.first),
+                )
+            )
+            first += len(turn.rows)
+        return history
+
+    def _encode(self, message: str, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[Turn]]:
+        """Model inputs for ``message`` after the most recent earlier turns that fit (see the module)."""
         kept = self.turns[len(self.turns) - self.history_turns :] if self.history_turns else []
         while True:
             all_rows = [row for turn in kept for row in turn.rows] + rows
             if len(all_rows) <= MAX_CELLS_PER_PROMPT:
-                prompt = conversation([(t.message, t.answer) for t in kept], question)
+                question = self._question(message, first=len(all_rows) - len(rows) + 1)
+                prompt = conversation(self._history(kept), question)
                 cells = self._counts(all_rows) if all_rows else None
                 inputs = self.processor(text=[prompt], cells=cells)
                 if inputs["input_ids"].shape[-1] <= self.max_tokens:
@@ -247,8 +277,7 @@ class ChatSession:
 
     @torch.inference_mode()
     def _ask(self, message: str, rows: list[int]) -> str:
-        question = self._question(message)
-        inputs, kept = self._encode(question, rows)
+        inputs, kept = self._encode(message, rows)
         leftover = _REFERENCE.sub(" ", message)
         numbers = _NUMBER.findall(leftover)
         n_cells = int(numbers[0]) if numbers and int(numbers[0]) > 0 else DEFAULT_CELLS_TO_GENERATE
@@ -264,11 +293,12 @@ class ChatSession:
             max_new_tokens=self.max_new_tokens,
         )
         answer = self.processor.post_process_generation(output.sequences)[0]["text"]
-        self.turns.append(Turn(question, answer, rows))
+        first = len(conversation_rows) - len(rows) + 1
+        self.turns.append(Turn(message, answer, rows, first))
         reply = answer or "(the model gave an empty answer)"
-        position = re.fullmatch(r"\s*cell\s+(\d+)\s*", answer, re.IGNORECASE)
-        if position and len(rows) > 1 and 1 <= int(position.group(1)) <= len(rows):
-            reply += f" (row {rows[int(position.group(1)) - 1]} of the file)"
+        position = parse_position(conclusion(answer, CONCLUSION_MARK), len(conversation_rows))
+        if position is not None and len(rows) > 1 and position >= first:
+            reply += f" (cell {position} is row {rows[position - first]} of the file)"
         if bool(output.has_signal[0]):
             self.generated = self._generated_cells(output.cell_values, answer)
             totals = np.asarray(self.generated.X.sum(axis=1)).ravel()

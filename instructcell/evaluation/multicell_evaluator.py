@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from datasets_builder.collator import DataCollatorForInstructCell
 from datasets_builder.dataset_folder import cap_rows
 from instructcell.tasks import Task
-from instructcell.tasks.multicell import ANSWER_TOKENS, GroupQuestion
+from instructcell.tasks.multicell import ANSWER_TOKENS, GroupQuestion, first_question_cell
 
 from .baselines import ClassificationCells
 from .candidates import Candidate, label_probabilities
@@ -73,7 +73,8 @@ def group_answers(
         sequences = candidate.model.generate(**inputs, max_new_tokens=max_new_tokens)
         for row, decoded in zip(chunk, candidate.processor.post_process_generation(sequences), strict=True):
             readable = decoded["has_signal"] or not task.output_cell
-            parsed = task.question.parse(decoded["text"], row["choices"], row["n_question_cells"])
+            first = first_question_cell(len(row["cell_labels"]), row["n_question_cells"])
+            parsed = task.question.parse(decoded["text"], row["choices"], row["n_question_cells"], first)
             answers.append(parsed if readable else None)
     return answers
 

@@ -28,17 +28,18 @@ def random_cells(n_cells: int, n: int, exclude: Sequence[int], rng: np.random.Ge
 
 
 def annotation_turn(
-    labels: Sequence[str], first: int, rng: np.random.Generator, exclude: Sequence[int]
+    labels: Sequence[str], first: int, rng: np.random.Generator, exclude: Sequence[int], number: int = 1
 ) -> tuple[EarlierTurn, list[int]]:
     """Draw an earlier question about cell ``first``: its type, or the composition of it and 1-3 more.
 
-    Returns the turn and its cells, ``first`` first.
+    ``number`` is the number its first cell has in the conversation (the cells of turns before it come
+    first). Returns the turn and its cells, ``first`` first.
     """
     if rng.random() < 0.5:
         return EarlierTurn("cta", 1, labels[first]), [first]
     more = random_cells(len(labels), int(rng.integers(MIN_GROUP, MAX_GROUP + 1)) - 1, [first, *exclude], rng)
     cells = [first, *more]
-    answer = composition_text([labels[i] for i in cells])
+    answer = composition_text([labels[i] for i in cells], first=number)
     return EarlierTurn("group_composition", len(cells), answer), cells
 
 
@@ -69,7 +70,7 @@ def earlier_turns(
             turns.append(EarlierTurn("follow_up_generation", 0, labels[cells[0]]))
         else:
             second = random_cells(len(labels), 1, [*exclude, *cells], rng)[0]
-            turn, shown = annotation_turn(labels, second, rng, [*exclude, *cells])
+            turn, shown = annotation_turn(labels, second, rng, [*exclude, *cells], number=len(cells) + 1)
             turns.append(turn)
             cells += shown
     return turns, cells

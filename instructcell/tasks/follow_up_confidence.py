@@ -41,12 +41,14 @@ class FollowUpConfidence:
         """Return whether the earlier answer (``query``) is the last cell's label, and that label."""
         return (query == cell_labels[-1], cell_labels[-1])
 
-    def render(self, answer: Confidence, cell_labels: Sequence[str]) -> str:
+    def render(self, answer: Confidence, cell_labels: Sequence[str], first: int = 1) -> str:
         """Write ``"sure, it is B cells"`` / ``"not sure, more likely T cells"``."""
         agrees, label = answer
         return f"sure, it is {label}" if agrees else f"not sure, more likely {label}"
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> Confidence | None:
+    def parse(
+        self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1
+    ) -> Confidence | None:
         """Read ``sure``/``not sure`` and the label; None when either is missing."""
         lowered = (text or "").lower()
         label = extract_label(text, labels)

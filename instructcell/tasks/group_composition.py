@@ -61,13 +61,15 @@ class GroupComposition:
         """Count the question's cells' labels."""
         return composition_of(question_part(cell_labels, n_question_cells))
 
-    def render(self, answer: Composition, cell_labels: Sequence[str]) -> str:
+    def render(self, answer: Composition, cell_labels: Sequence[str], first: int = 1) -> str:
         """Label the cells one by one, then write the counts: ``"1: B cells; ...; in total B cells: 2"``."""
         if composition_of(cell_labels) != answer:
             raise ValueError(f"The cells {list(cell_labels)} do not make the composition {answer}.")
-        return composition_text(cell_labels)
+        return composition_text(cell_labels, first)
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> Composition | None:
+    def parse(
+        self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1
+    ) -> Composition | None:
         """Read the counts ``"<label>: <count>; ..."`` after the walk-through's ``in total``.
 
         Without ``in total`` the whole text is read. None when a part names no label, a label twice, or no

@@ -22,8 +22,8 @@ _ITEM = re.compile(r"^\s*(?:cell\s*)?(\d+)\s*[:=.)-]\s*(.+?)\s*$", re.IGNORECASE
 class JointAnnotation:
     """k cells of k different types and the k labels as options: each label goes to exactly one cell.
 
-    The answer reads ``"1: B cells; 2: T cells"`` (one label per cell, in prompt order); the example's query
-    holds the options in the order the prompt lists them.
+    The answer reads ``"1: B cells; 2: T cells"`` (one label per cell, in prompt order, numbered through the
+    conversation); the example's query holds the options in the order the prompt lists them.
     """
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -45,12 +45,17 @@ class JointAnnotation:
         """Return the question's cells' labels in prompt order."""
         return tuple(question_part(cell_labels, n_question_cells))
 
-    def render(self, answer: tuple[str, ...], cell_labels: Sequence[str]) -> str:
-        """Write ``"1: B cells; 2: T cells"``."""
-        return cell_by_cell(answer)
+    def render(self, answer: tuple[str, ...], cell_labels: Sequence[str], first: int = 1) -> str:
+        """Write ``"1: B cells; 2: T cells"`` (numbered from ``first``)."""
+        return cell_by_cell(answer, first)
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> tuple[str, ...] | None:
-        """Read ``"<position>: <label>; ..."`` with every position 1..n once; None otherwise."""
+    def parse(
+        self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1
+    ) -> tuple[str, ...] | None:
+        """Read ``"<position>: <label>; ..."`` with every position ``first`` to ``first + n - 1`` once.
+
+        None otherwise.
+        """
         given: dict[int, str] = {}
         for part in (text or "").split(";"):
             match = _ITEM.match(part)
@@ -58,9 +63,10 @@ class JointAnnotation:
             if label is None or int(match.group(1)) in given:
                 return None
             given[int(match.group(1))] = label
-        if sorted(given) != list(range(1, n_question_cells + 1)):
+        positions = range(first, first + n_question_cells)
+        if sorted(given) != list(positions):
             return None
-        return tuple(given[i] for i in range(1, n_question_cells + 1))
+        return tuple(given[i] for i in positions)
 
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str

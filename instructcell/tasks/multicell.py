@@ -11,6 +11,9 @@ writes, reads and derives its answers:
   questions about a group's own cells walk through them first (:func:`cell_by_cell`: each cell's label in
   prompt order), then conclude (the counts, the position), so that the model answers from its own labels;
 * :meth:`GroupQuestion.parse` reads a model's answer back (``None`` when it cannot);
+* cells are numbered through the whole conversation: a question after earlier turns that showed two cells
+  lists its own as ``cell 3: <CELL>, cell 4: <CELL>`` and its answer names them ``3``, ``4``
+  (:func:`first_question_cell`), the numbers the model's cell slots carry;
 * :meth:`GroupQuestion.from_cell_probabilities` answers the same question from per-cell label probabilities
   (the evaluation's baselines: the model's own single-cell calls, or logistic regression's);
 * :meth:`GroupQuestion.cell_accuracy` gives partial credit (the share of cells an answer gets right).
@@ -44,6 +47,8 @@ CONCLUSION_MARK = "so"
 #: A composition: ``((label, count), ...)`` sorted by label.
 Composition = tuple[tuple[str, int], ...]
 
+_ITEM_NUMBER = re.compile(r"(?<![\w.])(\d+)(?=\s*:\s)")
+_CELL_NUMBER = re.compile(r"\b(cell\s*#?\s*)(\d+)\b", re.IGNORECASE)
 _POSITION = re.compile(r"\bcell\s*#?\s*(\d+)\b|^\s*#?(\d+)\s*[.!]?\s*$", re.IGNORECASE)
 
 
@@ -108,14 +113,22 @@ class GroupQuestion(Protocol):
     def truth(self, cell_labels: Sequence[str], n_question_cells: int, query: str) -> Hashable:
         """Return the right answer for cells with these labels (prompt order) and the example's query."""
 
-    def render(self, answer: Hashable, cell_labels: Sequence[str]) -> str:
+    def render(self, answer: Hashable, cell_labels: Sequence[str], first: int = 1) -> str:
         """Write the answer as text: the ``{output}`` of the task's templates.
 
-        ``cell_labels`` are the question's cells' labels in prompt order, for answers that walk through them.
+        ``cell_labels`` are the question's cells' labels in prompt order, for answers that walk through
+        them; ``first`` is the number of the question's first cell in the conversation
+        (:func:`first_question_cell`).
         """
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> Hashable | None:
-        """Read an answer of the dataset's label set back from text; None when it names no valid answer."""
+    def parse(
+        self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1
+    ) -> Hashable | None:
+        """Read an answer of the dataset's label set back from text; None when it names no valid answer.
+
+        Positions in the text are conversation-wide numbers (``first`` is the question's first cell); a
+        position answer comes back relative to the question's cells (1 to ``n_question_cells``).
+        """
 
     def from_cell_probabilities(
         self, probabilities: np.ndarray, labels: Sequence[str], n_question_cells: int, query: str
@@ -167,16 +180,18 @@ class MultiCellTask(Task):
 class PositionAnswer:
     """Answers that name one of the question's cells by its position, after labelling each cell.
 
-    ``"1: B cells; 2: T cells; 3: B cells; so cell 2"``.
+    ``"1: B cells; 2: T cells; 3: B cells; so cell 2"``; the answer itself (``truth``) is the position among
+    the question's cells (1-based), written with the cell's number in the conversation.
     """
 
-    def render(self, answer: int, cell_labels: Sequence[str]) -> str:
+    def render(self, answer: int, cell_labels: Sequence[str], first: int = 1) -> str:
         """Label the cells one by one, then name the position: ``"1: B cells; ...; so cell 2"``."""
-        return f"{cell_by_cell(cell_labels)}; {CONCLUSION_MARK} cell {answer}"
+        return f"{cell_by_cell(cell_labels, first)}; {CONCLUSION_MARK} cell {answer + first - 1}"
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> int | None:
+    def parse(self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1) -> int | None:
         """Return the one position the answer names (after its walk-through's ``so``, if it has one)."""
-        return parse_position(conclusion(text, CONCLUSION_MARK), n_question_cells)
+        position = parse_position(conclusion(text, CONCLUSION_MARK), first + n_question_cells - 1)
+        return position - first + 1 if position is not None and position >= first else None
 
     def cell_accuracy(self, answer: int | None, truth: int) -> float:
         """Return 1 for the right position, else 0."""
@@ -186,11 +201,11 @@ class PositionAnswer:
 class LabelAnswer:
     """Answers that are one label of the dataset's label set."""
 
-    def render(self, answer: str, cell_labels: Sequence[str]) -> str:
+    def render(self, answer: str, cell_labels: Sequence[str], first: int = 1) -> str:
         """Return the label."""
         return answer
 
-    def parse(self, text: str, labels: Sequence[str], n_question_cells: int) -> str | None:
+    def parse(self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1) -> str | None:
         """Return the one label the answer names."""
         return extract_label(text, labels)
 
@@ -214,7 +229,8 @@ def cell_list(n_cells: int, cell_token: str, first: int = 1) -> str:
     cell_token : str
         The processor's cell slot (``<CELL>``).
     first : int
-        Number of the first cell (a question that names its cells in several places goes on counting).
+        Number of the first cell: cells are numbered through the conversation (:func:`first_question_cell`),
+        and a question that names its cells in several places goes on counting.
     """
     last = first + n_cells - 1
     if n_cells < 1 or last > MAX_CELLS_PER_PROMPT:
@@ -222,6 +238,28 @@ def cell_list(n_cells: int, cell_token: str, first: int = 1) -> str:
             f"A prompt holds 1 to {MAX_CELLS_PER_PROMPT} cells, got {last}: ask about fewer cells at once."
         )
     return ", ".join(f"cell {i}: {cell_token}" for i in range(first, last + 1))
+
+
+def first_question_cell(n_cells: int, n_question_cells: int) -> int:
+    """Return the number of a question's first cell (the cells of earlier turns come first).
+
+    A prompt's cells are numbered in prompt order through the whole conversation, the numbers that the
+    model's cell slots carry, so that ``cell 3`` in a question and ``3:`` in its answer are the cell whose
+    slot says 3.
+    """
+    return n_cells - n_question_cells + 1
+
+
+def shift_cell_numbers(text: str, shift: int) -> str:
+    """Renumber the cells an answer names (``"3: B cells"``, ``"cell 3"``) by ``shift``.
+
+    For an answer kept in a conversation whose older turns were dropped: its cells move up in the prompt.
+    Counts (``"B cells: 2"``) are left as they are.
+    """
+    if shift == 0:
+        return text
+    text = _ITEM_NUMBER.sub(lambda m: str(int(m.group(1)) + shift), text)
+    return _CELL_NUMBER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + shift}", text)
 
 
 def conversation(earlier: Sequence[tuple[str, str]], question: str) -> str:
@@ -280,12 +318,12 @@ def composition_of(labels: Sequence[str]) -> Composition:
     return tuple(sorted(Counter(labels).items()))
 
 
-def cell_by_cell(cell_labels: Sequence[str]) -> str:
-    """``"1: B cells; 2: T cells"``: each cell's label, in prompt order."""
-    return "; ".join(f"{i}: {label}" for i, label in enumerate(cell_labels, 1))
+def cell_by_cell(cell_labels: Sequence[str], first: int = 1) -> str:
+    """``"1: B cells; 2: T cells"``: each cell's label, in prompt order, numbered from ``first``."""
+    return "; ".join(f"{i}: {label}" for i, label in enumerate(cell_labels, first))
 
 
-def composition_text(cell_labels: Sequence[str]) -> str:
+def composition_text(cell_labels: Sequence[str], first: int = 1) -> str:
     """Write the answer of a group composition question: each cell's label, then the counts of each label.
 
     ``["B cells", "T cells", "B cells"]`` -> ``"1: B cells; 2: T cells; 3: B cells; in total B cells: 2;
@@ -293,7 +331,7 @@ def composition_text(cell_labels: Sequence[str]) -> str:
     counts are then read off its own answer, not estimated from all the cells at once.
     """
     counts = "; ".join(f"{label}: {count}" for label, count in composition_of(cell_labels))
-    return f"{cell_by_cell(cell_labels)}; {TALLY_MARK} {counts}"
+    return f"{cell_by_cell(cell_labels, first)}; {TALLY_MARK} {counts}"
 
 
 def question_part(values: Sequence, n_question_cells: int) -> Sequence:
