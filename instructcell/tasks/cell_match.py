@@ -36,10 +36,6 @@ class CellMatch(PositionAnswer):
         group = CellGroup(tuple(int(i) for i in rng.permutation(cells)), query=labels[anchor])
         return after_unrelated_turns(group, labels, rng)
 
-    def lead(self, answer: int, cell_labels: Sequence[str]) -> str:
-        """Return ``"finding the B cells"``: the requested type, said before the walk-through."""
-        return f"finding the {cell_labels[answer - 1]}"
-
     def truth(self, cell_labels: Sequence[str], n_question_cells: int, query: str) -> int:
         """Return the position (1-based, among the question's cells) of the cell of the requested type."""
         return list(question_part(cell_labels, n_question_cells)).index(query) + 1

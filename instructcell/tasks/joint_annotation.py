@@ -11,19 +11,9 @@ from modeling_instructcell.answer_extraction import extract_label
 
 from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
-from .multicell import (
-    CellGroup,
-    MultiCellTask,
-    cell_by_cell,
-    conclusion,
-    label_pools,
-    other_cells,
-    question_part,
-)
+from .multicell import CellGroup, MultiCellTask, cell_by_cell, label_pools, other_cells, question_part
 
 MIN_CELLS, MAX_CELLS = 2, 8
-#: Opens the answer (followed by ``:``), before the cells' labels.
-LEAD = "one label each"
 #: Separates the listed options in the example's ``query``.
 OPTION_SEPARATOR = "; "
 _ITEM = re.compile(r"^\s*(?:cell\s*)?(\d+)\s*[:=.)-]\s*(.+?)\s*$", re.IGNORECASE)
@@ -32,9 +22,8 @@ _ITEM = re.compile(r"^\s*(?:cell\s*)?(\d+)\s*[:=.)-]\s*(.+?)\s*$", re.IGNORECASE
 class JointAnnotation:
     """k cells of k different types and the k labels as options: each label goes to exactly one cell.
 
-    The answer reads ``"one label each: 1: B cells; 2: T cells"`` (one label per cell, in prompt order,
-    numbered through the conversation); the example's query holds the options in the order the prompt lists
-    them.
+    The answer reads ``"1: B cells; 2: T cells"`` (one label per cell, in prompt order, numbered through the
+    conversation); the example's query holds the options in the order the prompt lists them.
     """
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
@@ -57,18 +46,18 @@ class JointAnnotation:
         return tuple(question_part(cell_labels, n_question_cells))
 
     def render(self, answer: tuple[str, ...], cell_labels: Sequence[str], first: int = 1) -> str:
-        """Write ``"one label each: 1: B cells; 2: T cells"`` (numbered from ``first``)."""
-        return f"{LEAD}: {cell_by_cell(answer, first)}"
+        """Write ``"1: B cells; 2: T cells"`` (numbered from ``first``)."""
+        return cell_by_cell(answer, first)
 
     def parse(
         self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1
     ) -> tuple[str, ...] | None:
         """Read ``"<position>: <label>; ..."`` with every position ``first`` to ``first + n - 1`` once.
 
-        What precedes the lead, if the answer has one, is not read; None when a part is not an item.
+        None otherwise.
         """
         given: dict[int, str] = {}
-        for part in conclusion(text, LEAD).lstrip(" :").split(";"):
+        for part in (text or "").split(";"):
             match = _ITEM.match(part)
             label = extract_label(match.group(2), labels) if match else None
             if label is None or int(match.group(1)) in given:

@@ -8,12 +8,8 @@ writes, reads and derives its answers:
 
 * :meth:`GroupQuestion.draw` picks the cells of one example (and its earlier turns) from the split's labels;
 * :meth:`GroupQuestion.truth` is the right answer for those cells, :meth:`GroupQuestion.render` its text;
-  questions about a group's own cells first say what the answer does (a *lead*: ``counting each type:``,
-  ``finding the odd one:``), then walk through the cells (:func:`cell_by_cell`: each cell's label in prompt
-  order), then conclude (the counts, the position), so that the model answers from its own labels and ends
-  its walk-through with the conclusion of the task its lead named (without a lead, the model ended a walk
-  through a few cells as the position questions do and one through many as a composition, whatever was
-  asked);
+  questions about a group's own cells walk through them first (:func:`cell_by_cell`: each cell's label in
+  prompt order), then conclude (the counts, the position), so that the model answers from its own labels;
 * :meth:`GroupQuestion.parse` reads a model's answer back (``None`` when it cannot);
 * cells are numbered through the whole conversation: a question after earlier turns that showed two cells
   lists its own as ``cell 3: <CELL>, cell 4: <CELL>`` and its answer names them ``3``, ``4``
@@ -29,7 +25,6 @@ the one format that the builder trains on and ``instructcell chat`` sends.
 from __future__ import annotations
 
 import re
-from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -45,8 +40,6 @@ from .base import Task
 MAX_CELLS_PER_PROMPT = 16
 #: Greedy answer length that holds the longest answer: 16 cells labelled one by one, then their counts.
 ANSWER_TOKENS = 192
-#: Opens a composition's answer (followed by ``:``), before its walk-through.
-COMPOSITION_LEAD = "counting each type"
 #: Ends a composition's cell-by-cell walk-through; the counts follow.
 TALLY_MARK = "in total"
 #: Ends the walk-through of a question answered by a position; the position follows.
@@ -184,22 +177,16 @@ class MultiCellTask(Task):
             raise ValueError(f"Task {self.name!r}: anchor_share must be in (0, 1].")
 
 
-class PositionAnswer(ABC):
+class PositionAnswer:
     """Answers that name one of the question's cells by its position, after labelling each cell.
 
-    ``"finding the odd one: 1: B cells; 2: T cells; 3: B cells; so cell 2"``: the task's :meth:`lead`, the
-    walk-through, the position. The answer itself (``truth``) is the position among the question's cells
-    (1-based), written with the cell's number in the conversation.
+    ``"1: B cells; 2: T cells; 3: B cells; so cell 2"``; the answer itself (``truth``) is the position among
+    the question's cells (1-based), written with the cell's number in the conversation.
     """
 
-    @abstractmethod
-    def lead(self, answer: int, cell_labels: Sequence[str]) -> str:
-        """Return what the answer says it does before its walk-through (``"finding the odd one"``)."""
-
     def render(self, answer: int, cell_labels: Sequence[str], first: int = 1) -> str:
-        """Lead, label the cells one by one, name the position: ``"...: 1: B cells; ...; so cell 2"``."""
-        walk = cell_by_cell(cell_labels, first)
-        return f"{self.lead(answer, cell_labels)}: {walk}; {CONCLUSION_MARK} cell {answer + first - 1}"
+        """Label the cells one by one, then name the position: ``"1: B cells; ...; so cell 2"``."""
+        return f"{cell_by_cell(cell_labels, first)}; {CONCLUSION_MARK} cell {answer + first - 1}"
 
     def parse(self, text: str, labels: Sequence[str], n_question_cells: int, first: int = 1) -> int | None:
         """Return the one position the answer names (after its walk-through's ``so``, if it has one)."""
@@ -339,12 +326,12 @@ def cell_by_cell(cell_labels: Sequence[str], first: int = 1) -> str:
 def composition_text(cell_labels: Sequence[str], first: int = 1) -> str:
     """Write the answer of a group composition question: each cell's label, then the counts of each label.
 
-    ``["B cells", "T cells", "B cells"]`` -> ``"counting each type: 1: B cells; 2: T cells; 3: B cells; in
-    total B cells: 2; T cells: 1"``. Labelling the cells one by one before counting them is what lets the
-    model count: the counts are then read off its own answer, not estimated from all the cells at once.
+    ``["B cells", "T cells", "B cells"]`` -> ``"1: B cells; 2: T cells; 3: B cells; in total B cells: 2;
+    T cells: 1"``. Labelling the cells one by one before counting them is what lets the model count: the
+    counts are then read off its own answer, not estimated from all the cells at once.
     """
     counts = "; ".join(f"{label}: {count}" for label, count in composition_of(cell_labels))
-    return f"{COMPOSITION_LEAD}: {cell_by_cell(cell_labels, first)}; {TALLY_MARK} {counts}"
+    return f"{cell_by_cell(cell_labels, first)}; {TALLY_MARK} {counts}"
 
 
 def question_part(values: Sequence, n_question_cells: int) -> Sequence:

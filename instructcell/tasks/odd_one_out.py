@@ -40,10 +40,6 @@ class OddOneOut(PositionAnswer):
         cells.insert(int(rng.integers(k)), odd[0])
         return after_unrelated_turns(CellGroup(tuple(cells)), labels, rng)
 
-    def lead(self, answer: int, cell_labels: Sequence[str]) -> str:
-        """Return ``"finding the odd one"``, said before the walk-through."""
-        return "finding the odd one"
-
     def truth(self, cell_labels: Sequence[str], n_question_cells: int, query: str) -> int:
         """Return the position (1-based, among the question's cells) of the cell whose label occurs once."""
         labels = question_part(cell_labels, n_question_cells)
