@@ -42,6 +42,7 @@ from instructcell.tasks.multicell import (
     cell_list,
     conclusion,
     conversation,
+    first_question_cell,
     parse_position,
     shift_cell_numbers,
 )
@@ -259,7 +260,7 @@ class ChatSession:
         while True:
             all_rows = [row for turn in kept for row in turn.rows] + rows
             if len(all_rows) <= MAX_CELLS_PER_PROMPT:
-                question = self._question(message, first=len(all_rows) - len(rows) + 1)
+                question = self._question(message, first=first_question_cell(len(all_rows), len(rows)))
                 prompt = conversation(self._history(kept), question)
                 cells = self._counts(all_rows) if all_rows else None
                 inputs = self.processor(text=[prompt], cells=cells)
@@ -293,7 +294,7 @@ class ChatSession:
             max_new_tokens=self.max_new_tokens,
         )
         answer = self.processor.post_process_generation(output.sequences)[0]["text"]
-        first = len(conversation_rows) - len(rows) + 1
+        first = first_question_cell(len(conversation_rows), len(rows))
         self.turns.append(Turn(message, answer, rows, first))
         reply = answer or "(the model gave an empty answer)"
         position = parse_position(conclusion(answer, CONCLUSION_MARK), len(conversation_rows))
