@@ -1,4 +1,4 @@
-"""Match: which of 2-16 cells is the one of the requested type? The answer is its position."""
+"""Match: which of 2-8 cells of different types is the requested one? The answer is its position."""
 
 from __future__ import annotations
 
@@ -9,39 +9,30 @@ import numpy as np
 from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
 from .multicell import (
-    MAX_CELLS_PER_PROMPT,
     CellGroup,
     MultiCellTask,
     PositionAnswer,
     label_pools,
+    other_cells,
     question_part,
 )
 
-MIN_CELLS = 2
+MIN_CELLS, MAX_CELLS = 2, 8
 
 
 class CellMatch(PositionAnswer):
-    """k cells, one of the type the question names (``{cell_type}``); the answer is that cell's position.
-
-    The other k - 1 cells are of other types, a type possibly more than once, so that a group of any size
-    from 2 to 16 can be asked (as in the composition and the odd one out: the size does not tell the tasks
-    apart).
-    """
+    """k cells of k different types; the question names a type (``{cell_type}``), the answer its position."""
 
     def draw(self, labels: Sequence[str], anchor: int, rng: np.random.Generator) -> CellGroup | None:
-        """Draw the anchor (the requested cell) and k - 1 cells of the other types, each type equally likely.
-
-        k is at most 1 + the number of cells of other types.
-        """
+        """Draw the anchor (the requested cell) and one cell of each of k - 1 other types, in random order."""
         pools = label_pools(labels)
-        others = [pools[label] for label in pools if label != labels[anchor]]
+        others = [label for label in pools if label != labels[anchor]]
         if not others:
             return None
-        k = int(rng.integers(MIN_CELLS, MAX_CELLS_PER_PROMPT + 1))
-        rest = np.concatenate(others)
-        weights = np.concatenate([np.full(len(pool), 1 / len(pool)) for pool in others])
-        drawn = rng.choice(rest, size=min(k - 1, len(rest)), replace=False, p=weights / weights.sum())
-        cells = [anchor, *(int(i) for i in drawn)]
+        k = int(rng.integers(MIN_CELLS, min(MAX_CELLS, len(others) + 1) + 1))
+        cells = [anchor]
+        for i in rng.choice(len(others), size=k - 1, replace=False):
+            cells += other_cells(pools[others[i]], 1, [], rng)
         group = CellGroup(tuple(int(i) for i in rng.permutation(cells)), query=labels[anchor])
         return after_unrelated_turns(group, labels, rng)
 

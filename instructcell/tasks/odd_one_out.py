@@ -1,4 +1,4 @@
-"""Odd one out: which of 3-16 cells differs from the others? The answer names its position."""
+"""Odd one out: which of 3-8 cells differs from the others? The answer names its position."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 from .base import TaskGrammar
 from .follow_up import after_unrelated_turns
 from .multicell import (
-    MAX_CELLS_PER_PROMPT,
     CellGroup,
     MultiCellTask,
     PositionAnswer,
@@ -20,7 +19,7 @@ from .multicell import (
     question_part,
 )
 
-MIN_CELLS = 3
+MIN_CELLS, MAX_CELLS = 3, 8
 
 
 class OddOneOut(PositionAnswer):
@@ -32,7 +31,7 @@ class OddOneOut(PositionAnswer):
         others = [label for label in pools if label != labels[anchor]]
         if not others:
             return None
-        k = int(rng.integers(MIN_CELLS, MAX_CELLS_PER_PROMPT + 1))
+        k = int(rng.integers(MIN_CELLS, MAX_CELLS + 1))
         majority = other_cells(pools[labels[anchor]], k - 2, [anchor], rng)
         if majority is None:
             return None
