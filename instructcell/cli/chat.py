@@ -254,8 +254,14 @@ class ChatSession:
             first += len(turn.rows)
         return history
 
-    def _encode(self, message: str, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[Turn]]:
-        """Model inputs for ``message`` after the most recent earlier turns that fit (see the module)."""
+    def _encode(
+        self, message: str, rows: list[int]
+    ) -> tuple[dict[str, torch.Tensor], list[int], np.ndarray | None]:
+        """Model inputs for ``message`` after the most recent earlier turns that fit (see the module).
+
+        Also returns the file rows of the prompt's cells, kept turns first, and their raw counts
+        ``(n_cells, n_genes)`` (None for a prompt without cells).
+        """
         kept = self.turns[len(self.turns) - self.history_turns :] if self.history_turns else []
         while True:
             all_rows = [row for turn in kept for row in turn.rows] + rows
@@ -265,7 +271,7 @@ class ChatSession:
                 cells = self._counts(all_rows) if all_rows else None
                 inputs = self.processor(text=[prompt], cells=cells)
                 if inputs["input_ids"].shape[-1] <= self.max_tokens:
-                    return {k: v.to(self.model.device) for k, v in inputs.items()}, kept
+                    return {k: v.to(self.model.device) for k, v in inputs.items()}, all_rows, cells
             if not kept:
                 length = inputs["input_ids"].shape[-1] if len(all_rows) <= MAX_CELLS_PER_PROMPT else None
                 size = f"{length} tokens long" if length else f"about {len(all_rows)} cells"
@@ -278,14 +284,11 @@ class ChatSession:
 
     @torch.inference_mode()
     def _ask(self, message: str, rows: list[int]) -> str:
-        inputs, kept = self._encode(message, rows)
+        inputs, conversation_rows, counts = self._encode(message, rows)
         leftover = _REFERENCE.sub(" ", message)
         numbers = _NUMBER.findall(leftover)
         n_cells = int(numbers[0]) if numbers and int(numbers[0]) > 0 else DEFAULT_CELLS_TO_GENERATE
-        conversation_rows = [row for turn in kept for row in turn.rows] + rows
-        library = None
-        if conversation_rows:
-            library = float(np.median(self._counts(conversation_rows).sum(axis=1)))
+        library = None if counts is None else float(np.median(counts.sum(axis=1)))
         output = self.model.generate_cells(
             **inputs,
             num_cells=n_cells,
